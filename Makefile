@@ -1,0 +1,39 @@
+# clinfer — set-up and checks. `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: install run test lint typecheck bench models clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 (CPU) is pinned in the [train] extra; the serving install does not need it
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/clinfer serve
+
+lint: install
+	$(BIN)/ruff check service tests
+	$(BIN)/lint-imports
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install lint typecheck
+	$(BIN)/python -m pytest tests
+
+bench: install
+	$(BIN)/clinfer bench --out bench-results
+
+# retrain and export the demonstration model (deterministic with the seed; minutes on a CPU)
+models: install
+	$(BIN)/clinfer models train cxr-fusion --out models --seed 0
+
+clean:
+	rm -rf $(VENV) var bench-results

@@ -1,0 +1,168 @@
+"""Bearer JWT authentication and SMART on FHIR v2 scope checks.
+
+Tokens are validated against the configured issuer's JWKS in production; the embedded default keeps a local
+ES256 signing key under the state directory, and ``clinfer token --role ROLE`` mints tokens with it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from service.config import Settings
+from service.errors import Forbidden, Unauthenticated
+from service.schemas import Principal
+
+ALGORITHMS = ["ES256", "RS256"]
+
+# Roles are bundles of SMART v2 scopes (context/resource.permissions, permissions from "cruds").
+ROLE_SCOPES: dict[str, tuple[str, ...]] = {
+    "ingest": (
+        "system/Patient.cu",
+        "system/Observation.cu",
+        "system/Condition.cu",
+        "system/ImagingStudy.cu",
+        "system/ServiceRequest.c",
+    ),
+    "clinician": (
+        "user/Patient.rs",
+        "user/ImagingStudy.rs",
+        "user/Observation.rs",
+        "user/Condition.rs",
+        "user/DiagnosticReport.rs",
+        "user/ServiceRequest.c",
+        "user/Task.rs",
+    ),
+    "admin": (
+        "system/AuditEvent.rs",
+        "system/Device.cruds",
+        "system/Task.rs",
+        "system/ServiceRequest.c",
+    ),
+}
+
+_SCOPE = re.compile(r"^(patient|user|system)/([A-Za-z*]+)\.([cruds]+|\*|read|write)$")
+
+
+def scope_allows(granted: frozenset[str], resource: str, permission: str) -> bool:
+    """Whether any granted SMART scope covers ``permission`` (one of c r u d s) on ``resource``."""
+    for scope in granted:
+        match = _SCOPE.match(scope)
+        if not match:
+            continue
+        _context, scoped_resource, permissions = match.groups()
+        if scoped_resource not in (resource, "*"):
+            continue
+        if permissions == "*" or permission in permissions:
+            return True
+        if permissions == "read" and permission in "rs":  # SMART v1 spelling
+            return True
+        if permissions == "write" and permission in "cud":
+            return True
+    return False
+
+
+def ensure_dev_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """Load the local dev signing key, creating it (mode 0600) on first use."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise Unauthenticated(f"{path} is not an EC private key")
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return key
+
+
+def mint_token(settings: Settings, *, role: str, subject: str | None = None, ttl_seconds: int = 3600) -> str:
+    """A token signed with the local dev key, carrying the role's scopes."""
+    if role not in ROLE_SCOPES:
+        raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLE_SCOPES)}")
+    key = ensure_dev_key(settings.effective_dev_key_path)
+    now = dt.datetime.now(dt.UTC)
+    claims = {
+        "iss": settings.auth_issuer,
+        "aud": settings.auth_audience,
+        "sub": subject or f"{role}-dev",
+        "iat": now,
+        "nbf": now,
+        "exp": now + dt.timedelta(seconds=ttl_seconds),
+        "jti": uuid.uuid4().hex,
+        "scope": " ".join(ROLE_SCOPES[role]),
+        "clinfer_role": role,
+    }
+    return jwt.encode(claims, key, algorithm="ES256")
+
+
+@lru_cache(maxsize=4)
+def _jwks_client(url: str) -> jwt.PyJWKClient:
+    return jwt.PyJWKClient(url, cache_keys=True, lifespan=300)
+
+
+def _verification_key(settings: Settings, token: str) -> Any:
+    if settings.auth_jwks_url:
+        try:
+            return _jwks_client(settings.auth_jwks_url).get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientError as e:
+            raise Unauthenticated(f"no signing key for this token: {e}") from e
+    return ensure_dev_key(settings.effective_dev_key_path).public_key()
+
+
+def authenticate(settings: Settings, authorization: str | None, *, source_address: str | None) -> Principal:
+    """Validate a bearer token and return who it names.
+
+    Raises:
+        Unauthenticated: no token, malformed, bad signature, expired, wrong issuer or audience.
+    """
+    if not settings.auth_enabled:
+        return Principal(
+            subject="anonymous",
+            role="admin",
+            scopes=frozenset(s for r in ROLE_SCOPES.values() for s in r),
+            source_address=source_address,
+        )
+    if not authorization:
+        raise Unauthenticated("a bearer token is required")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+    token = token.strip()
+    try:
+        claims = jwt.decode(
+            token,
+            _verification_key(settings, token),
+            algorithms=ALGORITHMS,
+            audience=settings.auth_audience,
+            issuer=settings.auth_issuer,
+            options={"require": ["exp", "iss", "aud", "sub"]},
+        )
+    except jwt.PyJWTError as e:
+        raise Unauthenticated(f"invalid token: {e}") from e
+    raw_scopes = claims.get("scope") or claims.get("scp") or ""
+    scopes = frozenset(raw_scopes.split() if isinstance(raw_scopes, str) else raw_scopes)
+    role = claims.get("clinfer_role")
+    return Principal(
+        subject=str(claims["sub"]),
+        role=role if isinstance(role, str) else None,
+        scopes=scopes,
+        source_address=source_address,
+    )
+
+
+def authorize(principal: Principal, resource: str, permission: str) -> None:
+    """Raise Forbidden unless the principal's scopes cover the permission on the resource."""
+    if not scope_allows(principal.scopes, resource, permission):
+        raise Forbidden(f"scope {resource}.{permission} is required")

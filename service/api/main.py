@@ -1,0 +1,84 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from service import metrics
+from service.api import errors
+from service.api.routes import dicomweb, fhir, health, v1
+from service.flows.runtime import Runtime, build_runtime, get_runtime, set_runtime
+
+log = logging.getLogger(__name__)
+
+
+def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        runtime: resources to use; built from Settings at start-up when None.
+        embedded_worker: run the in-process Celery worker and sweeper; default: when no broker is configured.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if runtime is not None:
+            set_runtime(runtime)
+        current = get_runtime() if runtime is not None else _build_and_install()
+        run_embedded = current.settings.embedded_worker if embedded_worker is None else embedded_worker
+        worker = sweeper = None
+        if run_embedded:
+            from service.worker.app import EmbeddedWorker, Sweeper
+
+            worker, sweeper = EmbeddedWorker(), Sweeper(current)
+            worker.start()
+            sweeper.start()
+            log.info("embedded worker started (in-memory broker)")
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.stop()
+            if worker is not None:
+                worker.stop()
+
+    app = FastAPI(
+        title="clinfer",
+        version="0.1.0",
+        description="Clinical inference: DICOM and FHIR in; AI findings out as JSON and FHIR DiagnosticReport. "
+        "Demonstration models are not for clinical use.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(dicomweb.router)
+    app.include_router(fhir.router)
+    app.include_router(v1.router)
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+            metrics.HTTP_DURATION.labels(route, request.method).observe(time.perf_counter() - started)
+
+    return app
+
+
+def _build_and_install() -> Runtime:
+    from service.config import get_settings
+
+    built = build_runtime(get_settings())
+    set_runtime(built)
+    return built

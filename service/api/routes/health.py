@@ -1,0 +1,54 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api import deps
+from service.api.deps import RuntimeDep
+from service.flows import queue
+from service.store import db
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(runtime: RuntimeDep) -> JSONResponse:
+    checks: dict[str, Any] = {}
+    try:
+        db.ping(runtime.engine)
+        checks["database"] = "ok"
+    except Exception as e:  # readiness reports any failure, whatever its type
+        checks["database"] = f"error: {type(e).__name__}"
+    if runtime.settings.embedded_worker:
+        checks["broker"] = "embedded"
+    else:
+        try:
+            queue.broker_ping()
+            checks["broker"] = "ok"
+        except Exception as e:
+            checks["broker"] = f"error: {type(e).__name__}"
+    checks["models"] = sorted(runtime.registry.models) or "none loaded"
+    if runtime.registry.errors:
+        checks["model_errors"] = runtime.registry.errors
+    ready = checks["database"] == "ok" and checks["broker"] in ("ok", "embedded") and bool(runtime.registry.models)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics_endpoint(request: Request, runtime: RuntimeDep) -> Response:
+    if not runtime.settings.metrics_public:
+        principal = deps.authenticated(request, runtime)
+        deps.check(request, runtime, principal, "Device", "r")
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,223 @@
+"""The native JSON API under /v1: studies, analysis, reports, jobs, models, audit."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
+
+from service.api.deps import RuntimeDep, require
+from service.errors import NotFound
+from service.flows import analysis
+from service.results import reports as report_results
+from service.schemas import Principal
+from service.store import audit, jobs, reports, studies
+from service.store.tables import Job, Patient, Study
+
+router = APIRouter(prefix="/v1", tags=["native"])
+
+StudyReadDep = Annotated[Principal, Depends(require("ImagingStudy", "r"))]
+AnalyzeDep = Annotated[Principal, Depends(require("ServiceRequest", "c"))]
+ReportReadDep = Annotated[Principal, Depends(require("DiagnosticReport", "r"))]
+JobReadDep = Annotated[Principal, Depends(require("Task", "r"))]
+ModelReadDep = Annotated[Principal, Depends(require("Device", "r"))]
+AuditReadDep = Annotated[Principal, Depends(require("AuditEvent", "s"))]
+
+
+def job_json(job: Job, study_instance_uid: str | None = None) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "study_instance_uid": study_instance_uid,
+        "model": job.model_name,
+        "version": job.model_version,
+        "state": job.state,
+        "stage": job.stage,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "attempts": job.attempts,
+        "created_at": job.created_at.isoformat(),
+        "updated_at": job.updated_at.isoformat(),
+    }
+
+
+def _patient_ref(session: Any, study: Study) -> str | None:
+    patient = session.get(Patient, study.patient_id) if study.patient_id else None
+    return f"Patient/{patient.resource_id}" if patient else None
+
+
+def study_json(session: Any, study: Study) -> dict[str, Any]:
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "status": study.status,
+        "status_reason": study.status_reason,
+        "patient": _patient_ref(session, study),
+        "study_date": study.study_date.isoformat() if study.study_date else None,
+        "instances": studies.count_instances(session=session, study=study),
+        "last_instance_at": study.last_instance_at.isoformat(),
+        "jobs": [job_json(j, study.study_instance_uid) for j in jobs.for_study(session=session, study=study)],
+    }
+
+
+@router.get("/studies")
+def list_studies(
+    runtime: RuntimeDep, principal: StudyReadDep, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)
+) -> dict[str, Any]:
+    with runtime.sessions.begin() as session:
+        rows = studies.list_studies(session=session, limit=limit, offset=offset)
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="study.search",
+            action="E",
+            entity_type="ImagingStudy",
+            entity_ref="studies",
+            detail={"results": len(rows)},
+        )
+        return {"studies": [study_json(session, s) for s in rows]}
+
+
+@router.get("/studies/{study_instance_uid}")
+def get_study(study_instance_uid: str, runtime: RuntimeDep, principal: StudyReadDep) -> dict[str, Any]:
+    with runtime.sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="study.read",
+            action="R",
+            entity_type="ImagingStudy",
+            entity_ref=f"study:{study_instance_uid}",
+            patient_ref=_patient_ref(session, study),
+        )
+        return study_json(session, study)
+
+
+@router.post("/studies/{study_instance_uid}/analyze", status_code=202)
+async def analyze_study(study_instance_uid: str, runtime: RuntimeDep, principal: AnalyzeDep) -> dict[str, Any]:
+    result = await run_in_threadpool(
+        lambda: analysis.request_analysis(
+            runtime, study_instance_uid=study_instance_uid, principal=principal, trigger="request"
+        )
+    )
+    return {
+        "study_instance_uid": result.study_instance_uid,
+        "status": result.status,
+        "reason": result.reason,
+        "jobs": [job_json(j, study_instance_uid) for j in result.jobs],
+    }
+
+
+@router.get("/studies/{study_instance_uid}/report")
+def get_report(study_instance_uid: str, runtime: RuntimeDep, principal: ReportReadDep) -> dict[str, Any]:
+    with runtime.sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        found = reports.for_study(session=session, study=study)
+        if not found:
+            states = sorted({j.state for j in jobs.for_study(session=session, study=study)}) or ["none requested"]
+            raise NotFound(f"no report for this study yet (study {study.status}; jobs: {', '.join(states)})")
+        patient = session.get(Patient, study.patient_id) if study.patient_id else None
+        body = {
+            "study_instance_uid": study_instance_uid,
+            "status": study.status,
+            "reports": [
+                report_results.report_json(r, study=study, patient_resource_id=patient.resource_id if patient else None)
+                for r in found
+            ],
+        }
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="report.read",
+            action="R",
+            entity_type="DiagnosticReport",
+            entity_ref=f"study:{study_instance_uid}",
+            patient_ref=_patient_ref(session, study),
+            detail={"format": "json", "reports": [r.id for r in found]},
+        )
+    return body
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: str, runtime: RuntimeDep, principal: JobReadDep) -> dict[str, Any]:
+    with runtime.sessions() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        study = session.get(Study, job.study_id)
+        return job_json(job, study.study_instance_uid if study else None)
+
+
+@router.get("/jobs")
+def list_jobs(
+    runtime: RuntimeDep, principal: JobReadDep, state: str | None = None, limit: int = Query(50, ge=1, le=500)
+) -> dict[str, Any]:
+    with runtime.sessions() as session:
+        return {"jobs": [job_json(j) for j in jobs.list_jobs(session=session, state=state, limit=limit)]}
+
+
+@router.get("/models")
+def list_models(runtime: RuntimeDep, principal: ModelReadDep) -> dict[str, Any]:
+    models = []
+    for name, model in sorted(runtime.registry.models.items()):
+        manifest = model.manifest
+        models.append(
+            {
+                "name": name,
+                "intended_use": manifest.intended_use,
+                "versions": [{"version": v.version, "sha256": v.sha256} for v in manifest.versions],
+                "routing": manifest.routing.model_dump(),
+                "inputs": {
+                    "image": manifest.image_input.name,
+                    "clinical": [f.name for f in manifest.clinical_input.features] if manifest.clinical_input else [],
+                },
+                "findings": [
+                    {"code": f.code, "display": f.display, "threshold": f.threshold} for f in manifest.outputs.findings
+                ],
+            }
+        )
+    return {"models": models, "errors": runtime.registry.errors}
+
+
+@router.get("/audit")
+def list_audit(
+    runtime: RuntimeDep,
+    principal: AuditReadDep,
+    after_id: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000),
+    event_type: str | None = None,
+    patient: str | None = None,
+    outcome: str | None = None,
+) -> dict[str, Any]:
+    with runtime.sessions.begin() as session:
+        events = audit.list_events(
+            session=session, after_id=after_id, limit=limit, event_type=event_type, patient_ref=patient, outcome=outcome
+        )
+        body = {
+            "events": [
+                {
+                    "id": e.id,
+                    "recorded_at": e.recorded_at.isoformat(),
+                    "type": e.event_type,
+                    "action": e.action,
+                    "outcome": e.outcome,
+                    "actor": e.actor,
+                    "role": e.actor_role,
+                    "source": e.source_address,
+                    "entity_type": e.entity_type,
+                    "entity": e.entity_ref,
+                    "patient": e.patient_ref,
+                    "detail": e.detail,
+                    "hash": e.hash,
+                    "prev_hash": e.prev_hash,
+                }
+                for e in events
+            ]
+        }
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="audit.read",
+            action="R",
+            entity_type="AuditEvent",
+            entity_ref="audit",
+            detail={"after_id": after_id, "count": len(events)},
+        )
+    return body

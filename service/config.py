@@ -1,0 +1,100 @@
+"""Settings: the only reader of the environment (prefix ``CLINFER_``).
+
+Validated at start-up; unsafe combinations (auth off on a non-loopback bind) refuse to start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def _default_model_repository() -> Path:
+    # A source checkout keeps models/ beside service/; an installed wheel does not ship them, so the
+    # working directory's models/ is the fallback.
+    beside = _PACKAGE_ROOT.parent / "models"
+    return beside if beside.is_dir() else Path("models")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Every setting of a deployment. See DESIGN.md, "Settings every deployment uses"."""
+
+    model_config = SettingsConfigDict(env_prefix="CLINFER_", extra="ignore")
+
+    state_dir: Path = Field(default=Path("var"), description="embedded state: SQLite file, blobs, dev signing key")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under state_dir")
+    broker_url: str | None = Field(default=None, description="Celery broker; unset runs the embedded in-process worker")
+    blob_dir: Path | None = Field(default=None, description="DICOM objects and results; default state_dir/blobs")
+    model_repository: Path = Field(default_factory=_default_model_repository)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    dimse_port: int = Field(default=11112, ge=1, le=65535)
+    dimse_ae_title: str = "CLINFER"
+
+    auth_enabled: bool = True
+    auth_issuer: str = "clinfer-local"
+    auth_audience: str = "clinfer"
+    auth_jwks_url: str | None = Field(default=None, description="issuer's JWKS; unset uses the local dev key")
+    auth_dev_key_path: Path | None = Field(default=None, description="default state_dir/dev-signing-key.pem")
+    metrics_public: bool = Field(default=False, description="serve /metrics without a token (scrape network only)")
+
+    study_stable_seconds: float = Field(default=30.0, ge=0)
+    completeness_scan_seconds: float = Field(default=5.0, gt=0)
+    reconcile_after_seconds: float = Field(default=300.0, gt=0)
+
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_instances_per_request: int = Field(default=5000, gt=0)
+    max_fhir_bundle_bytes: int = Field(default=32 * 1024**2, gt=0)
+    max_decoded_pixels: int = Field(default=16384 * 16384, gt=0)
+
+    execution_providers: list[str] = Field(
+        default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime providers in order of preference; unavailable ones are skipped",
+    )
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if not self.auth_enabled and not _is_loopback(self.host):
+            raise ValueError(
+                f"CLINFER_AUTH_ENABLED=false is only allowed on a loopback bind, not CLINFER_HOST={self.host!r}"
+            )
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'clinfer.db').resolve()}"
+
+    @property
+    def effective_blob_dir(self) -> Path:
+        return self.blob_dir if self.blob_dir is not None else self.state_dir / "blobs"
+
+    @property
+    def effective_dev_key_path(self) -> Path:
+        return self.auth_dev_key_path if self.auth_dev_key_path is not None else self.state_dir / "dev-signing-key.pem"
+
+    @property
+    def embedded_worker(self) -> bool:
+        return not self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,344 @@
+"""Analysis flows: study -> jobs (routing), jobs -> queue, job execution stage by stage, sweeping."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from service import metrics
+from service.errors import InvalidInput, ServiceError, TransientError
+from service.flows import queue
+from service.flows.runtime import Runtime
+from service.inference import pipeline
+from service.ingest import dicom
+from service.routing.rules import InstanceAttributes, routes_for_study
+from service.schemas import SYSTEM_PRINCIPAL, JobStage, JobState, Principal, StudyStatus
+from service.store import audit, clinical, jobs, reports, studies
+from service.store.tables import Job, Patient, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    study_instance_uid: str
+    status: str
+    jobs: list[Job]
+    reason: str | None
+
+
+def _patient_ref(session: Session, study: Study) -> str | None:
+    patient = session.get(Patient, study.patient_id) if study.patient_id else None
+    return f"Patient/{patient.resource_id}" if patient else None
+
+
+def request_analysis(
+    runtime: Runtime, *, study_instance_uid: str, principal: Principal, trigger: str
+) -> AnalysisRequest:
+    """Create one job per matching model (idempotently) and enqueue the new ones after commit.
+
+    Args:
+        trigger: "request" (explicit) or "stable" (the study was quiet for the configured seconds).
+    """
+    models = runtime.registry.models
+    with runtime.sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        pairs = studies.instances_of(session=session, study=study)
+        attributes = [
+            InstanceAttributes(
+                sop_instance_uid=instance.sop_instance_uid,
+                sop_class_uid=instance.sop_class_uid,
+                modality=series.modality,
+                body_part_examined=series.body_part_examined,
+                rows=instance.rows,
+                columns=instance.columns,
+                photometric_interpretation=instance.photometric_interpretation,
+            )
+            for series, instance in pairs
+        ]
+        routes = routes_for_study([m.manifest for m in models.values()], attributes)
+        created: list[Job] = []
+        all_jobs: list[Job] = []
+        for route in routes:
+            job, new = jobs.get_or_create(
+                session=session, study=study, model_name=route.model_name, model_version=route.model_version
+            )
+            all_jobs.append(job)
+            if new:
+                created.append(job)
+                metrics.JOBS.labels(route.model_name, JobState.queued.value).inc()
+        reason = None
+        if not routes:
+            reason = "no model applies to this study (modality, body part, SOP class or size)"
+            study.status = StudyStatus.no_route.value
+        elif created:
+            study.status = StudyStatus.analyzing.value
+        study.status_reason = reason
+        study.analysis_requested_at = utcnow()
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="study.analyze",
+            action="E",
+            entity_type="ImagingStudy",
+            entity_ref=f"study:{study_instance_uid}",
+            patient_ref=_patient_ref(session, study),
+            detail={
+                "trigger": trigger,
+                "jobs": [j.id for j in all_jobs],
+                "new_jobs": len(created),
+                "models": [f"{r.model_name}:{r.model_version}" for r in routes],
+                "reason": reason,
+            },
+        )
+        status = study.status
+    for job in created:
+        _enqueue(runtime, job.id, JobStage.preprocess)
+    return AnalysisRequest(study_instance_uid, status, all_jobs, reason)
+
+
+def _enqueue(runtime: Runtime, job_id: str, stage: JobStage) -> None:
+    task, target = (
+        (queue.PREPROCESS_TASK, queue.PREPROCESS_QUEUE)
+        if stage == JobStage.preprocess
+        else (queue.INFER_TASK, queue.INFER_QUEUE)
+    )
+    try:
+        queue.send(task, job_id, queue=target)
+    except Exception as e:  # the broker is down: the job row stays queued and the reconciler sends it later
+        log.warning("enqueue of job %s failed, the reconciler will retry: %s", job_id, e)
+        return
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        job.enqueued_at = utcnow()
+
+
+def _inputs_key(job_id: str) -> str:
+    return f"jobs/{job_id}/inputs.npz"
+
+
+def _set_state(session: Session, job: Job, state: JobState, stage: JobStage) -> None:
+    job.state, job.stage = state.value, stage.value
+    job.updated_at = utcnow()
+    metrics.JOBS.labels(job.model_name, state.value).inc()
+
+
+def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -> None:
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        _set_state(session, job, JobState.failed, stage)
+        job.error_code, job.error_message = error.code, error.message
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        if all(j.state == JobState.failed.value for j in jobs.for_study(session=session, study=study)):
+            study.status = StudyStatus.failed.value
+            study.status_reason = error.message
+        audit.append(
+            session=session,
+            principal=SYSTEM_PRINCIPAL,
+            event_type="job.failed",
+            action="E",
+            outcome=audit.SERIOUS_FAILURE,
+            entity_type="Task",
+            entity_ref=f"job:{job.id}",
+            patient_ref=_patient_ref(session, study),
+            detail={"stage": stage.value, "code": error.code, "model": job.model_name},
+        )
+    metrics.JOB_FAILURES.labels(job.model_name, stage.value, error.code).inc()
+    log.error("job %s failed at %s: %s", job_id, stage.value, error.message)
+
+
+def _study_datetime(study: Study) -> dt.datetime:
+    if study.study_date is None:
+        return study.created_at
+    clock = dt.time(0, 0)
+    if study.study_time:
+        digits = study.study_time.split(".")[0]
+        try:
+            clock = dt.time(int(digits[0:2] or 0), int(digits[2:4] or 0), int(digits[4:6] or 0))
+        except ValueError:
+            pass
+    return dt.datetime.combine(study.study_date, clock, tzinfo=dt.UTC)
+
+
+def preprocess_job(runtime: Runtime, job_id: str) -> None:
+    """Stage 1 (CPU): decode the routed image, build the clinical vector, keep both for the infer stage.
+
+    Idempotent: a finished job is left alone; a re-run rewrites the same inputs.
+    """
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        if job.state in (JobState.succeeded.value, JobState.failed.value):
+            return
+        job.attempts += 1
+        _set_state(session, job, JobState.preprocessing, JobStage.preprocess)
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        model, version = runtime.registry.version_or_raise(job.model_name, job.model_version)
+        pairs = studies.instances_of(session=session, study=study)
+        candidates = [
+            InstanceAttributes(
+                i.sop_instance_uid,
+                i.sop_class_uid,
+                s.modality,
+                s.body_part_examined,
+                i.rows,
+                i.columns,
+                i.photometric_interpretation,
+            )
+            for s, i in pairs
+        ]
+        routes = routes_for_study([model.manifest], candidates)
+        blob_keys = {i.sop_instance_uid: i.blob_key for _, i in pairs}
+        patient = session.get(Patient, study.patient_id) if study.patient_id else None
+        context = clinical.clinical_context(session=session, patient=patient)
+        study_at = _study_datetime(study)
+    started = time.perf_counter()
+    try:
+        if not routes:
+            raise InvalidInput("no instance of the study matches the model any more")
+        source_uid = routes[0].sop_instance_uid
+        decoded = dicom.decode_image(
+            runtime.blobs.read_bytes(blob_keys[source_uid]), max_pixels=runtime.settings.max_decoded_pixels
+        )
+        prepared = pipeline.pre_process(
+            model.manifest,
+            pixels=decoded.pixels,
+            photometric_interpretation=decoded.photometric_interpretation,
+            window=decoded.window,
+            context=context,
+            study_at=study_at,
+            source_sop_instance_uid=source_uid,
+        )
+    except ServiceError as e:
+        _fail(runtime, job_id, JobStage.preprocess, e)
+        return
+    buffer = io.BytesIO()
+    arrays = {"image": prepared.image}
+    if prepared.clinical is not None and prepared.clinical_mask is not None:
+        arrays |= {"clinical": prepared.clinical, "clinical_mask": prepared.clinical_mask}
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    runtime.blobs.put_bytes(_inputs_key(job_id), buffer.getvalue())
+    runtime.blobs.put_bytes(
+        f"jobs/{job_id}/clinical.json",
+        pipeline.clinical_used_json(prepared.clinical_used, prepared.source_sop_instance_uid).encode(),
+    )
+    metrics.PREPROCESS_DURATION.labels(job.model_name).observe(time.perf_counter() - started)
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        _set_state(session, job, JobState.inferring, JobStage.infer)
+    _enqueue(runtime, job_id, JobStage.infer)
+
+
+def infer_job(runtime: Runtime, job_id: str) -> None:
+    """Stage 2 (GPU): run the model on the prepared inputs and store exactly one report per study x model version."""
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        if job.state in (JobState.succeeded.value, JobState.failed.value):
+            return
+        model_name, model_version = job.model_name, job.model_version
+    try:
+        model, version = runtime.registry.version_or_raise(model_name, model_version)
+        if not runtime.blobs.exists(_inputs_key(job_id)):
+            raise TransientError("the prepared inputs are not there yet")
+        with np.load(io.BytesIO(runtime.blobs.read_bytes(_inputs_key(job_id)))) as arrays:
+            clinical_used, source_uid = pipeline.clinical_used_from_json(
+                runtime.blobs.read_bytes(f"jobs/{job_id}/clinical.json").decode()
+            )
+            prepared = pipeline.PreparedInputs(
+                image=arrays["image"],
+                clinical=arrays["clinical"] if "clinical" in arrays else None,
+                clinical_mask=arrays["clinical_mask"] if "clinical_mask" in arrays else None,
+                clinical_used=clinical_used,
+                source_sop_instance_uid=source_uid,
+            )
+        runner = runtime.registry.runner(model_name, model_version)
+        logits, seconds = pipeline.predict(model.manifest, runner, [prepared])
+        metrics.INFERENCE_DURATION.labels(model_name, model_version, runner.provider).observe(seconds)
+        findings = pipeline.post_process(
+            model.manifest, version, provider=runner.provider, logits=logits[0], inputs=prepared
+        )
+    except TransientError:
+        raise
+    except ServiceError as e:
+        _fail(runtime, job_id, JobStage.infer, e)
+        return
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        report, created = reports.create_once(session=session, job=job, study=study, findings=findings)
+        _set_state(session, job, JobState.succeeded, JobStage.store)
+        if all(
+            j.state == JobState.succeeded.value or j.id == job.id for j in jobs.for_study(session=session, study=study)
+        ):
+            study.status = StudyStatus.reported.value
+        if created:
+            audit.append(
+                session=session,
+                principal=SYSTEM_PRINCIPAL,
+                event_type="report.create",
+                action="C",
+                entity_type="DiagnosticReport",
+                entity_ref=f"report:{report.id}",
+                patient_ref=_patient_ref(session, study),
+                detail={
+                    "study": f"study:{study.study_instance_uid}",
+                    "model": model_name,
+                    "version": model_version,
+                    "positive": [f.code for f in findings.findings if f.positive],
+                },
+            )
+    if created:
+        metrics.REPORTS.labels(model_name, model_version).inc()
+    runtime.blobs.delete(_inputs_key(job_id))
+    runtime.blobs.delete(f"jobs/{job_id}/clinical.json")
+
+
+def sweep(runtime: Runtime) -> tuple[int, int]:
+    """Analyze studies that have been stable long enough, and re-enqueue jobs that were committed but lost.
+
+    Returns:
+        (studies whose analysis was requested, jobs re-enqueued).
+    """
+    now = utcnow()
+    with runtime.sessions() as session:
+        stable = [
+            s.study_instance_uid
+            for s in studies.stable_unanalyzed(
+                session=session, stable_before=now - dt.timedelta(seconds=runtime.settings.study_stable_seconds)
+            )
+        ]
+        lost = [
+            (j.id, j.stage)
+            for j in jobs.lost(
+                session=session, older_than=now - dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
+            )
+        ]
+    for study_uid in stable:
+        try:
+            request_analysis(runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable")
+        except ServiceError as e:
+            log.warning("automatic analysis of a stable study failed: %s", e.message)
+    for job_id, stage in lost:
+        with runtime.sessions.begin() as session:
+            job = jobs.get_or_raise(session=session, job_id=job_id)
+            job.updated_at = now  # one re-send per reconcile period
+        _enqueue(runtime, job_id, JobStage.infer if stage == JobStage.infer.value else JobStage.preprocess)
+        metrics.RECONCILED_JOBS.inc()
+    return len(stable), len(lost)
+
+
+def sample_job_gauges(runtime: Runtime) -> None:
+    from sqlalchemy import func, select
+
+    with runtime.sessions() as session:
+        counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).tuples().all())
+    for state in JobState:
+        metrics.JOBS_IN_STATE.labels(state.value).set(counts.get(state.value, 0))

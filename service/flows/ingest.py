@@ -1,0 +1,392 @@
+"""Ingest flows: DICOM instances and FHIR Bundles made durable, joined to patients and audited."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service import metrics
+from service.errors import InvalidInput
+from service.flows.runtime import Runtime
+from service.ingest import dicom, fhir
+from service.schemas import PatientIdentifier, Principal
+from service.store import audit, clinical, studies
+from service.store.tables import Patient, Study
+
+log = logging.getLogger(__name__)
+
+FAILURE_DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.4 C.4.2.1.4: same SOP Instance UID, different content
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    new: bool
+
+
+@dataclass(frozen=True)
+class FailedInstance:
+    part: int
+    failure_reason: int
+    message: str
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+@dataclass
+class StoreOutcome:
+    stored: list[StoredInstance] = field(default_factory=list)
+    failed: list[FailedInstance] = field(default_factory=list)
+
+
+def _link_study(session: Session, study: Study) -> None:
+    if study.patient_id is not None or not study.dicom_patient_id:
+        return
+    patient = clinical.find_patient_by_identifier(
+        session=session, system=study.issuer_of_patient_id, value=study.dicom_patient_id
+    )
+    if patient is not None:
+        study.patient_id = patient.id
+
+
+def _patient_ref(session: Session, study: Study) -> str | None:
+    if study.patient_id is None:
+        return None
+    patient = session.get(Patient, study.patient_id)
+    return f"Patient/{patient.resource_id}" if patient else None
+
+
+def store_instance(
+    runtime: Runtime,
+    data: bytes,
+    *,
+    principal: Principal,
+    part: int,
+    protocol: str,
+    study_instance_uid: str | None = None,
+) -> StoredInstance | FailedInstance:
+    """Make one DICOM object durable (blob written, rows committed, audit appended) before it is acknowledged.
+
+    Args:
+        runtime: the process's resources.
+        data: the Part 10 object.
+        principal: who sent it.
+        part: its position in the request (1-based), for the failure report.
+        protocol: "stow-rs" or "dimse", for metrics and audit.
+        study_instance_uid: when the request targets one study, objects of another study are refused.
+    """
+    try:
+        parsed = dicom.parse_instance(data, max_pixels=runtime.settings.max_decoded_pixels)
+    except dicom.DicomRejected as e:
+        metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
+        return FailedInstance(part, e.failure_reason, e.message, e.sop_class_uid, e.sop_instance_uid)
+    meta = parsed.meta
+    if study_instance_uid is not None and meta.study_instance_uid != study_instance_uid:
+        metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
+        return FailedInstance(
+            part,
+            dicom.FAILURE_DOES_NOT_MATCH,
+            f"StudyInstanceUID {meta.study_instance_uid} does not match the target study {study_instance_uid}",
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+        )
+    sha256 = hashlib.sha256(data).hexdigest()
+    blob_key = f"instances/{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
+    with runtime.sessions() as session:
+        existing = studies.get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+    if existing is not None:
+        if existing.sha256 == sha256:
+            metrics.INGEST_INSTANCES.labels(protocol, "duplicate").inc()
+            return StoredInstance(
+                meta.sop_class_uid, meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, new=False
+            )
+        metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
+        return FailedInstance(
+            part,
+            FAILURE_DUPLICATE_SOP_INSTANCE,
+            "an instance with this SOP Instance UID and different content is already stored",
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+        )
+    runtime.blobs.put_file(blob_key, io.BytesIO(data))
+    try:
+        with runtime.sessions.begin() as session:
+            instance, new = studies.add_instance(
+                session=session, meta=meta, blob_key=blob_key, size_bytes=len(data), sha256=sha256
+            )
+            study = studies.get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
+            _link_study(session, study)
+            if new:
+                audit.append(
+                    session=session,
+                    principal=principal,
+                    event_type="dicom.store",
+                    action="C",
+                    entity_type="ImagingStudy",
+                    entity_ref=f"study:{meta.study_instance_uid}",
+                    patient_ref=_patient_ref(session, study),
+                    detail={
+                        "protocol": protocol,
+                        "sop_instance_uid": meta.sop_instance_uid,
+                        "sop_class_uid": meta.sop_class_uid,
+                        "bytes": len(data),
+                    },
+                )
+    except Exception:
+        # nothing half-written: the rows rolled back, so the blob must go too (unless an identical one was stored)
+        log.exception("storing instance of part %d failed", part)
+        runtime.blobs.delete(blob_key)
+        metrics.INGEST_INSTANCES.labels(protocol, "failed").inc()
+        return FailedInstance(
+            part,
+            dicom.FAILURE_PROCESSING,
+            "the instance could not be stored",
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+        )
+    metrics.INGEST_INSTANCES.labels(protocol, "stored" if new else "duplicate").inc()
+    if new:
+        metrics.INGEST_BYTES.labels(protocol).inc(len(data))
+    return StoredInstance(
+        meta.sop_class_uid, meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, new=new
+    )
+
+
+def store_instances(
+    runtime: Runtime,
+    parts: Iterable[tuple[int, bytes | str]],
+    *,
+    principal: Principal,
+    protocol: str,
+    study_instance_uid: str | None = None,
+) -> StoreOutcome:
+    """Store each part on its own: a bad part fails alone, the good ones of the same request are kept.
+
+    A part given as a str is one that could not be read as DICOM at all (the str says why).
+    """
+    outcome = StoreOutcome()
+    for part, data in parts:
+        if isinstance(data, str):
+            outcome.failed.append(FailedInstance(part, dicom.FAILURE_CANNOT_UNDERSTAND, data))
+            metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
+            continue
+        result = store_instance(
+            runtime, data, principal=principal, part=part, protocol=protocol, study_instance_uid=study_instance_uid
+        )
+        (outcome.stored if isinstance(result, StoredInstance) else outcome.failed).append(result)  # type: ignore[arg-type]
+    return outcome
+
+
+# --- FHIR ---------------------------------------------------------------------------------------------------
+
+
+def _upsert_patient(session: Session, facts: Any) -> Patient:
+    """Find the patient by resource id or any identifier; create it when new. Identifiers never move patients."""
+    patient = clinical.get_patient(session=session, resource_id=facts.resource_id)
+    if patient is None:
+        matches = clinical.patients_for_identifiers(session=session, identifiers=facts.identifiers)
+        if len(matches) > 1:
+            raise InvalidInput(
+                f"Patient/{facts.resource_id}: its identifiers belong to {len(matches)} different patients"
+            )
+        patient = session.get(Patient, matches.pop()) if matches else None
+    if patient is None:
+        patient = Patient(resource_id=facts.resource_id)
+        session.add(patient)
+        session.flush()
+    patient.gender = facts.gender
+    patient.birth_date = facts.birth_date
+    for identifier in facts.identifiers:
+        clinical.add_identifier(session=session, patient=patient, identifier=identifier)
+    session.flush()
+    for identifier in facts.identifiers:
+        for study in studies.unlinked_for_patient_id(
+            session=session, dicom_patient_id=identifier.value, issuer=identifier.system or None
+        ):
+            if (
+                identifier.system
+                or clinical.find_patient_by_identifier(session=session, system=None, value=identifier.value) is patient
+            ):
+                study.patient_id = patient.id
+    return patient
+
+
+def _resolve_patient(session: Session, ref: str, in_bundle: dict[str, Patient]) -> Patient:
+    if ref in in_bundle:
+        return in_bundle[ref]
+    if ref.startswith("Patient/"):
+        patient = clinical.get_patient(session=session, resource_id=ref.removeprefix("Patient/"))
+        if patient is not None:
+            return patient
+    elif ref.startswith("identifier:"):
+        system, _, value = ref.removeprefix("identifier:").partition("|")
+        patient = clinical.find_patient_by_identifier(session=session, system=system or None, value=value)
+        if patient is not None:
+            return patient
+    raise InvalidInput(f"subject {ref} does not resolve to a known Patient")
+
+
+@dataclass
+class EntryResult:
+    index: int
+    resource_type: str | None
+    resource_id: str | None
+    status: str
+    error: str | None = None
+    patient_ref: str | None = None
+
+
+def _store_entries(session: Session, parsed: fhir.ParsedBundle, entries: list[int]) -> list[EntryResult]:
+    wanted = set(entries)
+    in_bundle: dict[str, Patient] = {}
+    results: list[EntryResult] = []
+    resources = {r.resource_id: r for r in parsed.resources if r.entry_index in wanted}
+    for facts in parsed.patients:
+        resource = resources.get(facts.resource_id)
+        if resource is None or resource.resource_type != "Patient":
+            continue
+        patient = _upsert_patient(session, facts)
+        in_bundle[f"Patient/{facts.resource_id}"] = patient
+        row = clinical.put_resource(
+            session=session,
+            resource_type="Patient",
+            resource_id=patient.resource_id,
+            body={**resource.json, "id": patient.resource_id},
+            patient_id=patient.id,
+        )
+        results.append(
+            EntryResult(
+                resource.entry_index,
+                "Patient",
+                patient.resource_id,
+                "201 Created" if row.version == 1 else "200 OK",
+                patient_ref=f"Patient/{patient.resource_id}",
+            )
+        )
+    for obs in parsed.observations:
+        resource = resources.get(obs.resource_id)
+        if resource is None or resource.resource_type != "Observation":
+            continue
+        patient = _resolve_patient(session, obs.patient_ref, in_bundle)
+        clinical.put_observation(session=session, patient=patient, fact=obs)
+        body = {**resource.json, "subject": {"reference": f"Patient/{patient.resource_id}"}}
+        row = clinical.put_resource(
+            session=session, resource_type="Observation", resource_id=obs.resource_id, body=body, patient_id=patient.id
+        )
+        results.append(
+            EntryResult(
+                resource.entry_index,
+                "Observation",
+                obs.resource_id,
+                "201 Created" if row.version == 1 else "200 OK",
+                patient_ref=f"Patient/{patient.resource_id}",
+            )
+        )
+    for cond in parsed.conditions:
+        resource = resources.get(cond.resource_id)
+        if resource is None or resource.resource_type != "Condition":
+            continue
+        patient = _resolve_patient(session, cond.patient_ref, in_bundle)
+        clinical.put_condition(
+            session=session,
+            patient=patient,
+            resource_id=cond.resource_id,
+            system=cond.system,
+            code=cond.code,
+            display=cond.display,
+            clinical_status=cond.clinical_status,
+            onset_at=cond.onset_at,
+        )
+        body = {**resource.json, "subject": {"reference": f"Patient/{patient.resource_id}"}}
+        row = clinical.put_resource(
+            session=session, resource_type="Condition", resource_id=cond.resource_id, body=body, patient_id=patient.id
+        )
+        results.append(
+            EntryResult(
+                resource.entry_index,
+                "Condition",
+                cond.resource_id,
+                "201 Created" if row.version == 1 else "200 OK",
+                patient_ref=f"Patient/{patient.resource_id}",
+            )
+        )
+    return sorted(results, key=lambda r: r.index)
+
+
+def _audit_bundle(session: Session, principal: Principal, bundle_type: str, results: list[EntryResult]) -> None:
+    stored = [r for r in results if r.error is None]
+    for patient_ref in sorted({r.patient_ref for r in stored if r.patient_ref}):
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="fhir.bundle",
+            action="C",
+            entity_type="Bundle",
+            entity_ref=f"Bundle:{bundle_type}",
+            patient_ref=patient_ref,
+            detail={
+                "resources": sorted(
+                    f"{r.resource_type}/{r.resource_id}" for r in stored if r.patient_ref == patient_ref
+                )
+            },
+        )
+
+
+def store_bundle(runtime: Runtime, raw: bytes, *, principal: Principal) -> tuple[str, list[EntryResult]]:
+    """Store a FHIR transaction (all or nothing) or batch (entry by entry) Bundle.
+
+    Returns:
+        (bundle type, one result per entry in entry order).
+
+    Raises:
+        InvalidInput: the Bundle is malformed, or a transaction entry is invalid (nothing stored).
+    """
+    parsed = fhir.parse_bundle(raw, collect_errors=True)
+    if parsed.bundle_type == "transaction" and parsed.errors:
+        index, message = parsed.errors[0]
+        raise InvalidInput(message)
+    if parsed.bundle_type == "transaction":
+        with runtime.sessions.begin() as session:
+            results = _store_entries(session, parsed, [r.entry_index for r in parsed.resources])
+            _audit_bundle(session, principal, "transaction", results)
+    else:
+        results = [EntryResult(index, None, None, "400 Bad Request", message) for index, message in parsed.errors]
+        for resource in parsed.resources:
+            try:
+                with runtime.sessions.begin() as session:
+                    entry_results = _store_entries(session, parsed, [resource.entry_index])
+                    _audit_bundle(session, principal, "batch", entry_results)
+                results.extend(entry_results)
+            except InvalidInput as e:
+                results.append(
+                    EntryResult(
+                        resource.entry_index, resource.resource_type, resource.resource_id, "400 Bad Request", e.message
+                    )
+                )
+        results.sort(key=lambda r: r.index)
+    for result in results:
+        metrics.FHIR_RESOURCES.labels(
+            result.resource_type or "unknown", "stored" if result.error is None else "rejected"
+        ).inc()
+    return parsed.bundle_type, results
+
+
+__all__ = [
+    "EntryResult",
+    "FailedInstance",
+    "PatientIdentifier",
+    "StoreOutcome",
+    "StoredInstance",
+    "store_bundle",
+    "store_instance",
+    "store_instances",
+]

@@ -1,0 +1,90 @@
+"""The Celery application, built from Settings: Redis in production, an in-memory broker embedded.
+
+Tasks are sent by name, so nothing below the worker needs to import the task module.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+
+from service.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_QUEUE = "preprocess"
+INFER_QUEUE = "infer"
+SWEEP_QUEUE = "preprocess"
+
+PREPROCESS_TASK = "service.worker.tasks.preprocess"
+INFER_TASK = "service.worker.tasks.infer"
+
+_app: Celery | None = None
+_lock = threading.Lock()
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("clinfer", broker=settings.broker_url or "memory://", include=["service.worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,  # results live in our database, not in a Celery backend
+        result_backend=None,
+        task_default_queue=PREPROCESS_QUEUE,
+        task_routes={PREPROCESS_TASK: {"queue": PREPROCESS_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        # a task must finish (or be re-delivered) well inside the visibility timeout; we never use long ETAs
+        broker_transport_options={"visibility_timeout": 3600, "queue_order_strategy": "priority"},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def get_celery() -> Celery:
+    global _app
+    with _lock:
+        if _app is None:
+            _app = create_celery(get_settings())
+        return _app
+
+
+def reset_celery() -> None:
+    global _app
+    with _lock:
+        _app = None
+
+
+def send(task_name: str, job_id: str, *, queue: str, priority: int = 5) -> None:
+    """Enqueue a task by name with the job id as its only argument (call after the job row is committed)."""
+    get_celery().send_task(task_name, args=[job_id], queue=queue, priority=priority)
+
+
+def broker_ping(timeout: float = 2.0) -> None:
+    """Raise if the broker cannot be reached."""
+    app = get_celery()
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=timeout)
+
+
+def queue_depths() -> dict[str, int | None]:
+    """Messages waiting per queue (Redis only; None where the transport cannot tell)."""
+    app = get_celery()
+    depths: dict[str, int | None] = {}
+    try:
+        with app.connection_for_read() as connection:
+            channel: Any = connection.default_channel
+            for queue in (PREPROCESS_QUEUE, INFER_QUEUE):
+                try:
+                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                except Exception:  # a queue no worker declared yet has no depth
+                    depths[queue] = None
+    except Exception as e:
+        log.warning("cannot read queue depths: %s", e)
+    return depths

@@ -1,0 +1,143 @@
+"""The model manifest: the only thing the service needs to serve a model.
+
+A model is a folder ``<repository>/<name>/`` with ``manifest.yaml``, ``MODEL_CARD.md`` and one folder per
+version holding the exported artifact. ``manifest.yaml`` holds one document per version under ``versions``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from service.errors import ModelError
+
+
+class RoutingDefaults(BaseModel):
+    modalities: list[str] = Field(default_factory=list, description="empty: any")
+    body_parts: list[str] = Field(default_factory=list, description="BodyPartExamined values; empty: any")
+    sop_class_uids: list[str] = Field(default_factory=list, description="empty: any")
+    min_rows: int = 0
+    min_columns: int = 0
+
+
+class Normalization(BaseModel):
+    mean: float = 0.0
+    std: float = 1.0
+
+
+class ImagePreprocessing(BaseModel):
+    window: Literal["dicom", "percentile"] = Field(
+        default="dicom", description="dicom: the object's first VOI window, else percentiles; percentile: always"
+    )
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    invert_monochrome1: bool = True
+    resize: tuple[int, int] = Field(description="height, width fed to the model")
+    normalization: Normalization = Field(default_factory=Normalization)
+
+
+class ImageInput(BaseModel):
+    name: str
+    shape: list[int] = Field(description="without the batch axis: channels, height, width")
+    dtype: Literal["float32"] = "float32"
+    preprocessing: ImagePreprocessing
+
+
+class FeatureSource(BaseModel):
+    kind: Literal["age_at_study", "patient_gender", "observation"]
+    loinc: list[str] = Field(default_factory=list, description="codes accepted, first preferred (observation only)")
+    gender_value: str | None = Field(default=None, description="patient_gender: the gender coded as 1.0")
+
+
+class ClinicalFeature(BaseModel):
+    name: str
+    display: str
+    source: FeatureSource
+    unit: str | None = Field(description="canonical UCUM unit; None for coded features")
+    lookback_hours: float | None = Field(default=None, description="window before the study date; None: any")
+    mean: float = 0.0
+    std: float = 1.0
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("std must be positive")
+        return value
+
+
+class ClinicalInput(BaseModel):
+    values_name: str
+    mask_name: str
+    features: list[ClinicalFeature]
+
+
+class Calibration(BaseModel):
+    method: Literal["none", "temperature"] = "none"
+    temperature: float = 1.0
+
+
+class FindingOutput(BaseModel):
+    code: str
+    system: str = "http://snomed.info/sct"
+    display: str
+    threshold: float = Field(ge=0.0, le=1.0)
+    calibration: Calibration = Field(default_factory=Calibration)
+
+
+class Outputs(BaseModel):
+    logits: str = Field(description="ONNX output name of the per-finding logits, shape [batch, findings]")
+    heatmap: str | None = Field(default=None, description="optional ONNX output [batch, findings, h, w]")
+    findings: list[FindingOutput]
+
+
+class Batching(BaseModel):
+    preferred_batch_size: int = 8
+    max_batch_size: int = 32
+
+
+class ModelVersion(BaseModel):
+    version: str
+    artifact: str = Field(description="path of the ONNX file relative to the model folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(BaseModel):
+    """One model's manifest: identity, routing defaults, inputs, outputs, batching."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    description: str = ""
+    intended_use: str
+    versions: list[ModelVersion] = Field(min_length=1)
+    routing: RoutingDefaults = Field(default_factory=RoutingDefaults)
+    image_input: ImageInput
+    clinical_input: ClinicalInput | None = None
+    outputs: Outputs
+    batching: Batching = Field(default_factory=Batching)
+
+    def latest(self) -> ModelVersion:
+        return self.versions[-1]
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a ``manifest.yaml``.
+
+    Args:
+        path: the manifest file.
+
+    Returns:
+        The validated manifest.
+
+    Raises:
+        ModelError: the file is missing, not YAML, or does not match the manifest format.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ModelError(f"cannot read manifest {path}: {e}") from e
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise ModelError(f"manifest {path} is invalid: {e}") from e

@@ -1,0 +1,117 @@
+"""Inference as pre_process -> predict -> post_process, on arrays and our own types only."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.inference.manifest import Manifest, ModelVersion
+from service.inference.onnx_runner import OnnxRunner
+from service.inference.preprocess import clinical_vector, prepare_image
+from service.schemas import ClinicalContext, ClinicalValue, FindingResult, Findings, ModelIdentity
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """One study's model inputs, without the batch axis, and the clinical values behind them."""
+
+    image: np.ndarray
+    clinical: np.ndarray | None
+    clinical_mask: np.ndarray | None
+    clinical_used: list[ClinicalValue]
+    source_sop_instance_uid: str
+
+
+def pre_process(
+    manifest: Manifest,
+    *,
+    pixels: np.ndarray,
+    photometric_interpretation: str,
+    window: tuple[float, float] | None,
+    context: ClinicalContext,
+    study_at: dt.datetime,
+    source_sop_instance_uid: str,
+) -> PreparedInputs:
+    """Turn a decoded image and a patient's clinical context into the tensors the manifest describes."""
+    image = prepare_image(
+        pixels,
+        photometric_interpretation=photometric_interpretation,
+        window=window,
+        spec=manifest.image_input.preprocessing,
+    )
+    if manifest.clinical_input is None:
+        return PreparedInputs(image, None, None, [], source_sop_instance_uid)
+    values, mask, used = clinical_vector(context, features=manifest.clinical_input.features, study_at=study_at)
+    return PreparedInputs(image, values, mask, used, source_sop_instance_uid)
+
+
+def predict(manifest: Manifest, runner: OnnxRunner, batch: list[PreparedInputs]) -> tuple[np.ndarray, float]:
+    """Run a batch through the model.
+
+    Returns:
+        (logits [batch, findings], seconds spent in the runtime).
+    """
+    feeds = {manifest.image_input.name: np.stack([item.image for item in batch]).astype(np.float32)}
+    if manifest.clinical_input is not None:
+        feeds[manifest.clinical_input.values_name] = np.stack([item.clinical for item in batch]).astype(np.float32)  # type: ignore[misc]
+        feeds[manifest.clinical_input.mask_name] = np.stack([item.clinical_mask for item in batch]).astype(np.float32)  # type: ignore[misc]
+    started = time.perf_counter()
+    outputs = runner.run(feeds, [manifest.outputs.logits])
+    return outputs[manifest.outputs.logits], time.perf_counter() - started
+
+
+def post_process(
+    manifest: Manifest,
+    version: ModelVersion,
+    *,
+    provider: str,
+    logits: np.ndarray,
+    inputs: PreparedInputs,
+) -> Findings:
+    """Calibrate one study's logits into probabilities and apply each finding's decision threshold."""
+    if logits.shape != (len(manifest.outputs.findings),):
+        raise ValueError(f"expected {len(manifest.outputs.findings)} logits, got shape {logits.shape}")
+    results = []
+    for logit, finding in zip(logits.tolist(), manifest.outputs.findings, strict=True):
+        temperature = finding.calibration.temperature if finding.calibration.method == "temperature" else 1.0
+        probability = float(1.0 / (1.0 + np.exp(-logit / temperature)))
+        results.append(
+            FindingResult(
+                code=finding.code,
+                system=finding.system,
+                display=finding.display,
+                probability=round(probability, 6),
+                threshold=finding.threshold,
+                positive=probability >= finding.threshold,
+            )
+        )
+    return Findings(
+        model=ModelIdentity(
+            name=manifest.name,
+            version=version.version,
+            sha256=version.sha256,
+            execution_provider=provider,
+            intended_use=manifest.intended_use,
+        ),
+        findings=results,
+        clinical_inputs=inputs.clinical_used,
+        missing_inputs=[value.feature for value in inputs.clinical_used if value.missing],
+        source_sop_instance_uid=inputs.source_sop_instance_uid,
+    )
+
+
+def clinical_used_json(values: list[ClinicalValue], source_sop_instance_uid: str) -> str:
+    """Serialize what pre_process used, so that the infer stage (another process) can report it."""
+    import json
+
+    return json.dumps({"source": source_sop_instance_uid, "values": [v.model_dump(mode="json") for v in values]})
+
+
+def clinical_used_from_json(text: str) -> tuple[list[ClinicalValue], str]:
+    import json
+
+    raw = json.loads(text)
+    return [ClinicalValue.model_validate(v) for v in raw["values"]], raw["source"]

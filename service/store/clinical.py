@@ -1,0 +1,145 @@
+"""Patients (with identifiers), normalized observations, conditions and the FHIR resources behind them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.errors import NotFound
+from service.schemas import ClinicalContext, ObservationFact, PatientIdentifier
+from service.store.tables import Condition, FhirResource, Observation, Patient
+from service.store.tables import PatientIdentifier as IdentifierRow
+
+
+def get_patient(*, session: Session, resource_id: str) -> Patient | None:
+    return session.scalar(select(Patient).where(Patient.resource_id == resource_id))
+
+
+def get_patient_or_raise(*, session: Session, resource_id: str) -> Patient:
+    patient = get_patient(session=session, resource_id=resource_id)
+    if patient is None:
+        raise NotFound(f"Patient/{resource_id} not found")
+    return patient
+
+
+def find_patient_by_identifier(*, session: Session, system: str | None, value: str) -> Patient | None:
+    """Match a DICOM PatientID (+ IssuerOfPatientID) or a FHIR identifier to a patient.
+
+    With a system (issuer) the match is exact. Without one, the value must identify exactly one patient;
+    an ambiguous value matches nobody rather than the wrong person.
+    """
+    query = select(IdentifierRow).where(IdentifierRow.value == value)
+    if system:
+        query = query.where(IdentifierRow.system == system)
+    rows = list(session.scalars(query.limit(2)))
+    if len(rows) != 1:
+        return None
+    return session.get(Patient, rows[0].patient_id)
+
+
+def patients_for_identifiers(*, session: Session, identifiers: list[PatientIdentifier]) -> set[int]:
+    ids: set[int] = set()
+    for identifier in identifiers:
+        row = session.scalar(
+            select(IdentifierRow).where(
+                IdentifierRow.system == identifier.system, IdentifierRow.value == identifier.value
+            )
+        )
+        if row is not None:
+            ids.add(row.patient_id)
+    return ids
+
+
+def add_identifier(*, session: Session, patient: Patient, identifier: PatientIdentifier) -> None:
+    exists = session.scalar(
+        select(IdentifierRow).where(IdentifierRow.system == identifier.system, IdentifierRow.value == identifier.value)
+    )
+    if exists is None:
+        session.add(IdentifierRow(patient_id=patient.id, system=identifier.system, value=identifier.value))
+
+
+def put_resource(
+    *, session: Session, resource_type: str, resource_id: str, body: dict[str, Any], patient_id: int | None
+) -> FhirResource:
+    """Create or replace (new version) a stored FHIR resource."""
+    row = session.scalar(
+        select(FhirResource).where(FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id)
+    )
+    if row is None:
+        row = FhirResource(
+            resource_type=resource_type, resource_id=resource_id, version=1, body=body, patient_id=patient_id
+        )
+        session.add(row)
+    else:
+        row.version += 1
+        row.body = body
+        row.patient_id = patient_id
+    return row
+
+
+def get_resource(*, session: Session, resource_type: str, resource_id: str) -> FhirResource | None:
+    return session.scalar(
+        select(FhirResource).where(FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id)
+    )
+
+
+def put_observation(*, session: Session, patient: Patient, fact: ObservationFact) -> None:
+    row = session.scalar(select(Observation).where(Observation.resource_id == fact.resource_id))
+    if row is None:
+        row = Observation(resource_id=fact.resource_id, patient_id=patient.id)
+        session.add(row)
+    row.patient_id = patient.id
+    row.loinc = fact.loinc
+    row.value = fact.value
+    row.ucum_unit = fact.ucum_unit
+    row.original_value = fact.original_value
+    row.original_unit = fact.original_unit
+    row.effective_at = fact.effective_at
+    row.status = fact.status
+
+
+def put_condition(
+    *,
+    session: Session,
+    patient: Patient,
+    resource_id: str,
+    system: str | None,
+    code: str | None,
+    display: str | None,
+    clinical_status: str | None,
+    onset_at: Any,
+) -> None:
+    row = session.scalar(select(Condition).where(Condition.resource_id == resource_id))
+    if row is None:
+        row = Condition(resource_id=resource_id, patient_id=patient.id)
+        session.add(row)
+    row.patient_id = patient.id
+    row.system, row.code, row.display = system, code, display
+    row.clinical_status, row.onset_at = clinical_status, onset_at
+
+
+def clinical_context(*, session: Session, patient: Patient | None) -> ClinicalContext:
+    """Everything the models may use about one patient."""
+    if patient is None:
+        return ClinicalContext()
+    rows = session.scalars(select(Observation).where(Observation.patient_id == patient.id).order_by(Observation.id))
+    return ClinicalContext(
+        gender=patient.gender,
+        birth_date=patient.birth_date,
+        observations=[
+            ObservationFact(
+                resource_id=row.resource_id,
+                patient_ref=f"Patient/{patient.resource_id}",
+                loinc=row.loinc,
+                value=row.value,
+                ucum_unit=row.ucum_unit,
+                original_value=row.original_value,
+                original_unit=row.original_unit,
+                effective_at=row.effective_at,
+                status=row.status,
+            )
+            for row in rows
+        ],
+    )

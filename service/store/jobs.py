@@ -1,0 +1,86 @@
+"""Jobs: one per study x model version, the source of truth of the pipeline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import NotFound
+from service.schemas import JobStage, JobState
+from service.store.tables import Job, Study
+
+ACTIVE_STATES = (JobState.queued.value, JobState.preprocessing.value, JobState.inferring.value)
+
+
+def get(*, session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def get_or_raise(*, session: Session, job_id: str) -> Job:
+    job = get(session=session, job_id=job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def get_or_create(
+    *, session: Session, study: Study, model_name: str, model_version: str, priority: int = 5
+) -> tuple[Job, bool]:
+    """The job of a study x model version; the unique constraint makes a second request return the first job."""
+    query = select(Job).where(
+        Job.study_id == study.id, Job.model_name == model_name, Job.model_version == model_version
+    )
+    existing = session.scalar(query)
+    if existing is not None:
+        return existing, False
+    try:
+        with session.begin_nested():
+            job = Job(
+                id=str(uuid.uuid4()),
+                study_id=study.id,
+                model_name=model_name,
+                model_version=model_version,
+                state=JobState.queued.value,
+                stage=JobStage.enqueue.value,
+                priority=priority,
+            )
+            session.add(job)
+        return job, True
+    except IntegrityError:
+        found = session.scalar(query)
+        assert found is not None
+        return found, False
+
+
+def for_study(*, session: Session, study: Study) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.created_at)))
+
+
+def lost(*, session: Session, older_than: dt.datetime, limit: int = 100) -> list[Job]:
+    """Active jobs untouched since ``older_than``: committed but lost by the broker or a dead worker."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.state.in_(ACTIVE_STATES), Job.updated_at < older_than)
+            .order_by(Job.updated_at)
+            .limit(limit)
+        )
+    )
+
+
+def list_jobs(*, session: Session, state: str | None = None, limit: int = 100) -> list[Job]:
+    query = select(Job)
+    if state:
+        query = query.where(Job.state == state)
+    return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+__all__ = ["ACTIVE_STATES", "for_study", "get", "get_or_create", "get_or_raise", "list_jobs", "lost", "new_id"]

@@ -1,0 +1,156 @@
+"""Studies, series and instances: DICOM metadata rows (pixel data lives in the blob store)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import NotFound
+from service.schemas import NormalizedInstance, StudyStatus
+from service.store.tables import Instance, Series, Study, utcnow
+
+
+def get(*, session: Session, study_instance_uid: str) -> Study | None:
+    return session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+
+
+def get_or_raise(*, session: Session, study_instance_uid: str) -> Study:
+    study = get(session=session, study_instance_uid=study_instance_uid)
+    if study is None:
+        raise NotFound(f"study {study_instance_uid} not found")
+    return study
+
+
+def get_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def _get_or_create_study(session: Session, meta: NormalizedInstance) -> Study:
+    study = get(session=session, study_instance_uid=meta.study_instance_uid)
+    if study is not None:
+        return study
+    try:
+        with session.begin_nested():
+            study = Study(
+                study_instance_uid=meta.study_instance_uid,
+                dicom_patient_id=meta.patient_id,
+                issuer_of_patient_id=meta.issuer_of_patient_id,
+                study_date=meta.study_date,
+                study_time=meta.study_time,
+                accession_number=meta.accession_number,
+                description=meta.study_description,
+                status=StudyStatus.receiving.value,
+            )
+            session.add(study)
+        return study
+    except IntegrityError:  # another request created it first
+        return get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
+
+
+def _get_or_create_series(session: Session, study: Study, meta: NormalizedInstance) -> Series:
+    series = session.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
+    if series is not None:
+        return series
+    try:
+        with session.begin_nested():
+            series = Series(
+                study_id=study.id,
+                series_instance_uid=meta.series_instance_uid,
+                modality=meta.modality,
+                body_part_examined=meta.body_part_examined,
+                series_description=meta.series_description,
+                series_number=meta.series_number,
+            )
+            session.add(series)
+        return series
+    except IntegrityError:
+        found = session.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
+        assert found is not None
+        return found
+
+
+def add_instance(
+    *, session: Session, meta: NormalizedInstance, blob_key: str, size_bytes: int, sha256: str
+) -> tuple[Instance, bool]:
+    """Record one stored instance; idempotent on SOP Instance UID.
+
+    Returns:
+        (the instance row, True when it was new).
+    """
+    existing = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+    if existing is not None:
+        return existing, False
+    study = _get_or_create_study(session, meta)
+    series = _get_or_create_series(session, study, meta)
+    try:
+        with session.begin_nested():
+            instance = Instance(
+                series_id=series.id,
+                sop_instance_uid=meta.sop_instance_uid,
+                sop_class_uid=meta.sop_class_uid,
+                transfer_syntax_uid=meta.transfer_syntax_uid,
+                instance_number=meta.instance_number,
+                rows=meta.rows,
+                columns=meta.columns,
+                photometric_interpretation=meta.photometric_interpretation,
+                number_of_frames=meta.number_of_frames,
+                view_position=meta.view_position,
+                manufacturer=meta.manufacturer,
+                blob_key=blob_key,
+                size_bytes=size_bytes,
+                sha256=sha256,
+            )
+            session.add(instance)
+    except IntegrityError:
+        found = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+        assert found is not None
+        return found, False
+    study.last_instance_at = utcnow()
+    return instance, True
+
+
+def instances_of(*, session: Session, study: Study) -> list[tuple[Series, Instance]]:
+    rows = session.execute(
+        select(Series, Instance)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+        .order_by(Series.id, Instance.instance_number, Instance.id)
+    )
+    return [(series, instance) for series, instance in rows]
+
+
+def count_instances(*, session: Session, study: Study) -> int:
+    return (
+        session.scalar(
+            select(func.count(Instance.id))
+            .join(Series, Instance.series_id == Series.id)
+            .where(Series.study_id == study.id)
+        )
+        or 0
+    )
+
+
+def stable_unanalyzed(*, session: Session, stable_before: dt.datetime, limit: int = 100) -> list[Study]:
+    """Studies still receiving whose last instance arrived before ``stable_before``."""
+    return list(
+        session.scalars(
+            select(Study)
+            .where(Study.status == StudyStatus.receiving.value, Study.last_instance_at < stable_before)
+            .order_by(Study.last_instance_at)
+            .limit(limit)
+        )
+    )
+
+
+def unlinked_for_patient_id(*, session: Session, dicom_patient_id: str, issuer: str | None) -> list[Study]:
+    query = select(Study).where(Study.patient_id.is_(None), Study.dicom_patient_id == dicom_patient_id)
+    if issuer:
+        query = query.where(Study.issuer_of_patient_id == issuer)
+    return list(session.scalars(query))
+
+
+def list_studies(*, session: Session, limit: int = 100, offset: int = 0) -> list[Study]:
+    return list(session.scalars(select(Study).order_by(Study.id.desc()).limit(limit).offset(offset)))

@@ -1,0 +1,131 @@
+"""Shared fixtures: settings on a temporary state dir, the embedded app, tokens, real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import auth
+from service.api.main import create_app
+from service.config import Settings, get_settings
+from service.flows import queue
+from service.flows.runtime import Runtime, build_runtime, set_runtime
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRE_SERVICES = os.environ.get("CLINFER_REQUIRE_SERVICES") == "1"
+POSTGRES_URL = os.environ.get("CLINFER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CLINFER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _reachable(url: str) -> bool:
+    parsed = urlparse(url.replace("postgresql+psycopg", "postgresql"))
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 0), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def need_service(url: str, name: str) -> None:
+    if not _reachable(url):
+        message = f"{name} at {url} is not reachable"
+        if REQUIRE_SERVICES:
+            pytest.fail(message + " (CLINFER_REQUIRE_SERVICES=1)")
+        pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the real PostgreSQL, dropped afterwards."""
+    need_service(POSTGRES_URL, "PostgreSQL")
+    import sqlalchemy
+
+    name = f"clinfer_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    need_service(REDIS_URL, "Redis")
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "state_dir": tmp_path / "var",
+        "model_repository": REPO / "models",
+        "study_stable_seconds": 3600,
+        "completeness_scan_seconds": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key in list(os.environ):
+        if (
+            key.startswith("CLINFER_")
+            and key not in ("CLINFER_REQUIRE_SERVICES",)
+            and not key.startswith("CLINFER_TEST_")
+        ):
+            monkeypatch.delenv(key)
+    get_settings.cache_clear()
+    queue.reset_celery()
+    yield
+    set_runtime(None)
+    queue.reset_celery()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Runtime:
+    built = build_runtime(settings)
+    set_runtime(built)
+    return built
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> Iterator[TestClient]:
+    """The embedded default in one process: API, in-process Celery worker (memory broker), SQLite, local blobs."""
+    with TestClient(create_app(runtime)) as test_client:
+        yield test_client
+
+
+class Tokens:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def header(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {auth.mint_token(self.settings, role=role)}"}
+
+
+@pytest.fixture
+def tokens(settings: Settings) -> Tokens:
+    return Tokens(settings)

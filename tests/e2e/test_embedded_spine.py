@@ -1,0 +1,119 @@
+"""The whole path on the embedded default: STOW-RS + FHIR Bundle in, analysis through Celery, report out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+
+from service.flows import analysis
+from service.flows.runtime import Runtime
+from service.results.fhir import validate_resource
+from service.store import reports
+from service.store.tables import Report, Study
+from tests.conftest import Tokens
+from tests.factories import dx_instance, multipart_related, patient_bundle
+
+FINDING_CODES = {"233604007", "8186001", "60046008", "19242006", "36118008"}
+
+
+def wait_for_report(client: TestClient, study_uid: str, headers: dict[str, str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get(f"/v1/studies/{study_uid}/report", headers=headers)
+        if response.status_code == 200:
+            return response.json()
+        assert response.status_code == 404, response.text
+        time.sleep(0.2)
+    raise AssertionError(f"no report within {timeout}s: {client.get(f'/v1/studies/{study_uid}', headers=headers).text}")
+
+
+def post_study(client: TestClient, tokens: Tokens, parts: list[bytes]) -> Any:
+    body, content_type = multipart_related(parts)
+    return client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **tokens.header("ingest")}
+    )
+
+
+def test_study_and_bundle_in_report_out(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
+    study_uid = generate_uid()
+    series_uid = generate_uid()
+    instances = [
+        dx_instance(study_uid=study_uid, series_uid=series_uid, seed=i, instance_number=i + 1) for i in range(2)
+    ]
+    stored = post_study(client, tokens, instances)
+    assert stored.status_code == 200, stored.text
+    assert stored.headers["content-type"].startswith("application/dicom+json")
+    assert len(stored.json()["00081199"]["Value"]) == 2
+
+    bundle = client.post("/fhir", json=patient_bundle(), headers=tokens.header("ingest"))
+    assert bundle.status_code == 200, bundle.text
+    assert bundle.json()["type"] == "transaction-response"
+    assert all(e["response"]["status"] == "201 Created" for e in bundle.json()["entry"])
+
+    analyze = client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician"))
+    assert analyze.status_code == 202, analyze.text
+    assert [j["model"] for j in analyze.json()["jobs"]] == ["cxr-fusion"]
+
+    clinician = tokens.header("clinician")
+    body = wait_for_report(client, study_uid, clinician)
+    [report] = body["reports"]
+    assert {f["code"] for f in report["findings"]} == FINDING_CODES
+    for finding in report["findings"]:
+        assert 0.0 <= finding["probability"] <= 1.0
+        assert finding["positive"] == (finding["probability"] >= finding["threshold"])
+    assert report["model"]["name"] == "cxr-fusion"
+    assert len(report["model"]["sha256"]) == 64
+    assert report["model"]["execution_provider"] == "CPUExecutionProvider"
+    assert report["patient"] is not None, "the study was joined with its patient by PatientID + issuer"
+    used = {v["feature"]: v for v in report["clinical_inputs"]}
+    assert used["age"]["value"] > 60 and not used["age"]["missing"]
+    crp = used["crp"]
+    if not crp["missing"]:
+        assert crp["unit"] == "mg/L" and crp["loinc"] == "1988-5"
+    assert set(report["missing_inputs"]) == {k for k, v in used.items() if v["missing"]}
+
+    fhir_report = client.get(f"/fhir/DiagnosticReport/{report['id']}", headers=clinician)
+    assert fhir_report.status_code == 200
+    assert fhir_report.headers["content-type"].startswith("application/fhir+json")
+    resource = fhir_report.json()
+    validate_resource(resource)
+    assert resource["status"] == "preliminary"
+    assert len(resource["result"]) == 5
+    assert resource["conclusion"].startswith("AI-generated")
+
+    search = client.get("/fhir/DiagnosticReport", params={"subject": report["patient"]}, headers=clinician)
+    assert search.status_code == 200
+    assert search.json()["type"] == "searchset"
+    assert [e["resource"]["id"] for e in search.json()["entry"]] == [report["id"]]
+
+    # the same study again, and the analysis again: still exactly one report
+    again = post_study(client, tokens, instances)
+    assert again.status_code == 200
+    client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician"))
+    job_id = analyze.json()["jobs"][0]["id"]
+    analysis.infer_job(runtime, job_id)  # a task delivered twice
+    with runtime.sessions() as session:
+        assert session.query(Report).count() == 1
+        study = session.query(Report).one().study_id
+        assert len(reports.for_study(session=session, study=session.get(Study, study))) == 1
+
+
+def test_stable_study_is_analyzed_without_a_request(tmp_path: Any) -> None:
+    from service.api.main import create_app
+    from service.flows.runtime import build_runtime, set_runtime
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, study_stable_seconds=0.5)
+    runtime = build_runtime(settings)
+    set_runtime(runtime)
+    tokens = Tokens(settings)
+    with TestClient(create_app(runtime)) as client:
+        study_uid = generate_uid()
+        assert post_study(client, tokens, [dx_instance(study_uid=study_uid)]).status_code == 200
+        body = wait_for_report(client, study_uid, tokens.header("clinician"))
+        assert len(body["reports"][0]["findings"]) == 5
+        assert body["reports"][0]["patient"] is None
+        assert "sex_male" in body["reports"][0]["missing_inputs"]

@@ -1,0 +1,177 @@
+"""Auth (401/403, each denial audited), bad input in the protocol's own shape, and the audit chain."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select, update
+
+from service.cli import main as clinfer
+from service.config import Settings
+from service.flows.runtime import Runtime
+from service.store.tables import AuditEvent, FhirResource, Instance, Observation, Patient
+from tests.conftest import Tokens
+from tests.factories import dx_instance, multipart_related, patient_bundle
+
+
+def _denials(runtime: Runtime) -> list[AuditEvent]:
+    with runtime.sessions() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.event_type == "access.denied")))
+
+
+def test_no_token_is_401_and_audited(client: TestClient, runtime: Runtime) -> None:
+    response = client.get("/v1/studies")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["error"]["code"] == "unauthenticated"
+    fhir = client.get("/fhir/DiagnosticReport/x", headers={"Authorization": "Bearer not-a-jwt"})
+    assert fhir.status_code == 401
+    assert fhir.json()["resourceType"] == "OperationOutcome"
+    denials = _denials(runtime)
+    assert [d.actor for d in denials] == ["unauthenticated", "unauthenticated"]
+    assert all(d.outcome == "4" for d in denials)
+
+
+def test_token_from_another_key_is_401(client: TestClient, tmp_path: object, settings: Settings) -> None:
+    from service.api.auth import mint_token
+
+    other = settings.model_copy(update={"auth_dev_key_path": settings.state_dir / "other-key.pem"})
+    token = mint_token(other, role="admin")
+    assert client.get("/v1/audit", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_wrong_role_is_403_and_audited(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
+    body, content_type = multipart_related([dx_instance()])
+    stow = client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **tokens.header("clinician")}
+    )
+    assert stow.status_code == 403
+    report = client.get(f"/v1/studies/{generate_uid()}/report", headers=tokens.header("ingest"))
+    assert report.status_code == 403
+    fhir_report = client.get("/fhir/DiagnosticReport/abc", headers=tokens.header("ingest"))
+    assert fhir_report.status_code == 403 and fhir_report.json()["resourceType"] == "OperationOutcome"
+    audit_list = client.get("/v1/audit", headers=tokens.header("clinician"))
+    assert audit_list.status_code == 403
+    denials = _denials(runtime)
+    assert [(d.actor_role, d.entity_ref) for d in denials] == [
+        ("clinician", "POST /dicomweb/studies"),
+        ("ingest", "GET /v1/studies/{study_instance_uid}/report"),
+        ("ingest", "GET /fhir/DiagnosticReport/{report_id}"),
+        ("clinician", "GET /v1/audit"),
+    ]
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0, "a refused STOW stores nothing"
+    listed = client.get("/v1/audit", params={"event_type": "access.denied"}, headers=tokens.header("admin"))
+    assert listed.status_code == 200
+    assert len(listed.json()["events"]) == 4
+
+
+def test_health_is_open_and_metrics_need_a_token(client: TestClient, tokens: Tokens) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["models"] == ["cxr-fusion"]
+    assert client.get("/metrics").status_code == 401
+    metrics = client.get("/metrics", headers=tokens.header("admin"))
+    assert metrics.status_code == 200
+    assert "clinfer_http_requests_total" in metrics.text
+
+
+def test_stow_with_a_corrupt_part_stores_the_others(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
+    study_uid = generate_uid()
+    good = [dx_instance(study_uid=study_uid, seed=i) for i in range(2)]
+    truncated_uid = generate_uid()
+    truncated = dx_instance(study_uid=study_uid, sop_uid=truncated_uid, seed=5)[:-20000]
+    garbage = b"this is not a DICOM file" * 40
+    body, content_type = multipart_related([good[0], truncated, garbage, good[1]])
+    response = client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **tokens.header("ingest")}
+    )
+    assert response.status_code == 202, response.text
+    payload = response.json()
+    assert len(payload["00081199"]["Value"]) == 2
+    failed = payload["00081198"]["Value"]
+    assert len(failed) == 2
+    by_part = {item["00000902"]["Value"][0].split(":")[0]: item for item in failed}
+    assert by_part["part 2"]["00081155"]["Value"] == [truncated_uid]
+    assert by_part["part 2"]["00081197"]["Value"] == [0xC000]
+    assert by_part["part 3"]["00081197"]["Value"] == [0xC000]
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 2
+    assert sorted(p.name for p in (runtime.settings.effective_blob_dir / "instances").rglob("*.dcm")) == sorted(
+        f"{uid}.dcm" for uid in [i["00081155"]["Value"][0] for i in payload["00081199"]["Value"]]
+    )
+
+
+def test_stow_request_errors(client: TestClient, tokens: Tokens) -> None:
+    ingest = tokens.header("ingest")
+    wrong_type = client.post("/dicomweb/studies", content=b"{}", headers={"Content-Type": "application/json", **ingest})
+    assert wrong_type.status_code == 415
+    no_boundary = client.post(
+        "/dicomweb/studies",
+        content=b"x",
+        headers={"Content-Type": 'multipart/related; type="application/dicom"', **ingest},
+    )
+    assert no_boundary.status_code == 400
+    body, content_type = multipart_related([dx_instance()])
+    truncated = client.post(
+        "/dicomweb/studies", content=body[: len(body) // 2], headers={"Content-Type": content_type, **ingest}
+    )
+    assert truncated.status_code == 400
+    assert "closing delimiter" in truncated.json()["error"]["message"]
+    other_study = client.post(
+        f"/dicomweb/studies/{generate_uid()}", content=body, headers={"Content-Type": content_type, **ingest}
+    )
+    assert other_study.status_code == 409
+    assert other_study.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+
+def test_malformed_bundle_is_an_operation_outcome_and_stores_nothing(
+    client: TestClient, tokens: Tokens, runtime: Runtime
+) -> None:
+    bundle = patient_bundle()
+    bundle["entry"][2]["resource"]["valueQuantity"]["value"] = "very high"
+    response = client.post("/fhir", json=bundle, headers=tokens.header("ingest"))
+    assert response.status_code == 400
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "entry[2]" in outcome["issue"][0]["diagnostics"]
+    not_json = client.post(
+        "/fhir", content=b"{not json", headers={"Content-Type": "application/fhir+json", **tokens.header("ingest")}
+    )
+    assert not_json.status_code == 400 and not_json.json()["resourceType"] == "OperationOutcome"
+    with runtime.sessions() as session:
+        for table in (Patient, Observation, FhirResource):
+            assert session.scalar(select(func.count()).select_from(table)) == 0
+
+
+def test_audit_verify_detects_an_edited_row(
+    client: TestClient,
+    tokens: Tokens,
+    runtime: Runtime,
+    settings: Settings,
+    monkeypatch: object,
+    capsys: object,
+) -> None:
+    import pytest
+
+    mp: pytest.MonkeyPatch = monkeypatch  # type: ignore[assignment]
+    body, content_type = multipart_related([dx_instance(seed=i) for i in range(3)])
+    assert (
+        client.post(
+            "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **tokens.header("ingest")}
+        ).status_code
+        == 200
+    )
+    client.get("/v1/studies")  # a denial, also in the chain
+    mp.setenv("CLINFER_STATE_DIR", str(settings.state_dir))
+    from service.config import get_settings
+
+    get_settings.cache_clear()
+    assert clinfer(["audit", "verify"]) == 0
+    assert "intact: 4 events" in capsys.readouterr().out  # type: ignore[attr-defined]
+    with runtime.sessions.begin() as session:
+        second = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()[1]
+        session.execute(update(AuditEvent).where(AuditEvent.id == second.id).values(actor="someone-else"))
+    assert clinfer(["audit", "verify"]) == 1
+    assert f"BROKEN at event {second.id}" in capsys.readouterr().out  # type: ignore[attr-defined]

@@ -1,0 +1,164 @@
+"""The store on both databases: migrations, uniqueness in the database, the audit chain."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, update
+from sqlalchemy.exc import IntegrityError
+
+from service.schemas import FindingResult, Findings, ModelIdentity, NormalizedInstance, Principal
+from service.store import audit, db, jobs, reports, studies
+from service.store.tables import AuditEvent, Instance, Report, Series
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    built = db.make_engine(url)
+    db.upgrade(built)
+    yield built
+    built.dispose()
+
+
+def _meta(**overrides: object) -> NormalizedInstance:
+    values: dict[str, object] = {
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.1",
+        "sop_instance_uid": "1.2.3.1.1",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "modality": "DX",
+        "rows": 512,
+        "columns": 512,
+    }
+    values.update(overrides)
+    return NormalizedInstance(**values)  # type: ignore[arg-type]
+
+
+def _findings() -> Findings:
+    return Findings(
+        model=ModelIdentity(
+            name="m", version="1", sha256="0" * 64, execution_provider="CPUExecutionProvider", intended_use="test"
+        ),
+        findings=[FindingResult(code="8186001", display="Cardiomegaly", probability=0.7, threshold=0.5, positive=True)],
+        clinical_inputs=[],
+        missing_inputs=[],
+        source_sop_instance_uid="1.2.3.1.1",
+    )
+
+
+def test_sop_instance_uid_is_unique_in_the_database(engine: Engine) -> None:
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        _, new = studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+        assert new
+        _, again = studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+        assert not again
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        series = session.query(Series).one()
+        session.add(
+            Instance(
+                series_id=series.id,
+                sop_instance_uid="1.2.3.1.1",
+                sop_class_uid="1",
+                transfer_syntax_uid="1",
+                blob_key="b",
+                size_bytes=1,
+                sha256="y",
+            )
+        )
+
+
+def test_one_report_per_study_and_model_version(engine: Engine) -> None:
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+        study = studies.get_or_raise(session=session, study_instance_uid="1.2.3")
+        job, created = jobs.get_or_create(session=session, study=study, model_name="m", model_version="1")
+        assert created
+        same, created_again = jobs.get_or_create(session=session, study=study, model_name="m", model_version="1")
+        assert same.id == job.id and not created_again
+        first, made = reports.create_once(session=session, job=job, study=study, findings=_findings())
+        second, made_again = reports.create_once(session=session, job=job, study=study, findings=_findings())
+        assert made and not made_again and first.id == second.id
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(
+            Report(
+                id="other",
+                study_id=study.id,
+                job_id=job.id,
+                model_name="m",
+                model_version="1",
+                model_sha256="0" * 64,
+                execution_provider="x",
+                source_sop_instance_uid="1",
+                clinical_inputs=[],
+                missing_inputs=[],
+                intended_use="t",
+            )
+        )
+
+
+def test_audit_chain_verifies_and_detects_edits_and_deletions(engine: Engine) -> None:
+    sessions = db.make_session_factory(engine)
+    principal = Principal(subject="tester", role="admin")
+    for i in range(5):
+        with sessions.begin() as session:
+            audit.append(
+                session=session,
+                principal=principal,
+                event_type="test",
+                action="R",
+                detail={"i": i, "when": dt.date(2026, 1, 1).isoformat()},
+            )
+    with sessions() as session:
+        assert audit.verify(session=session) == (5, None)
+    with sessions.begin() as session:
+        third = session.query(AuditEvent).order_by(AuditEvent.id).all()[2]
+        session.execute(update(AuditEvent).where(AuditEvent.id == third.id).values(outcome="8"))
+    with sessions() as session:
+        _, broken = audit.verify(session=session)
+    assert broken is not None and broken.event_id == third.id and "edited" in broken.reason
+    with sessions.begin() as session:
+        session.execute(update(AuditEvent).where(AuditEvent.id == third.id).values(outcome="0"))
+        session.query(AuditEvent).filter(AuditEvent.id == third.id + 1).delete()
+    with sessions() as session:
+        _, broken = audit.verify(session=session)
+    assert broken is not None and broken.event_id == third.id + 2 and "removed" in broken.reason
+
+
+def test_concurrent_appends_keep_one_chain(engine: Engine) -> None:
+    sessions = db.make_session_factory(engine)
+    principal = Principal(subject="tester")
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(10):
+                with sessions.begin() as session:
+                    audit.append(
+                        session=session,
+                        principal=principal,
+                        event_type="test",
+                        action="C",
+                        detail={"writer": n, "i": i},
+                    )
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with sessions() as session:
+        assert audit.verify(session=session) == (40, None)

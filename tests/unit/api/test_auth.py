@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import jwt
+import pytest
+
+from service.api.auth import ROLE_SCOPES, authenticate, authorize, ensure_dev_key, mint_token, scope_allows
+from service.config import Settings
+from service.errors import Forbidden, Unauthenticated
+
+
+def test_scopes_follow_smart_v2() -> None:
+    granted = frozenset({"user/DiagnosticReport.rs", "system/Observation.cu"})
+    assert scope_allows(granted, "DiagnosticReport", "r")
+    assert scope_allows(granted, "DiagnosticReport", "s")
+    assert not scope_allows(granted, "DiagnosticReport", "c")
+    assert scope_allows(granted, "Observation", "u")
+    assert not scope_allows(granted, "Observation", "r")
+    assert scope_allows(frozenset({"system/*.r"}), "Patient", "r")
+    assert not scope_allows(frozenset({"garbage"}), "Patient", "r")
+
+
+def test_roles_separate_ingest_from_reading() -> None:
+    ingest = frozenset(ROLE_SCOPES["ingest"])
+    clinician = frozenset(ROLE_SCOPES["clinician"])
+    assert scope_allows(ingest, "ImagingStudy", "c") and not scope_allows(ingest, "DiagnosticReport", "r")
+    assert scope_allows(clinician, "DiagnosticReport", "r") and not scope_allows(clinician, "ImagingStudy", "c")
+    assert not scope_allows(clinician, "AuditEvent", "r")
+
+
+def test_minted_token_round_trip_and_rejections(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    principal = authenticate(settings, f"Bearer {mint_token(settings, role='clinician')}", source_address="10.0.0.1")
+    assert principal.role == "clinician" and principal.subject == "clinician-dev"
+    authorize(principal, "DiagnosticReport", "r")
+    with pytest.raises(Forbidden):
+        authorize(principal, "ImagingStudy", "c")
+    with pytest.raises(Unauthenticated):
+        authenticate(settings, None, source_address=None)
+    with pytest.raises(Unauthenticated):
+        authenticate(settings, "Basic abc", source_address=None)
+    expired = mint_token(settings, role="admin", ttl_seconds=-10)
+    with pytest.raises(Unauthenticated, match="expired"):
+        authenticate(settings, f"Bearer {expired}", source_address=None)
+    key = ensure_dev_key(settings.effective_dev_key_path)
+    wrong_audience = jwt.encode(
+        {
+            "iss": settings.auth_issuer,
+            "aud": "someone-else",
+            "sub": "x",
+            "exp": dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
+        },
+        key,
+        algorithm="ES256",
+    )
+    with pytest.raises(Unauthenticated, match="(?i)audience"):
+        authenticate(settings, f"Bearer {wrong_audience}", source_address=None)
+    unsigned = jwt.encode(
+        {
+            "iss": settings.auth_issuer,
+            "aud": settings.auth_audience,
+            "sub": "x",
+            "exp": dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
+        },
+        None,
+        algorithm="none",
+    )
+    with pytest.raises(Unauthenticated):
+        authenticate(settings, f"Bearer {unsigned}", source_address=None)
+
+
+def test_dev_key_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    ensure_dev_key(path)
+    assert path.stat().st_mode & 0o077 == 0
