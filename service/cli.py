@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -22,10 +21,9 @@ def _settings() -> Settings:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
-    )
+    from service.logs import configure
+
+    configure(level)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -35,8 +33,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     _configure_logging(args.log_level)
+    # no uvicorn access log (it prints concrete paths, which carry study UIDs): service.access logs route templates
     uvicorn.run(
-        create_app(), host=settings.host, port=settings.port, log_level=args.log_level.lower(), proxy_headers=True
+        create_app(),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level.lower(),
+        proxy_headers=True,
+        access_log=False,
+        log_config=None,
     )
     return 0
 
@@ -54,6 +59,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
         return 2
     runtime = get_runtime()
+    if settings.worker_metrics_port and args.pool != "prefork":
+        from prometheus_client import start_http_server
+
+        # the task threads share this process's collectors; prefork children would not (see README)
+        start_http_server(settings.worker_metrics_port)
     sweeper = None
     if not args.no_sweep:
         sweeper = Sweeper(runtime)
@@ -132,6 +142,15 @@ def cmd_models_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from service import bench
+
+    results = bench.run(_settings(), out_dir=Path(args.out), model=args.model, repeats=args.repeats)
+    bench.print_table(results)
+    print(f"written: {Path(args.out) / 'bench.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfer", description="clinical inference service")
     parser.add_argument("--log-level", default="INFO")
@@ -142,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a Celery worker on CLINFER_BROKER_URL")
     worker.add_argument("--queues", default="preprocess,infer")
     worker.add_argument("--concurrency", type=int, default=2)
-    worker.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
+    worker.add_argument(
+        "--pool",
+        default="threads",
+        choices=["threads", "prefork", "solo"],
+        help="threads (default): one model copy per process, metrics on CLINFER_WORKER_METRICS_PORT",
+    )
     worker.add_argument("--no-sweep", action="store_true", help="do not run the stable-study sweeper and reconciler")
     worker.set_defaults(func=cmd_worker)
 
@@ -168,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="models")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_models_train)
+
+    bench_parser = sub.add_parser("bench", help="inference figures as ratios against batch size 1 (writes JSON)")
+    bench_parser.add_argument("--out", default="bench-results")
+    bench_parser.add_argument("--model", default="cxr-fusion")
+    bench_parser.add_argument("--repeats", type=int, default=20)
+    bench_parser.set_defaults(func=cmd_bench)
     return parser
 
 

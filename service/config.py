@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     auth_audience: str = "clinfer"
     auth_jwks_url: str | None = Field(default=None, description="issuer's JWKS; unset uses the local dev key")
     auth_dev_key_path: Path | None = Field(default=None, description="default state_dir/dev-signing-key.pem")
+    worker_metrics_port: int | None = Field(
+        default=9101, description="`clinfer worker` serves /metrics here (unauthenticated: bind to a scrape network)"
+    )
     metrics_public: bool = Field(default=False, description="serve /metrics without a token (scrape network only)")
 
     study_stable_seconds: float = Field(default=30.0, ge=0)

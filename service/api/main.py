@@ -15,6 +15,7 @@ from service.api.routes import dicomweb, fhir, health, v1
 from service.flows.runtime import Runtime, build_runtime, get_runtime, set_runtime
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("service.access")
 
 
 def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None = None) -> FastAPI:
@@ -69,9 +70,12 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
             status = response.status_code
             return response
         finally:
+            # the route template, never the concrete path: paths carry study UIDs and patient references
             route = getattr(request.scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - started
             metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
-            metrics.HTTP_DURATION.labels(route, request.method).observe(time.perf_counter() - started)
+            metrics.HTTP_DURATION.labels(route, request.method).observe(elapsed)
+            access_log.info("%s %s %d %.1fms", request.method, route, status, elapsed * 1000)
 
     return app
 

@@ -339,6 +339,6 @@ def sample_job_gauges(runtime: Runtime) -> None:
     from sqlalchemy import func, select
 
     with runtime.sessions() as session:
-        counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).tuples().all())
+        counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
     for state in JobState:
         metrics.JOBS_IN_STATE.labels(state.value).set(counts.get(state.value, 0))

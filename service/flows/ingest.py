@@ -209,14 +209,9 @@ def _upsert_patient(session: Session, facts: Any) -> Patient:
         clinical.add_identifier(session=session, patient=patient, identifier=identifier)
     session.flush()
     for identifier in facts.identifiers:
-        for study in studies.unlinked_for_patient_id(
-            session=session, dicom_patient_id=identifier.value, issuer=identifier.system or None
-        ):
-            if (
-                identifier.system
-                or clinical.find_patient_by_identifier(session=session, system=None, value=identifier.value) is patient
-            ):
-                study.patient_id = patient.id
+        # studies that arrived before their patient: the same rule as for a new study (_link_study)
+        for study in studies.unlinked_for_patient_id(session=session, dicom_patient_id=identifier.value):
+            _link_study(session, study)
     return patient
 
 

@@ -145,10 +145,8 @@ def stable_unanalyzed(*, session: Session, stable_before: dt.datetime, limit: in
     )
 
 
-def unlinked_for_patient_id(*, session: Session, dicom_patient_id: str, issuer: str | None) -> list[Study]:
+def unlinked_for_patient_id(*, session: Session, dicom_patient_id: str) -> list[Study]:
     query = select(Study).where(Study.patient_id.is_(None), Study.dicom_patient_id == dicom_patient_id)
-    if issuer:
-        query = query.where(Study.issuer_of_patient_id == issuer)
     return list(session.scalars(query))
 
 

@@ -11,7 +11,6 @@ app = queue.get_celery()
 
 @app.task(
     name=queue.PREPROCESS_TASK,
-    queue=queue.PREPROCESS_QUEUE,
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=(TransientError,),
@@ -25,7 +24,6 @@ def preprocess(job_id: str) -> None:
 
 @app.task(
     name=queue.INFER_TASK,
-    queue=queue.INFER_QUEUE,
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=(TransientError,),

@@ -117,3 +117,33 @@ def test_stable_study_is_analyzed_without_a_request(tmp_path: Any) -> None:
         assert len(body["reports"][0]["findings"]) == 5
         assert body["reports"][0]["patient"] is None
         assert "sex_male" in body["reports"][0]["missing_inputs"]
+
+
+def test_patient_matching_by_patient_id_and_issuer(client: TestClient, tokens: Tokens) -> None:
+    ingest, clinician = tokens.header("ingest"), tokens.header("clinician")
+    # the Bundle first, then the study: joined on PatientID + IssuerOfPatientID = identifier system + value
+    assert client.post("/fhir", json=patient_bundle(patient_id="MRN-7"), headers=ingest).status_code == 200
+    first = generate_uid()
+    assert post_study(client, tokens, [dx_instance(study_uid=first, patient_id="MRN-7")]).status_code == 200
+    # same PatientID from another issuer: a different patient, never joined
+    other = generate_uid()
+    assert (
+        post_study(client, tokens, [dx_instance(study_uid=other, patient_id="MRN-7", issuer="urn:oid:9.9")]).status_code
+        == 200
+    )
+    # no issuer in the DICOM object: joined only because the value is unique among our identifiers
+    bare = generate_uid()
+    assert post_study(client, tokens, [dx_instance(study_uid=bare, patient_id="MRN-7", issuer=None)]).status_code == 200
+    patients = {
+        uid: client.get(f"/v1/studies/{uid}", headers=clinician).json()["patient"] for uid in (first, other, bare)
+    }
+    assert patients[first] is not None
+    assert patients[other] is None
+    assert patients[bare] == patients[first]
+    # the issuer's own patient arrives later: its waiting study is joined then
+    assert (
+        client.post("/fhir", json=patient_bundle(patient_id="MRN-7", issuer="urn:oid:9.9"), headers=ingest).status_code
+        == 200
+    )
+    joined = client.get(f"/v1/studies/{other}", headers=clinician).json()["patient"]
+    assert joined is not None and joined != patients[first]

@@ -48,6 +48,7 @@ def stack(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[tuple[s
         "CLINFER_BLOB_DIR": str(tmp_path / "blobs"),
         "CLINFER_MODEL_REPOSITORY": str(REPO / "models"),
         "CLINFER_PORT": str(port),
+        "CLINFER_WORKER_METRICS_PORT": str(_free_port()),
         "CLINFER_STUDY_STABLE_SECONDS": "3600",
         "PYTHONPATH": str(REPO),
     }
@@ -150,5 +151,8 @@ def test_spine_on_postgres_and_redis_with_a_separate_worker(stack: tuple[str, di
         assert {"dicom.store", "fhir.bundle", "study.analyze", "report.create", "report.read"} <= types
     finally:
         engine.dispose()
+    worker_metrics = httpx.get(f"http://127.0.0.1:{env['CLINFER_WORKER_METRICS_PORT']}/metrics", timeout=5).text
+    assert 'clinfer_inference_duration_seconds_count{model="cxr-fusion"' in worker_metrics
+    assert 'clinfer_reports_total{model="cxr-fusion",version="1"} 1.0' in worker_metrics
     verify = subprocess.run([*_clinfer(), "audit", "verify"], env=env, capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
