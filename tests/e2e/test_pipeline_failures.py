@@ -1,0 +1,103 @@
+"""Jobs that fail say where and why; jobs lost before the queue are re-enqueued; batch Bundles go entry by entry."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from service.flows import analysis, queue
+from service.flows.runtime import Runtime
+from tests.conftest import Tokens
+from tests.factories import dx_instance, multipart_related, observation, patient_bundle
+
+
+def _post(client: TestClient, tokens: Tokens, parts: list[bytes]) -> Any:
+    body, content_type = multipart_related(parts)
+    return client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **tokens.header("ingest")}
+    )
+
+
+def _wait_job(client: TestClient, job_id: str, headers: dict[str, str], states: set[str]) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job never reached {states}: {job}")
+
+
+def test_undecodable_pixels_fail_the_job_at_preprocess(client: TestClient, tokens: Tokens) -> None:
+    import io
+
+    ds = dcmread(io.BytesIO(dx_instance(size=256)))
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not really a codestream"])
+    ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert _post(client, tokens, [buffer.getvalue()]).status_code == 200
+    analyze = client.post(f"/v1/studies/{ds.StudyInstanceUID}/analyze", headers=tokens.header("clinician"))
+    job = _wait_job(client, analyze.json()["jobs"][0]["id"], tokens.header("admin"), {"failed", "succeeded"})
+    assert job["state"] == "failed"
+    assert job["stage"] == "preprocess"
+    assert job["error"]["code"] == "dicom-rejected"
+    study = client.get(f"/v1/studies/{ds.StudyInstanceUID}", headers=tokens.header("clinician")).json()
+    assert study["status"] == "failed"
+    metrics = client.get("/metrics", headers=tokens.header("admin")).text
+    assert 'clinfer_job_failures_total{code="dicom-rejected",model="cxr-fusion",stage="preprocess"}' in metrics
+
+
+def test_a_study_no_model_applies_to_is_recorded_as_no_route(client: TestClient, tokens: Tokens) -> None:
+    study_uid = generate_uid()
+    assert _post(client, tokens, [dx_instance(study_uid=study_uid, body_part="KNEE", size=256)]).status_code == 200
+    analyze = client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician"))
+    assert analyze.status_code == 202
+    assert analyze.json()["status"] == "no-route" and analyze.json()["jobs"] == []
+    assert "no model applies" in analyze.json()["reason"]
+
+
+def test_a_job_committed_while_the_broker_was_down_is_reconciled(
+    client: TestClient, tokens: Tokens, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study_uid = generate_uid()
+    assert _post(client, tokens, [dx_instance(study_uid=study_uid, size=256)]).status_code == 200
+
+    def broker_down(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("broker unreachable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(queue, "send", broker_down)
+        analyze = client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician"))
+    assert analyze.status_code == 202
+    job_id = analyze.json()["jobs"][0]["id"]
+    time.sleep(1)
+    assert client.get(f"/v1/jobs/{job_id}", headers=tokens.header("admin")).json()["state"] == "queued"
+    runtime.settings.reconcile_after_seconds = 0.01
+    analysis.sweep(runtime)
+    job = _wait_job(client, job_id, tokens.header("admin"), {"succeeded", "failed"})
+    assert job["state"] == "succeeded"
+
+
+def test_batch_bundle_stores_good_entries_and_reports_bad_ones(client: TestClient, tokens: Tokens) -> None:
+    bundle = patient_bundle(bundle_type="batch", values={"heart_rate": 88})
+    patient_url = bundle["entry"][0]["fullUrl"]
+    bad = observation(patient_url, "crp", 12.0)
+    bad["resource"]["valueQuantity"]["value"] = "high"
+    bundle["entry"].append(bad)
+    response = client.post("/fhir", json=bundle, headers=tokens.header("ingest"))
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "batch-response"
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    assert statuses == ["201 Created", "201 Created", "400 Bad Request"]
+    assert response.json()["entry"][2]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    location = response.json()["entry"][0]["response"]["location"]
+    patient = client.get(f"/fhir/{location.rsplit('/_history', 1)[0]}", headers=tokens.header("clinician"))
+    assert patient.status_code == 200 and patient.json()["gender"] == "male"
