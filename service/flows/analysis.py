@@ -33,11 +33,6 @@ class AnalysisRequest:
     reason: str | None
 
 
-def _patient_ref(session: Session, study: Study) -> str | None:
-    patient = session.get(Patient, study.patient_id) if study.patient_id else None
-    return f"Patient/{patient.resource_id}" if patient else None
-
-
 def request_analysis(
     runtime: Runtime, *, study_instance_uid: str, principal: Principal, trigger: str
 ) -> AnalysisRequest:
@@ -88,7 +83,7 @@ def request_analysis(
             action="E",
             entity_type="ImagingStudy",
             entity_ref=f"study:{study_instance_uid}",
-            patient_ref=_patient_ref(session, study),
+            patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
             detail={
                 "trigger": trigger,
                 "jobs": [j.id for j in all_jobs],
@@ -147,7 +142,7 @@ def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -
             outcome=audit.SERIOUS_FAILURE,
             entity_type="Task",
             entity_ref=f"job:{job.id}",
-            patient_ref=_patient_ref(session, study),
+            patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
             detail={"stage": stage.value, "code": error.code, "model": job.model_name},
         )
     metrics.JOB_FAILURES.labels(job.model_name, stage.value, error.code).inc()
@@ -287,7 +282,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
                 action="C",
                 entity_type="DiagnosticReport",
                 entity_ref=f"report:{report.id}",
-                patient_ref=_patient_ref(session, study),
+                patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
                 detail={
                     "study": f"study:{study.study_instance_uid}",
                     "model": model_name,

@@ -15,9 +15,9 @@ from service import metrics
 from service.errors import InvalidInput
 from service.flows.runtime import Runtime
 from service.ingest import dicom, fhir
-from service.schemas import PatientIdentifier, Principal
+from service.schemas import ConditionFact, ObservationFact, PatientIdentifier, Principal
 from service.store import audit, clinical, studies
-from service.store.tables import Patient, Study
+from service.store.tables import FhirResource, Patient, Study
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,6 @@ def _link_study(session: Session, study: Study) -> None:
     )
     if patient is not None:
         study.patient_id = patient.id
-
-
-def _patient_ref(session: Session, study: Study) -> str | None:
-    if study.patient_id is None:
-        return None
-    patient = session.get(Patient, study.patient_id)
-    return f"Patient/{patient.resource_id}" if patient else None
 
 
 def store_instance(
@@ -133,7 +126,7 @@ def store_instance(
                     action="C",
                     entity_type="ImagingStudy",
                     entity_ref=f"study:{meta.study_instance_uid}",
-                    patient_ref=_patient_ref(session, study),
+                    patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
                     detail={
                         "protocol": protocol,
                         "sop_instance_uid": meta.sop_instance_uid,
@@ -240,14 +233,25 @@ class EntryResult:
     patient_ref: str | None = None
 
 
+def _stored(resource: fhir.ParsedResource, row: FhirResource, patient: Patient) -> EntryResult:
+    return EntryResult(
+        resource.entry_index,
+        resource.resource_type,
+        row.resource_id,
+        "201 Created" if row.version == 1 else "200 OK",
+        patient_ref=f"Patient/{patient.resource_id}",
+    )
+
+
 def _store_entries(session: Session, parsed: fhir.ParsedBundle, entries: list[int]) -> list[EntryResult]:
+    """Store the given entries: Patients first (so that references resolve), then Observations and Conditions."""
     wanted = set(entries)
     in_bundle: dict[str, Patient] = {}
     results: list[EntryResult] = []
-    resources = {r.resource_id: r for r in parsed.resources if r.entry_index in wanted}
+    resources = {(r.resource_type, r.resource_id): r for r in parsed.resources if r.entry_index in wanted}
     for facts in parsed.patients:
-        resource = resources.get(facts.resource_id)
-        if resource is None or resource.resource_type != "Patient":
+        resource = resources.get(("Patient", facts.resource_id))
+        if resource is None:
             continue
         patient = _upsert_patient(session, facts)
         in_bundle[f"Patient/{facts.resource_id}"] = patient
@@ -258,62 +262,25 @@ def _store_entries(session: Session, parsed: fhir.ParsedBundle, entries: list[in
             body={**resource.json, "id": patient.resource_id},
             patient_id=patient.id,
         )
-        results.append(
-            EntryResult(
-                resource.entry_index,
-                "Patient",
-                patient.resource_id,
-                "201 Created" if row.version == 1 else "200 OK",
-                patient_ref=f"Patient/{patient.resource_id}",
-            )
-        )
-    for obs in parsed.observations:
-        resource = resources.get(obs.resource_id)
-        if resource is None or resource.resource_type != "Observation":
+        results.append(_stored(resource, row, patient))
+    facts_of_subjects: list[tuple[str, ObservationFact | ConditionFact]] = [
+        *(("Observation", o) for o in parsed.observations),
+        *(("Condition", c) for c in parsed.conditions),
+    ]
+    for resource_type, fact in facts_of_subjects:
+        resource = resources.get((resource_type, fact.resource_id))
+        if resource is None:
             continue
-        patient = _resolve_patient(session, obs.patient_ref, in_bundle)
-        clinical.put_observation(session=session, patient=patient, fact=obs)
+        patient = _resolve_patient(session, fact.patient_ref, in_bundle)
+        if isinstance(fact, ObservationFact):
+            clinical.put_observation(session=session, patient=patient, fact=fact)
+        else:
+            clinical.put_condition(session=session, patient=patient, fact=fact)
         body = {**resource.json, "subject": {"reference": f"Patient/{patient.resource_id}"}}
         row = clinical.put_resource(
-            session=session, resource_type="Observation", resource_id=obs.resource_id, body=body, patient_id=patient.id
+            session=session, resource_type=resource_type, resource_id=fact.resource_id, body=body, patient_id=patient.id
         )
-        results.append(
-            EntryResult(
-                resource.entry_index,
-                "Observation",
-                obs.resource_id,
-                "201 Created" if row.version == 1 else "200 OK",
-                patient_ref=f"Patient/{patient.resource_id}",
-            )
-        )
-    for cond in parsed.conditions:
-        resource = resources.get(cond.resource_id)
-        if resource is None or resource.resource_type != "Condition":
-            continue
-        patient = _resolve_patient(session, cond.patient_ref, in_bundle)
-        clinical.put_condition(
-            session=session,
-            patient=patient,
-            resource_id=cond.resource_id,
-            system=cond.system,
-            code=cond.code,
-            display=cond.display,
-            clinical_status=cond.clinical_status,
-            onset_at=cond.onset_at,
-        )
-        body = {**resource.json, "subject": {"reference": f"Patient/{patient.resource_id}"}}
-        row = clinical.put_resource(
-            session=session, resource_type="Condition", resource_id=cond.resource_id, body=body, patient_id=patient.id
-        )
-        results.append(
-            EntryResult(
-                resource.entry_index,
-                "Condition",
-                cond.resource_id,
-                "201 Created" if row.version == 1 else "200 OK",
-                patient_ref=f"Patient/{patient.resource_id}",
-            )
-        )
+        results.append(_stored(resource, row, patient))
     return sorted(results, key=lambda r: r.index)
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
-from service.schemas import ClinicalContext, ObservationFact, PatientIdentifier
+from service.schemas import ClinicalContext, ConditionFact, ObservationFact, PatientIdentifier
 from service.store.tables import Condition, FhirResource, Observation, Patient
 from service.store.tables import PatientIdentifier as IdentifierRow
 
@@ -22,6 +22,18 @@ def get_patient_or_raise(*, session: Session, resource_id: str) -> Patient:
     if patient is None:
         raise NotFound(f"Patient/{resource_id} not found")
     return patient
+
+
+def patient_resource_id(*, session: Session, patient_id: int | None) -> str | None:
+    """The FHIR Patient.id of a patient row (None for a study not joined to a patient)."""
+    patient = session.get(Patient, patient_id) if patient_id is not None else None
+    return patient.resource_id if patient is not None else None
+
+
+def patient_reference(*, session: Session, patient_id: int | None) -> str | None:
+    """``Patient/<id>`` for audit events and reports, or None."""
+    resource_id = patient_resource_id(session=session, patient_id=patient_id)
+    return f"Patient/{resource_id}" if resource_id is not None else None
 
 
 def find_patient_by_identifier(*, session: Session, system: str | None, value: str) -> Patient | None:
@@ -100,24 +112,14 @@ def put_observation(*, session: Session, patient: Patient, fact: ObservationFact
     row.status = fact.status
 
 
-def put_condition(
-    *,
-    session: Session,
-    patient: Patient,
-    resource_id: str,
-    system: str | None,
-    code: str | None,
-    display: str | None,
-    clinical_status: str | None,
-    onset_at: Any,
-) -> None:
-    row = session.scalar(select(Condition).where(Condition.resource_id == resource_id))
+def put_condition(*, session: Session, patient: Patient, fact: ConditionFact) -> None:
+    row = session.scalar(select(Condition).where(Condition.resource_id == fact.resource_id))
     if row is None:
-        row = Condition(resource_id=resource_id, patient_id=patient.id)
+        row = Condition(resource_id=fact.resource_id, patient_id=patient.id)
         session.add(row)
     row.patient_id = patient.id
-    row.system, row.code, row.display = system, code, display
-    row.clinical_status, row.onset_at = clinical_status, onset_at
+    row.system, row.code, row.display = fact.system, fact.code, fact.display
+    row.clinical_status, row.onset_at = fact.clinical_status, fact.onset_at
 
 
 def clinical_context(*, session: Session, patient: Patient | None) -> ClinicalContext:

@@ -18,7 +18,7 @@ from service.results.fhir import diagnostic_report_searchset, operation_outcome
 from service.schemas import Principal
 from service.store import audit, clinical
 from service.store import reports as report_store
-from service.store.tables import Patient, Study
+from service.store.tables import Study
 
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"])
 
@@ -126,8 +126,8 @@ def read_patient(resource_id: str, runtime: RuntimeDep, principal: PatientReadDe
 
 def _report_resource(session: Any, report: Any) -> dict[str, Any]:
     study = session.get(Study, report.study_id)
-    patient = session.get(Patient, report.patient_id) if report.patient_id else None
-    return report_results.report_fhir(report, study=study, patient_resource_id=patient.resource_id if patient else None)
+    patient_id = clinical.patient_resource_id(session=session, patient_id=report.patient_id)
+    return report_results.report_fhir(report, study=study, patient_resource_id=patient_id)
 
 
 @router.get("/DiagnosticReport/{report_id}")

@@ -12,8 +12,8 @@ from service.errors import NotFound
 from service.flows import analysis
 from service.results import reports as report_results
 from service.schemas import Principal
-from service.store import audit, jobs, reports, studies
-from service.store.tables import Job, Patient, Study
+from service.store import audit, clinical, jobs, reports, studies
+from service.store.tables import Job, Study
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -40,17 +40,12 @@ def job_json(job: Job, study_instance_uid: str | None = None) -> dict[str, Any]:
     }
 
 
-def _patient_ref(session: Any, study: Study) -> str | None:
-    patient = session.get(Patient, study.patient_id) if study.patient_id else None
-    return f"Patient/{patient.resource_id}" if patient else None
-
-
 def study_json(session: Any, study: Study) -> dict[str, Any]:
     return {
         "study_instance_uid": study.study_instance_uid,
         "status": study.status,
         "status_reason": study.status_reason,
-        "patient": _patient_ref(session, study),
+        "patient": clinical.patient_reference(session=session, patient_id=study.patient_id),
         "study_date": study.study_date.isoformat() if study.study_date else None,
         "instances": studies.count_instances(session=session, study=study),
         "last_instance_at": study.last_instance_at.isoformat(),
@@ -87,7 +82,7 @@ def get_study(study_instance_uid: str, runtime: RuntimeDep, principal: StudyRead
             action="R",
             entity_type="ImagingStudy",
             entity_ref=f"study:{study_instance_uid}",
-            patient_ref=_patient_ref(session, study),
+            patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
         )
         return study_json(session, study)
 
@@ -115,14 +110,11 @@ def get_report(study_instance_uid: str, runtime: RuntimeDep, principal: ReportRe
         if not found:
             states = sorted({j.state for j in jobs.for_study(session=session, study=study)}) or ["none requested"]
             raise NotFound(f"no report for this study yet (study {study.status}; jobs: {', '.join(states)})")
-        patient = session.get(Patient, study.patient_id) if study.patient_id else None
+        patient_id = clinical.patient_resource_id(session=session, patient_id=study.patient_id)
         body = {
             "study_instance_uid": study_instance_uid,
             "status": study.status,
-            "reports": [
-                report_results.report_json(r, study=study, patient_resource_id=patient.resource_id if patient else None)
-                for r in found
-            ],
+            "reports": [report_results.report_json(r, study=study, patient_resource_id=patient_id) for r in found],
         }
         audit.append(
             session=session,
@@ -131,7 +123,7 @@ def get_report(study_instance_uid: str, runtime: RuntimeDep, principal: ReportRe
             action="R",
             entity_type="DiagnosticReport",
             entity_ref=f"study:{study_instance_uid}",
-            patient_ref=_patient_ref(session, study),
+            patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
             detail={"format": "json", "reports": [r.id for r in found]},
         )
     return body
