@@ -147,3 +147,25 @@ def test_patient_matching_by_patient_id_and_issuer(client: TestClient, tokens: T
     )
     joined = client.get(f"/v1/studies/{other}", headers=clinician).json()["patient"]
     assert joined is not None and joined != patients[first]
+
+
+def test_chunked_stow_body_is_streamed_and_each_instance_referenced(client: TestClient, tokens: Tokens) -> None:
+    study_uid = generate_uid()
+    body, content_type = multipart_related([dx_instance(study_uid=study_uid, seed=i, size=256) for i in range(3)])
+
+    def chunks() -> Any:
+        for start in range(0, len(body), 7919):  # odd-sized chunks split parts and delimiters anywhere
+            yield body[start : start + 7919]
+
+    response = client.post(
+        "/dicomweb/studies", content=chunks(), headers={"Content-Type": content_type, **tokens.header("ingest")}
+    )
+    assert response.status_code == 200, response.text
+    referenced = response.json()["00081199"]["Value"]
+    assert len(referenced) == 3
+    retrieve = client.get(
+        referenced[0]["00081190"]["Value"][0].replace("http://testserver", ""), headers=tokens.header("clinician")
+    )
+    assert retrieve.status_code == 200
+    assert retrieve.headers["content-type"].startswith("multipart/related")
+    assert b"DICM" in retrieve.content

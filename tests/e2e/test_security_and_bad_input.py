@@ -103,7 +103,7 @@ def test_stow_with_a_corrupt_part_stores_the_others(client: TestClient, tokens: 
     )
 
 
-def test_stow_request_errors(client: TestClient, tokens: Tokens) -> None:
+def test_stow_request_errors(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
     ingest = tokens.header("ingest")
     wrong_type = client.post("/dicomweb/studies", content=b"{}", headers={"Content-Type": "application/json", **ingest})
     assert wrong_type.status_code == 415
@@ -124,6 +124,11 @@ def test_stow_request_errors(client: TestClient, tokens: Tokens) -> None:
     )
     assert other_study.status_code == 409
     assert other_study.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+    runtime.settings.max_upload_bytes = len(body) - 1
+    too_large = client.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type, **ingest})
+    assert too_large.status_code == 413
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0
 
 
 def test_malformed_bundle_is_an_operation_outcome_and_stores_nothing(
