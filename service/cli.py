@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -106,27 +107,88 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_model(manifest: Any) -> dict[str, Any]:
+    clinical = manifest.clinical_input
+    inputs: dict[str, list[Any]] = {manifest.image_input.name: ["batch", *manifest.image_input.shape]}
+    if clinical is not None:
+        inputs[clinical.values_name] = ["batch", len(clinical.features)]
+        inputs[clinical.mask_name] = ["batch", len(clinical.features)]
+    outputs: dict[str, list[Any]] = {manifest.outputs.logits: ["batch", len(manifest.outputs.findings)]}
+    if manifest.outputs.heatmap:
+        outputs[manifest.outputs.heatmap] = ["batch", len(manifest.outputs.findings), "h", "w"]
+    return {
+        "intended_use": manifest.intended_use,
+        "versions": [{"version": v.version, "sha256": v.sha256, "artifact": v.artifact} for v in manifest.versions],
+        "inputs": inputs,
+        "clinical_features": [f"{f.name} ({f.unit or 'coded'})" for f in clinical.features] if clinical else [],
+        "outputs": outputs,
+        "findings": [f"{f.display} ({f.system}|{f.code}) threshold {f.threshold}" for f in manifest.outputs.findings],
+    }
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     from service.inference.registry import ModelRegistry
 
     settings = _settings()
     registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
     registry.load()
-    out = {
-        name: {
-            "versions": [
-                {"version": v.version, "sha256": v.sha256, "artifact": v.artifact} for v in m.manifest.versions
-            ],
-            "image_input": m.manifest.image_input.name,
-            "clinical_inputs": [f.name for f in m.manifest.clinical_input.features]
-            if m.manifest.clinical_input
-            else [],
-            "findings": [f.display for f in m.manifest.outputs.findings],
-        }
-        for name, m in registry.models.items()
-    }
-    print(json.dumps({"models": out, "errors": registry.errors}, indent=2))
+    described = {name: _describe_model(m.manifest) for name, m in sorted(registry.models.items())}
+    print(json.dumps({"models": described, "errors": registry.errors}, indent=2, ensure_ascii=False))
     return 1 if registry.errors else 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from service.errors import ModelError
+    from service.inference.repository import import_model
+
+    settings = _settings()
+    try:
+        result = import_model(
+            settings.model_repository,
+            artifact=Path(args.artifact),
+            manifest_file=Path(args.manifest),
+            version=args.version,
+            providers=list(settings.execution_providers),
+        )
+    except ModelError as e:
+        print(f"import refused: {e.message}", file=sys.stderr)
+        return 1
+    print(
+        f"imported {result.name} version {result.version} (sha256 {result.sha256}) to {result.path}; "
+        f"smoke inference output {result.report.smoke_output_shape}. Restart serve and workers to serve it."
+    )
+    return 0
+
+
+def cmd_models_validate(args: argparse.Namespace) -> int:
+    from service.errors import ModelError
+    from service.inference.repository import validate_model
+
+    settings = _settings()
+    try:
+        reports = validate_model(
+            settings.model_repository, args.name, version=args.version, providers=list(settings.execution_providers)
+        )
+    except ModelError as e:
+        print(f"{args.name}: INVALID: {e.message}")
+        return 1
+    failed = False
+    for version, report in reports.items():
+        if report.ok:
+            print(f"{args.name} {version}: ok (graph matches the manifest; smoke output {report.smoke_output_shape})")
+        else:
+            failed = True
+            print(f"{args.name} {version}: INVALID")
+            for problem in report.problems:
+                print(f"  - {problem}")
+    return 1 if failed else 0
+
+
+def cmd_models_schema(args: argparse.Namespace) -> int:
+    from service.inference.manifest import manifest_json_schema
+
+    print(json.dumps(manifest_json_schema(), indent=2))
+    return 0
 
 
 def cmd_models_train(args: argparse.Namespace) -> int:
@@ -187,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", help="models, versions, hashes").set_defaults(func=cmd_models_list)
+    import_parser = models_sub.add_parser("import", help="register an exported ONNX model with a manifest")
+    import_parser.add_argument("artifact", help="the .onnx file")
+    import_parser.add_argument("--manifest", required=True, help="manifest.yaml (see docs/models.md)")
+    import_parser.add_argument("--version", default=None, help="default: the next integer")
+    import_parser.set_defaults(func=cmd_models_import)
+    validate_parser = models_sub.add_parser("validate", help="check a model's graph against its manifest")
+    validate_parser.add_argument("name")
+    validate_parser.add_argument("--version", default=None)
+    validate_parser.set_defaults(func=cmd_models_validate)
+    models_sub.add_parser("schema", help="print the manifest's JSON Schema").set_defaults(func=cmd_models_schema)
     train = models_sub.add_parser("train", help="train and export a demonstration model (extra [train])")
     train.add_argument("name")
     train.add_argument("--out", default="models")

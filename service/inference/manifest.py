@@ -7,7 +7,7 @@ version holding the exported artifact. ``manifest.yaml`` holds one document per 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -141,3 +141,11 @@ def load_manifest(path: Path) -> Manifest:
         return Manifest.model_validate(raw)
     except ValidationError as e:
         raise ModelError(f"manifest {path} is invalid: {e}") from e
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema of manifest.yaml (docs/manifest.schema.json is this, written out)."""
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://clinfer.invalid/schemas/manifest.schema.json"
+    return schema

@@ -33,6 +33,9 @@ class OnnxRunner:
     def input_specs(self) -> dict[str, tuple[list[int | str | None], str]]:
         return {i.name: (list(i.shape), i.type) for i in self._session.get_inputs()}
 
+    def output_specs(self) -> dict[str, tuple[list[int | str | None], str]]:
+        return {o.name: (list(o.shape), o.type) for o in self._session.get_outputs()}
+
     def output_names(self) -> list[str]:
         return [o.name for o in self._session.get_outputs()]
 
