@@ -204,6 +204,19 @@ def cmd_models_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cohort_generate(args: argparse.Namespace) -> int:
+    from service.errors import InvalidInput
+    from service.training.cohort_files import generate_cohort
+
+    try:
+        summary = generate_cohort(Path(args.out), n=args.n, seed=args.seed, size=args.size, progress=True)
+    except InvalidInput as e:
+        print(f"clinfer cohort generate: {e.message}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary.n} patients to {summary.out_dir} in {summary.seconds:.1f} s: {summary.counts}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from service import bench
 
@@ -264,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="models")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_models_train)
+
+    cohort = sub.add_parser("cohort", help="synthetic patients as DICOM files and FHIR Bundles")
+    cohort_sub = cohort.add_subparsers(dest="cohort_command", required=True)
+    generate = cohort_sub.add_parser("generate", help="write a seeded synthetic cohort (demonstration data only)")
+    generate.add_argument("--n", type=int, required=True, help="number of patients")
+    generate.add_argument("--out", required=True, help="an empty or new folder")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--size", type=int, default=1024, help="image rows and columns (at least 1024)")
+    generate.set_defaults(func=cmd_cohort_generate)
 
     bench_parser = sub.add_parser("bench", help="inference figures as ratios against batch size 1 (writes JSON)")
     bench_parser.add_argument("--out", default="bench-results")
