@@ -97,7 +97,7 @@ def test_imported_model_is_validated_and_served(
     tokens = Tokens(settings)
     with TestClient(create_app(runtime)) as client:
         models = client.get("/v1/models", headers=tokens.header("admin")).json()
-        assert [m["name"] for m in models["models"]] == ["cxr-fusion", "dx-effusion-demo"]
+        assert [m["name"] for m in models["models"]] == ["ct-head-ich", "cxr-fusion", "dx-effusion-demo"]
         study_uid = generate_uid()
         body, content_type = multipart_related([dx_instance(study_uid=study_uid, size=256)])
         assert (

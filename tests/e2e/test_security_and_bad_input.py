@@ -70,7 +70,7 @@ def test_health_is_open_and_metrics_need_a_token(client: TestClient, tokens: Tok
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"]["models"] == ["cxr-fusion"]
+    assert ready.json()["checks"]["models"] == ["ct-head-ich", "cxr-fusion"]
     assert client.get("/metrics").status_code == 401
     metrics = client.get("/metrics", headers=tokens.header("admin"))
     assert metrics.status_code == 200
