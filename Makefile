@@ -11,6 +11,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 (CPU) is pinned in the [train] extra; the serving install does not need it
 	$(BIN)/pip install --quiet -e '.[dev,train]'
+	# dcmtk (storescu, echoscu): the real DICOM peers of the DIMSE tests
+	command -v storescu >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk || \
+		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk; }; }; } || \
+		echo "dcmtk is not installed: the DIMSE tests will skip (or fail with CLINFER_REQUIRE_SERVICES=1)"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

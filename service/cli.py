@@ -77,6 +77,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dimse(args: argparse.Namespace) -> int:
+    from service.dimse import scp
+    from service.flows.runtime import get_runtime
+
+    _settings()
+    _configure_logging(args.log_level)
+    scp.start(get_runtime(), block=True)
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from service.store import db
 
@@ -244,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--no-sweep", action="store_true", help="do not run the stable-study sweeper and reconciler")
     worker.set_defaults(func=cmd_worker)
+
+    sub.add_parser("dimse", help="the DICOM listener (C-ECHO, C-STORE SCP)").set_defaults(func=cmd_dimse)
 
     db_parser = sub.add_parser("db", help="database schema")
     db_sub = db_parser.add_subparsers(dest="db_command", required=True)

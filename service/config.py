@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     dimse_port: int = Field(default=11112, ge=1, le=65535)
     dimse_ae_title: str = "CLINFER"
+    dimse_host: str = "127.0.0.1"
+    dimse_allowed_calling_ae_titles: list[str] = Field(default_factory=list, description="empty: any calling AE")
+    dimse_max_associations: int = Field(default=10, ge=1)
+    dimse_embedded: bool = Field(default=True, description="`clinfer serve` on the embedded default also listens")
 
     auth_enabled: bool = True
     auth_issuer: str = "clinfer-local"

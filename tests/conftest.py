@@ -77,6 +77,7 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         "model_repository": REPO / "models",
         "study_stable_seconds": 3600,
         "completeness_scan_seconds": 0.5,
+        "dimse_embedded": False,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -32,7 +32,11 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
             set_runtime(runtime)
         current = get_runtime() if runtime is not None else _build_and_install()
         run_embedded = current.settings.embedded_worker if embedded_worker is None else embedded_worker
-        worker = sweeper = None
+        worker = sweeper = listener = None
+        if run_embedded and current.settings.dimse_embedded:
+            from service.dimse import scp
+
+            listener = scp.start(current, block=False)
         if run_embedded:
             from service.worker.app import EmbeddedWorker, Sweeper
 
@@ -43,6 +47,8 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
         try:
             yield
         finally:
+            if listener is not None:
+                listener.shutdown()
             if sweeper is not None:
                 sweeper.stop()
             if worker is not None:

@@ -1,0 +1,164 @@
+"""dcmtk's echoscu and storescu against the clinfer DICOM listener: real peers over real sockets."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from service.config import Settings
+from service.dimse import scp
+from service.flows.runtime import Runtime, build_runtime, set_runtime
+from service.store.tables import AuditEvent, Instance
+from tests.conftest import REQUIRE_SERVICES, make_settings
+from tests.factories import dx_instance
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        message = f"dcmtk's {tool} is not installed (make install installs it with apt-get)"
+        if REQUIRE_SERVICES:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Runtime]:
+    settings: Settings = make_settings(tmp_path, dimse_port=_free_port(), dimse_allowed_calling_ae_titles=["MODALITY1"])
+    runtime = build_runtime(settings)
+    set_runtime(runtime)
+    server = scp.start(runtime, block=False)
+    assert server is not None
+    try:
+        yield runtime
+    finally:
+        server.shutdown()
+
+
+def test_echoscu_and_storescu_store_a_multi_instance_study(listener: Runtime, tmp_path: Path) -> None:
+    port = str(listener.settings.dimse_port)
+    echo = subprocess.run(
+        [_need("echoscu"), "-aet", "MODALITY1", "-aec", "CLINFER", "127.0.0.1", port],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert echo.returncode == 0, echo.stderr
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = []
+    for i in range(4):
+        path = tmp_path / f"img{i}.dcm"
+        path.write_bytes(
+            dx_instance(study_uid=study_uid, series_uid=series_uid, seed=i, size=256, instance_number=i + 1)
+        )
+        files.append(str(path))
+    store = subprocess.run(
+        [_need("storescu"), "-aet", "MODALITY1", "-aec", "CLINFER", "127.0.0.1", port, *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert store.returncode == 0, store.stdout + store.stderr
+    with listener.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 4
+        stored = session.scalars(select(AuditEvent).where(AuditEvent.event_type == "dicom.store")).all()
+        assert len(stored) == 4 and {e.actor for e in stored} == {"dicom:MODALITY1"}
+        assert {e.detail["protocol"] for e in stored} == {"dimse"}
+    again = subprocess.run(
+        [_need("storescu"), "-aet", "MODALITY1", "-aec", "CLINFER", "127.0.0.1", port, *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, "re-sending is idempotent"
+    with listener.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 4
+
+
+def test_unknown_calling_ae_title_is_refused_and_audited(listener: Runtime, tmp_path: Path) -> None:
+    path = tmp_path / "img.dcm"
+    path.write_bytes(dx_instance(size=256))
+    store = subprocess.run(
+        [
+            _need("storescu"),
+            "-aet",
+            "STRANGER",
+            "-aec",
+            "CLINFER",
+            "127.0.0.1",
+            str(listener.settings.dimse_port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert store.returncode != 0
+    assert "Association Rejected" in store.stdout + store.stderr
+    with listener.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0
+    deadline = time.monotonic() + 5  # the listener audits the refusal in its own thread, after answering
+    refusals: list[AuditEvent] = []
+    while not refusals and time.monotonic() < deadline:
+        with listener.sessions() as session:
+            refusals = list(
+                session.scalars(select(AuditEvent).where(AuditEvent.event_type == "dimse.association-rejected"))
+            )
+        time.sleep(0.1)
+    [refusal] = refusals
+    assert refusal.detail["calling_ae_title"] == "STRANGER" and refusal.outcome == "4"
+
+
+def test_a_refused_instance_gets_a_failure_status(listener: Runtime, tmp_path: Path) -> None:
+    path = tmp_path / "other-study.dcm"
+    path.write_bytes(dx_instance(size=256, sop_uid="1.2.3.4.5.6.7"))
+    first = subprocess.run(
+        [
+            _need("storescu"),
+            "-aet",
+            "MODALITY1",
+            "-aec",
+            "CLINFER",
+            "127.0.0.1",
+            str(listener.settings.dimse_port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert first.returncode == 0
+    path.write_bytes(dx_instance(size=256, sop_uid="1.2.3.4.5.6.7", seed=9))  # same UID, different content
+    second = subprocess.run(
+        [
+            _need("storescu"),
+            "-v",
+            "-aet",
+            "MODALITY1",
+            "-aec",
+            "CLINFER",
+            "127.0.0.1",
+            str(listener.settings.dimse_port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = second.stdout + second.stderr
+    assert second.returncode != 0 and "Error: CannotUnderstand" in output, output
