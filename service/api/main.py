@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 
 from service import metrics
 from service.api import errors
-from service.api.routes import dicomweb, fhir, health, v1
+from service.api.routes import dicomweb, dicomweb_query, fhir, health, v1
 from service.flows.runtime import Runtime, build_runtime, get_runtime, set_runtime
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
     errors.install(app)
     app.include_router(health.router)
     app.include_router(dicomweb.router)
+    app.include_router(dicomweb_query.router)
     app.include_router(fhir.router)
     app.include_router(v1.router)
 

@@ -152,3 +152,61 @@ def unlinked_for_patient_id(*, session: Session, dicom_patient_id: str) -> list[
 
 def list_studies(*, session: Session, limit: int = 100, offset: int = 0) -> list[Study]:
     return list(session.scalars(select(Study).order_by(Study.id.desc()).limit(limit).offset(offset)))
+
+
+def search(
+    *,
+    session: Session,
+    study_instance_uid: str | None = None,
+    patient_id: str | None = None,
+    accession_number: str | None = None,
+    date_from: dt.date | None = None,
+    date_to: dt.date | None = None,
+    modality: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Study]:
+    """QIDO-RS study search. ``patient_id`` may end in ``*`` (prefix match); other matches are exact."""
+    query = select(Study)
+    if study_instance_uid:
+        query = query.where(Study.study_instance_uid.in_(study_instance_uid.split(",")))
+    if patient_id:
+        if patient_id.endswith("*"):
+            query = query.where(Study.dicom_patient_id.startswith(patient_id[:-1], autoescape=True))
+        else:
+            query = query.where(Study.dicom_patient_id == patient_id)
+    if accession_number:
+        query = query.where(Study.accession_number == accession_number)
+    if date_from:
+        query = query.where(Study.study_date >= date_from)
+    if date_to:
+        query = query.where(Study.study_date <= date_to)
+    if modality:
+        query = query.where(Study.id.in_(select(Series.study_id).where(Series.modality == modality)))
+    return list(session.scalars(query.order_by(Study.id).limit(limit).offset(offset)))
+
+
+def series_of(*, session: Session, study: Study) -> list[tuple[Series, int]]:
+    """The series of a study with their instance counts."""
+    rows = session.execute(
+        select(Series, func.count(Instance.id))
+        .outerjoin(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+        .group_by(Series.id)
+        .order_by(Series.series_number, Series.id)
+    )
+    return [(series, count) for series, count in rows]
+
+
+def get_series(*, session: Session, study: Study, series_instance_uid: str) -> Series | None:
+    return session.scalar(
+        select(Series).where(Series.study_id == study.id, Series.series_instance_uid == series_instance_uid)
+    )
+
+
+def instances_of_series(*, session: Session, series: Series) -> list[Instance]:
+    return list(
+        session.scalars(
+            select(Instance).where(Instance.series_id == series.id).order_by(Instance.instance_number, Instance.id)
+        )
+    )

@@ -1,29 +1,26 @@
-"""DICOMweb (PS3.18): STOW-RS, and WADO-RS of single stored instances."""
+"""DICOMweb (PS3.18) STOW-RS: store instances (QIDO-RS and WADO-RS are in dicomweb_query)."""
 
 from __future__ import annotations
 
 import tempfile
-import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.api.deps import RuntimeDep, require
-from service.errors import NotFound, PayloadTooLarge
+from service.errors import PayloadTooLarge
 from service.flows import ingest as ingest_flow
 from service.ingest import stow
 from service.schemas import Principal
-from service.store import audit, studies
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 
 DICOM_JSON = "application/dicom+json"
 
 IngestDep = Annotated[Principal, Depends(require("ImagingStudy", "c"))]
-ReadDep = Annotated[Principal, Depends(require("ImagingStudy", "r"))]
 
 
 def _element(vr: str, *values: Any) -> dict[str, Any]:
@@ -131,36 +128,3 @@ async def store_study_instances(
     study_instance_uid: str, request: Request, runtime: RuntimeDep, principal: IngestDep
 ) -> JSONResponse:
     return await _stow(request, runtime, principal, study_instance_uid)
-
-
-@router.get(
-    "/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}",
-    summary="WADO-RS: retrieve one instance",
-)
-def retrieve_instance(
-    study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, runtime: RuntimeDep, principal: ReadDep
-) -> Response:
-    with runtime.sessions.begin() as session:
-        instance = studies.get_instance(session=session, sop_instance_uid=sop_instance_uid)
-        if (
-            instance is None
-            or instance.series.series_instance_uid != series_instance_uid
-            or instance.series.study.study_instance_uid != study_instance_uid
-        ):
-            raise NotFound(f"instance {sop_instance_uid} not found in that study and series")
-        audit.append(
-            session=session,
-            principal=principal,
-            event_type="dicom.retrieve",
-            action="R",
-            entity_type="ImagingStudy",
-            entity_ref=f"study:{study_instance_uid}",
-            detail={"sop_instance_uid": sop_instance_uid},
-        )
-        blob_key = instance.blob_key
-    data = runtime.blobs.read_bytes(blob_key)
-    boundary = uuid.uuid4().hex
-    payload = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return Response(payload, media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')

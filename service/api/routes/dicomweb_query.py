@@ -1,0 +1,267 @@
+"""QIDO-RS (search) and WADO-RS (retrieve) over what we store, in DICOM JSON and multipart/related."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.api.deps import RuntimeDep, require
+from service.errors import InvalidInput, NotFound
+from service.flows.runtime import Runtime
+from service.schemas import Principal
+from service.store import audit, clinical, studies
+from service.store.tables import Instance, Series, Study
+
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
+
+DICOM_JSON = "application/dicom+json"
+SearchDep = Annotated[Principal, Depends(require("ImagingStudy", "s"))]
+ReadDep = Annotated[Principal, Depends(require("ImagingStudy", "r"))]
+
+
+def _element(vr: str, value: Any) -> dict[str, Any]:
+    return {"vr": vr, "Value": [value]} if value not in (None, "") else {"vr": vr}
+
+
+def _da(value: dt.date | None) -> str | None:
+    return value.strftime("%Y%m%d") if value else None
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/dicomweb"
+
+
+def study_attributes(session: Any, study: Study, base: str) -> dict[str, Any]:
+    series = studies.series_of(session=session, study=study)
+    modalities = sorted({s.modality for s, _ in series if s.modality})
+    return {
+        "00080020": _element("DA", _da(study.study_date)),
+        "00080030": _element("TM", study.study_time),
+        "00080050": _element("SH", study.accession_number),
+        "00080061": {"vr": "CS", "Value": modalities} if modalities else {"vr": "CS"},
+        "00081030": _element("LO", study.description),
+        "00081190": _element("UR", f"{base}/studies/{study.study_instance_uid}"),
+        "00100020": _element("LO", study.dicom_patient_id),
+        "00100021": _element("LO", study.issuer_of_patient_id),
+        "0020000D": _element("UI", study.study_instance_uid),
+        "00201206": _element("IS", len(series)),
+        "00201208": _element("IS", sum(count for _, count in series)),
+    }
+
+
+def series_attributes(series: Series, count: int, study_uid: str, base: str) -> dict[str, Any]:
+    return {
+        "00080060": _element("CS", series.modality),
+        "0008103E": _element("LO", series.series_description),
+        "00081190": _element("UR", f"{base}/studies/{study_uid}/series/{series.series_instance_uid}"),
+        "00180015": _element("CS", series.body_part_examined),
+        "0020000D": _element("UI", study_uid),
+        "0020000E": _element("UI", series.series_instance_uid),
+        "00200011": _element("IS", series.series_number),
+        "00201209": _element("IS", count),
+    }
+
+
+def instance_attributes(instance: Instance, series_uid: str, study_uid: str, base: str) -> dict[str, Any]:
+    return {
+        "00080016": _element("UI", instance.sop_class_uid),
+        "00080018": _element("UI", instance.sop_instance_uid),
+        "00081190": _element(
+            "UR", f"{base}/studies/{study_uid}/series/{series_uid}/instances/{instance.sop_instance_uid}"
+        ),
+        "0020000D": _element("UI", study_uid),
+        "0020000E": _element("UI", series_uid),
+        "00200013": _element("IS", instance.instance_number),
+        "00280008": _element("IS", instance.number_of_frames),
+        "00280010": _element("US", instance.rows),
+        "00280011": _element("US", instance.columns),
+    }
+
+
+def _date_range(value: str | None) -> tuple[dt.date | None, dt.date | None]:
+    if not value:
+        return None, None
+    try:
+        if "-" in value:
+            start, _, end = value.partition("-")
+            return (
+                dt.datetime.strptime(start, "%Y%m%d").date() if start else None,
+                dt.datetime.strptime(end, "%Y%m%d").date() if end else None,
+            )
+        day = dt.datetime.strptime(value, "%Y%m%d").date()
+        return day, day
+    except ValueError as e:
+        raise InvalidInput(f"StudyDate {value!r} must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD") from e
+
+
+def _answer(results: list[dict[str, Any]]) -> Response:
+    if not results:
+        return Response(status_code=204)
+    return JSONResponse(results, media_type=DICOM_JSON)
+
+
+def _audit_search(
+    runtime: Runtime, session: Any, principal: Principal, level: str, query: dict[str, Any], results: int
+) -> None:
+    audit.append(
+        session=session,
+        principal=principal,
+        event_type="dicom.search",
+        action="E",
+        entity_type="ImagingStudy",
+        entity_ref=f"qido:{level}",
+        detail={"query": {k: v for k, v in query.items() if v is not None}, "results": results},
+    )
+
+
+@router.get("/studies", summary="QIDO-RS: search for studies")
+def search_studies(
+    request: Request,
+    runtime: RuntimeDep,
+    principal: SearchDep,
+    study_instance_uid: Annotated[str | None, Query(alias="StudyInstanceUID")] = None,
+    patient_id: Annotated[str | None, Query(alias="PatientID")] = None,
+    accession_number: Annotated[str | None, Query(alias="AccessionNumber")] = None,
+    study_date: Annotated[str | None, Query(alias="StudyDate")] = None,
+    modalities_in_study: Annotated[str | None, Query(alias="ModalitiesInStudy")] = None,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> Response:
+    date_from, date_to = _date_range(study_date)
+    base = _base(request)
+    with runtime.sessions.begin() as session:
+        found = studies.search(
+            session=session,
+            study_instance_uid=study_instance_uid,
+            patient_id=patient_id,
+            accession_number=accession_number,
+            date_from=date_from,
+            date_to=date_to,
+            modality=modalities_in_study,
+            limit=limit,
+            offset=offset,
+        )
+        results = [study_attributes(session, s, base) for s in found]
+        _audit_search(
+            runtime,
+            session,
+            principal,
+            "studies",
+            {
+                "StudyInstanceUID": study_instance_uid,
+                "PatientID": patient_id,
+                "AccessionNumber": accession_number,
+                "StudyDate": study_date,
+                "ModalitiesInStudy": modalities_in_study,
+            },
+            len(results),
+        )
+    return _answer(results)
+
+
+@router.get("/studies/{study_instance_uid}/series", summary="QIDO-RS: the series of a study")
+def search_series(study_instance_uid: str, request: Request, runtime: RuntimeDep, principal: SearchDep) -> Response:
+    base = _base(request)
+    with runtime.sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        results = [
+            series_attributes(s, n, study_instance_uid, base)
+            for s, n in studies.series_of(session=session, study=study)
+        ]
+        _audit_search(runtime, session, principal, "series", {"StudyInstanceUID": study_instance_uid}, len(results))
+    return _answer(results)
+
+
+@router.get(
+    "/studies/{study_instance_uid}/series/{series_instance_uid}/instances", summary="QIDO-RS: the instances of a series"
+)
+def search_instances(
+    study_instance_uid: str, series_instance_uid: str, request: Request, runtime: RuntimeDep, principal: SearchDep
+) -> Response:
+    base = _base(request)
+    with runtime.sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        series = studies.get_series(session=session, study=study, series_instance_uid=series_instance_uid)
+        if series is None:
+            raise NotFound(f"series {series_instance_uid} not found in study {study_instance_uid}")
+        results = [
+            instance_attributes(i, series_instance_uid, study_instance_uid, base)
+            for i in studies.instances_of_series(session=session, series=series)
+        ]
+        _audit_search(
+            runtime,
+            session,
+            principal,
+            "instances",
+            {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_instance_uid},
+            len(results),
+        )
+    return _answer(results)
+
+
+def _multipart(runtime: Runtime, blob_keys: list[str]) -> StreamingResponse:
+    boundary = uuid.uuid4().hex
+
+    def body() -> Iterator[bytes]:
+        for key in blob_keys:  # one object in memory at a time
+            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            yield runtime.blobs.read_bytes(key)
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+
+
+def _retrieve(
+    runtime: Runtime, principal: Principal, study_uid: str, series_uid: str | None, sop_uid: str | None
+) -> StreamingResponse:
+    with runtime.sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid=study_uid)
+        pairs = studies.instances_of(session=session, study=study)
+        selected = [
+            i
+            for s, i in pairs
+            if (series_uid is None or s.series_instance_uid == series_uid)
+            and (sop_uid is None or i.sop_instance_uid == sop_uid)
+        ]
+        if not selected:
+            raise NotFound("no stored instance matches " + "/".join(x for x in (study_uid, series_uid, sop_uid) if x))
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="dicom.retrieve",
+            action="R",
+            entity_type="ImagingStudy",
+            entity_ref=f"study:{study_uid}",
+            patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
+            detail={"series": series_uid, "sop_instance_uid": sop_uid, "instances": len(selected)},
+        )
+        keys = [i.blob_key for i in selected]
+    return _multipart(runtime, keys)
+
+
+@router.get("/studies/{study_instance_uid}", summary="WADO-RS: retrieve a study")
+def retrieve_study(study_instance_uid: str, runtime: RuntimeDep, principal: ReadDep) -> StreamingResponse:
+    return _retrieve(runtime, principal, study_instance_uid, None, None)
+
+
+@router.get("/studies/{study_instance_uid}/series/{series_instance_uid}", summary="WADO-RS: retrieve a series")
+def retrieve_series(
+    study_instance_uid: str, series_instance_uid: str, runtime: RuntimeDep, principal: ReadDep
+) -> StreamingResponse:
+    return _retrieve(runtime, principal, study_instance_uid, series_instance_uid, None)
+
+
+@router.get(
+    "/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}",
+    summary="WADO-RS: retrieve an instance",
+)
+def retrieve_instance(
+    study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, runtime: RuntimeDep, principal: ReadDep
+) -> StreamingResponse:
+    return _retrieve(runtime, principal, study_instance_uid, series_instance_uid, sop_instance_uid)

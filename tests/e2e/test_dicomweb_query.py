@@ -1,0 +1,78 @@
+"""QIDO-RS search and WADO-RS retrieval of what was stored."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+
+from service.ingest.stow import iter_parts, related_boundary
+from tests.conftest import Tokens
+from tests.e2e.test_embedded_spine import post_study
+from tests.factories import dx_instance
+
+
+def _value(item: dict, tag: str) -> object:
+    return item[tag]["Value"][0]
+
+
+def test_qido_and_wado(client: TestClient, tokens: Tokens, tmp_path: object) -> None:
+    first, second = generate_uid(), generate_uid()
+    series = generate_uid()
+    assert (
+        post_study(
+            client,
+            tokens,
+            [
+                dx_instance(
+                    study_uid=first, series_uid=series, patient_id="MRN-500", seed=i, size=256, instance_number=i + 1
+                )
+                for i in range(3)
+            ],
+        ).status_code
+        == 200
+    )
+    assert (
+        post_study(
+            client,
+            tokens,
+            [
+                dx_instance(
+                    study_uid=second, patient_id="MRN-600", size=256, study_date=dt.date(2025, 1, 2), modality="CR"
+                )
+            ],
+        ).status_code
+        == 200
+    )
+    clinician = tokens.header("clinician")
+
+    by_patient = client.get("/dicomweb/studies", params={"PatientID": "MRN-5*"}, headers=clinician)
+    assert by_patient.status_code == 200 and by_patient.headers["content-type"].startswith("application/dicom+json")
+    [study] = by_patient.json()
+    assert _value(study, "0020000D") == first
+    assert _value(study, "00201208") == 3 and study["00080061"]["Value"] == ["DX"]
+    by_date = client.get("/dicomweb/studies", params={"StudyDate": "20250101-20250131"}, headers=clinician).json()
+    assert [_value(s, "0020000D") for s in by_date] == [second]
+    by_modality = client.get("/dicomweb/studies", params={"ModalitiesInStudy": "CR"}, headers=clinician).json()
+    assert [_value(s, "0020000D") for s in by_modality] == [second]
+    assert client.get("/dicomweb/studies", params={"PatientID": "nobody"}, headers=clinician).status_code == 204
+    assert client.get("/dicomweb/studies", params={"StudyDate": "yesterday"}, headers=clinician).status_code == 400
+
+    [series_item] = client.get(f"/dicomweb/studies/{first}/series", headers=clinician).json()
+    assert _value(series_item, "0020000E") == series and _value(series_item, "00201209") == 3
+    instances = client.get(f"/dicomweb/studies/{first}/series/{series}/instances", headers=clinician).json()
+    assert [_value(i, "00200013") for i in instances] == [1, 2, 3]
+
+    retrieved = client.get(f"/dicomweb/studies/{first}", headers=clinician)
+    assert retrieved.status_code == 200
+    boundary = related_boundary(retrieved.headers["content-type"])
+    import tempfile
+
+    with tempfile.TemporaryFile() as body:
+        body.write(retrieved.content)
+        body.flush()
+        parts = list(iter_parts(body, boundary, max_parts=10))
+    assert len(parts) == 3 and all(p.body[128:132] == b"DICM" for p in parts)
+    assert client.get(f"/dicomweb/studies/{generate_uid()}", headers=clinician).status_code == 404
+    assert client.get("/dicomweb/studies", headers=tokens.header("ingest")).status_code == 403
