@@ -12,7 +12,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from service import metrics
-from service.errors import InvalidInput, ServiceError, TransientError
+from service.errors import InvalidInput, NotFound, ServiceError, TransientError
 from service.flows import queue
 from service.flows.runtime import Runtime
 from service.inference import pipeline
@@ -149,6 +149,16 @@ def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -
     log.error("job %s failed at %s: %s", job_id, stage.value, error.message)
 
 
+def record_unexpected_failure(runtime: Runtime, job_id: str, stage: JobStage, error: Exception) -> None:
+    """A bug or an unforeseen error in a stage: the job fails visibly instead of being retried for ever."""
+    _fail(
+        runtime,
+        job_id,
+        stage,
+        ServiceError(f"internal error ({type(error).__name__}); see the worker log", code="internal"),
+    )
+
+
 def _study_datetime(study: Study) -> dt.datetime:
     if study.study_date is None:
         return study.created_at
@@ -175,7 +185,7 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
         _set_state(session, job, JobState.preprocessing, JobStage.preprocess)
         study = session.get(Study, job.study_id)
         assert study is not None
-        model, version = runtime.registry.version_or_raise(job.model_name, job.model_version)
+        model = runtime.registry.models.get(job.model_name)
         pairs = studies.instances_of(session=session, study=study)
         candidates = [
             InstanceAttributes(
@@ -189,13 +199,15 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
             )
             for s, i in pairs
         ]
-        routes = routes_for_study([model.manifest], candidates)
+        routes = routes_for_study([model.manifest], candidates) if model is not None else []
         blob_keys = {i.sop_instance_uid: i.blob_key for _, i in pairs}
         patient = session.get(Patient, study.patient_id) if study.patient_id else None
         context = clinical.clinical_context(session=session, patient=patient)
         study_at = _study_datetime(study)
     started = time.perf_counter()
     try:
+        if model is None:
+            raise NotFound(f"model {job.model_name} is no longer served")
         if not routes:
             raise InvalidInput("no instance of the study matches the model any more")
         source_uid = routes[0].sop_instance_uid

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from service.errors import TransientError
 from service.flows import analysis, queue
 from service.flows.runtime import get_runtime
+from service.schemas import JobStage
+
+log = logging.getLogger(__name__)
 
 app = queue.get_celery()
 
@@ -19,11 +24,23 @@ TASK_OPTIONS = {
 }
 
 
+def _run(stage: JobStage, job_id: str) -> None:
+    runtime = get_runtime()
+    work = analysis.preprocess_job if stage == JobStage.preprocess else analysis.infer_job
+    try:
+        work(runtime, job_id)
+    except TransientError:
+        raise  # retried with backoff by Celery
+    except Exception as e:  # the worker's edge: any other error fails the job, with its stage, visibly
+        log.exception("job %s: unexpected error in %s", job_id, stage.value)
+        analysis.record_unexpected_failure(runtime, job_id, stage, e)
+
+
 @app.task(name=queue.PREPROCESS_TASK, **TASK_OPTIONS)
 def preprocess(job_id: str) -> None:
-    analysis.preprocess_job(get_runtime(), job_id)
+    _run(JobStage.preprocess, job_id)
 
 
 @app.task(name=queue.INFER_TASK, **TASK_OPTIONS)
 def infer(job_id: str) -> None:
-    analysis.infer_job(get_runtime(), job_id)
+    _run(JobStage.infer, job_id)

@@ -101,3 +101,20 @@ def test_batch_bundle_stores_good_entries_and_reports_bad_ones(client: TestClien
     location = response.json()["entry"][0]["response"]["location"]
     patient = client.get(f"/fhir/{location.rsplit('/_history', 1)[0]}", headers=tokens.header("clinician"))
     assert patient.status_code == 200 and patient.json()["gender"] == "male"
+
+
+def test_an_unexpected_error_fails_the_job_visibly(
+    client: TestClient, tokens: Tokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.inference import pipeline
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug in post-processing")
+
+    monkeypatch.setattr(pipeline, "post_process", broken)
+    study_uid = generate_uid()
+    assert _post(client, tokens, [dx_instance(study_uid=study_uid, size=256)]).status_code == 200
+    analyze = client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician"))
+    job = _wait_job(client, analyze.json()["jobs"][0]["id"], tokens.header("admin"), {"failed", "succeeded"})
+    assert (job["state"], job["stage"], job["error"]["code"]) == ("failed", "infer", "internal")
+    assert "ValueError" in job["error"]["message"] and "a bug" not in job["error"]["message"]
