@@ -76,11 +76,13 @@ def test_a_job_committed_while_the_broker_was_down_is_reconciled(
     with monkeypatch.context() as patch:
         patch.setattr(queue, "send", broker_down)
         analyze = client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician"))
-    assert analyze.status_code == 202
-    job_id = analyze.json()["jobs"][0]["id"]
-    time.sleep(1)
-    assert client.get(f"/v1/jobs/{job_id}", headers=tokens.header("admin")).json()["state"] == "queued"
-    runtime.settings.reconcile_after_seconds = 0.01
+        assert analyze.status_code == 202
+        job_id = analyze.json()["jobs"][0]["id"]
+        time.sleep(1)
+        assert client.get(f"/v1/jobs/{job_id}", headers=tokens.header("admin")).json()["state"] == "queued"
+        runtime.settings.reconcile_after_seconds = 0.01
+        time.sleep(0.05)
+        assert "1 jobs not progressing" in client.get("/readyz").json()["checks"]["workers"]
     analysis.sweep(runtime)
     job = _wait_job(client, job_id, tokens.header("admin"), {"succeeded", "failed"})
     assert job["state"] == "succeeded"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -11,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.api import deps
 from service.api.deps import RuntimeDep
 from service.flows import queue
-from service.store import db
+from service.store import db, jobs
+from service.store.tables import utcnow
 
 router = APIRouter(tags=["operations"])
 
@@ -37,6 +39,18 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
             checks["broker"] = "ok"
         except Exception as e:
             checks["broker"] = f"error: {type(e).__name__}"
+    try:
+        # informational: the API stays ready (it can still take studies in) while workers are stuck
+        with runtime.sessions() as session:
+            stalled = len(
+                jobs.lost(
+                    session=session,
+                    older_than=utcnow() - dt.timedelta(seconds=runtime.settings.reconcile_after_seconds),
+                )
+            )
+        checks["workers"] = "ok" if not stalled else f"{stalled} jobs not progressing (workers stopped consuming?)"
+    except Exception as e:
+        checks["workers"] = f"error: {type(e).__name__}"
     checks["models"] = sorted(runtime.registry.models) or "none loaded"
     if runtime.registry.errors:
         checks["model_errors"] = runtime.registry.errors
