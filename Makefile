@@ -38,7 +38,10 @@ bench: install
 
 # retrain and export the demonstration model (deterministic with the seed; minutes on a CPU)
 models: install
-	$(BIN)/clinfer models train cxr-fusion --out models --seed 0
+	$(BIN)/clinfer models train cxr-fusion --seed 0
+	$(BIN)/clinfer models export cxr-fusion --out models
+	$(BIN)/clinfer models evaluate cxr-fusion
+	$(BIN)/clinfer models train ct-head-ich --out models --seed 0
 
 clean:
 	rm -rf $(VENV) var bench-results

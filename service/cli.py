@@ -201,16 +201,60 @@ def cmd_models_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_train(args: argparse.Namespace) -> int:
+TRAINABLE = ("cxr-fusion", "ct-head-ich")
+
+
+def _training_or_exit() -> None:
     try:
-        from service.training.train import build_cxr_fusion
+        import torch  # noqa: F401
     except ImportError as e:
         print(f"training needs the [train] extra (pip install 'clinfer[train]'): {e}", file=sys.stderr)
-        return 2
-    if args.name != "cxr-fusion":
-        print(f"unknown trainable model {args.name!r}; available: cxr-fusion", file=sys.stderr)
-        return 2
-    build_cxr_fusion(Path(args.out), seed=args.seed)
+        raise SystemExit(2) from e
+
+
+def cmd_models_train(args: argparse.Namespace) -> int:
+    _training_or_exit()
+    if args.name == "ct-head-ich":
+        # the head CT model trains, calibrates and exports in one step
+        from service.training.ct_train import build_ct_head_ich
+
+        build_ct_head_ich(Path(args.out), seed=args.seed)
+        return 0
+    from service.training.train import default_work_dir, train
+
+    train(args.name, work_dir=Path(args.work_dir) if args.work_dir else default_work_dir(args.name), seed=args.seed)
+    print(f"trained {args.name}; next: clinfer models export {args.name}")
+    return 0
+
+
+def cmd_models_export(args: argparse.Namespace) -> int:
+    _training_or_exit()
+    from service.training.evaluate import evaluate
+    from service.training.export import export
+    from service.training.train import default_work_dir
+
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.name)
+    evaluate(args.name, work_dir=work_dir, progress=False)  # the model card carries the held-out figures
+    result = export(args.name, work_dir=work_dir, out_dir=Path(args.out))
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_models_evaluate(args: argparse.Namespace) -> int:
+    _training_or_exit()
+    from service.training.evaluate import evaluate
+    from service.training.train import default_work_dir
+
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.name)
+    result = evaluate(args.name, work_dir=work_dir, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for variant, figures in result["variants"].items():
+            low, high = figures["macro_auroc_ci"]
+            print(f"{variant:>14}: macro AUROC {figures['macro_auroc']:.3f} (95% CI {low:.3f}-{high:.3f})")
+        delta = result["delta_vs_best_unimodal"]
+        print(f"fusion - best unimodal: {delta['value']:+.3f} (95% CI {delta['ci'][0]:+.3f} to {delta['ci'][1]:+.3f})")
     return 0
 
 
@@ -284,11 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     validate_parser.add_argument("--version", default=None)
     validate_parser.set_defaults(func=cmd_models_validate)
     models_sub.add_parser("schema", help="print the manifest's JSON Schema").set_defaults(func=cmd_models_schema)
-    train = models_sub.add_parser("train", help="train and export a demonstration model (extra [train])")
-    train.add_argument("name")
-    train.add_argument("--out", default="models")
+    train = models_sub.add_parser("train", help="train a demonstration model and its baselines (extra [train])")
+    train.add_argument("name", choices=TRAINABLE)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default="models", help="ct-head-ich: where the export goes")
+    train.add_argument("--work-dir", default=None, help="default var/training/<name>")
     train.set_defaults(func=cmd_models_train)
+    export = models_sub.add_parser("export", help="calibrate, export ONNX with a parity check, write manifest + card")
+    export.add_argument("name", choices=["cxr-fusion"])
+    export.add_argument("--out", default="models")
+    export.add_argument("--work-dir", default=None)
+    export.set_defaults(func=cmd_models_export)
+    evaluate_parser = models_sub.add_parser("evaluate", help="held-out AUROC with bootstrap CIs, ECE, subgroups")
+    evaluate_parser.add_argument("name", choices=["cxr-fusion"])
+    evaluate_parser.add_argument("--json", action="store_true")
+    evaluate_parser.add_argument("--work-dir", default=None)
+    evaluate_parser.set_defaults(func=cmd_models_evaluate)
 
     cohort = sub.add_parser("cohort", help="synthetic patients as DICOM files and FHIR Bundles")
     cohort_sub = cohort.add_subparsers(dest="cohort_command", required=True)

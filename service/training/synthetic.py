@@ -6,7 +6,13 @@ Numpy only: the service's tests import this module on machines without torch. Ev
 The images are procedural, not realistic: they carry the *signs* a radiologist looks for (a wide heart
 silhouette, a blunted costophrenic angle, a pleural line with no lung markings beyond it) at random
 strengths, so that some findings are plain and others are barely visible and only the clinical data
-settles them. Nothing here is fit for clinical use.
+settles them. Some signs are shared: a patchy opacity may be pneumonia or atelectasis (fever and CRP tell
+them apart), a borderline heart may or may not be enlarged (NT-proBNP helps); the clinical values in turn
+have causes the film does not show (an infection elsewhere, kidney disease). Nothing here is fit for
+clinical use.
+
+The renderer works in normalized coordinates, so one patient rendered at 512 and at 1024 looks the same once
+both are resized to the model's input, and draws the same amount from the generator at every size.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ _DOME_Y = 0.52  # top of the diaphragm domes
 _HEART_CX, _HEART_CY, _HEART_HALF_HEIGHT = 0.07, 0.33, 0.27
 # Cardiothoracic ratio = heart width / inner thoracic width; lung outer edges span this width.
 _THORAX_WIDTH = (_LUNGS[1][0] + _LUNGS[1][2]) - (_LUNGS[0][0] - _LUNGS[0][2])
+# Share of patients, with or without pneumonia, whose film shows an opacity that is not one (atelectasis, scar).
+_OPACITY_MIMIC_PROBABILITY = 0.15
+# The size at which the quantum noise has its nominal level (see render_chest_radiograph).
+_REFERENCE_SIZE = 512
 
 
 def sample_findings(rng: np.random.Generator) -> dict[str, bool]:
@@ -126,9 +136,10 @@ def render_chest_radiograph(rng: np.random.Generator, findings: dict[str, bool],
         lungs.append(side)
         lung = lung + side
 
-    # Heart: cardiothoracic ratio 0.38-0.50 when normal, 0.50-0.64 when enlarged; borderline hearts differ by a
-    # few pixels, and the lungs' own width varies, so the ratio on the film is not exactly the one drawn here.
-    ctr = rng.uniform(0.50, 0.64) if findings.get("cardiomegaly") else rng.uniform(0.38, 0.50)
+    # Heart: cardiothoracic ratio 0.38-0.53 when normal, 0.48-0.64 when enlarged. The ranges overlap, as they do
+    # on real films (a borderline heart is read as enlarged or not by its context: NT-proBNP, age), and the lungs'
+    # own width and the depth of inspiration vary, so the ratio on the film is not exactly the one drawn here.
+    ctr = rng.uniform(0.48, 0.64) if findings.get("cardiomegaly") else rng.uniform(0.38, 0.53)
     heart_half_width = ctr * _THORAX_WIDTH / 2.0 * (1.0 - 0.035 * inspiration)
     heart = _soft_ellipse(x, y, _HEART_CX, _HEART_CY, heart_half_width, _HEART_HALF_HEIGHT, 0.15)
     heart = heart * (y > _HEART_CY - _HEART_HALF_HEIGHT * 0.9)
@@ -157,7 +168,12 @@ def render_chest_radiograph(rng: np.random.Generator, findings: dict[str, bool],
         density = density + rng.uniform(0.04, 0.14) * pleural_line
         filled = filled + rng.uniform(0.05, 0.3) * (1.0 - rim) * lungs[index]  # the collapsed lung is denser
 
-    if findings.get("pneumonia"):
+    # Consolidation (pneumonia) and its mimics: atelectasis or an old scar give the same patchy opacity on a
+    # single film. Only the clinical picture (fever, CRP, leukocytes) tells them apart, as it does in practice.
+    mimic = rng.random() < _OPACITY_MIMIC_PROBABILITY
+    for present in (bool(findings.get("pneumonia")), mimic):
+        if not present:
+            continue
         index = int(rng.integers(0, 2))
         cx, cy, ax, ay = _LUNGS[index]
         zone_y = cy + ay * rng.uniform(-0.55, 0.55)
@@ -199,7 +215,12 @@ def render_chest_radiograph(rng: np.random.Generator, findings: dict[str, bool],
     offset = rng.uniform(40.0, 400.0)
     gain = rng.uniform(2000.0, 4200.0)
     pixels = offset + gain * density
-    pixels = pixels + rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(8.0, 40.0)
+    # Quantum noise per unit of film area, not per pixel: smaller pixels are noisier, so a film rendered at 1024
+    # and one rendered at 512 look alike once both are brought to the same size. Drawn from a generator of its
+    # own, so that what the caller draws next (the clinical values) does not depend on the size either.
+    noise_rng = np.random.default_rng(int(rng.integers(0, 2**63 - 1)))
+    noise_sigma = rng.uniform(8.0, 40.0) * size / _REFERENCE_SIZE
+    pixels = pixels + noise_rng.standard_normal((size, size), dtype=np.float32) * noise_sigma
     return np.clip(pixels, 0, MAX_PIXEL_VALUE).astype(np.uint16)
 
 
@@ -234,9 +255,9 @@ def sample_clinical(
 
     if age_years is None:
         # Heart failure is a disease of the old; spontaneous pneumothorax of the young.
-        mean_age = 52.0 + 12.0 * (cardiomegaly or edema) - 16.0 * pneumothorax
+        mean_age = 52.0 + 12.0 * (cardiomegaly or edema) - 8.0 * pneumothorax
         age_years = float(np.clip(rng.normal(mean_age, 17.0), 18.0, 98.0))
-    male_probability = 0.5 + 0.25 * pneumothorax
+    male_probability = 0.5 + 0.15 * pneumothorax
     sex = "male" if rng.random() < male_probability else "female"
 
     # Conditions the film does not show but the numbers do: an infection elsewhere (fever, CRP), chronic lung
@@ -247,15 +268,18 @@ def sample_clinical(
 
     # Not every pneumonia is febrile or inflamed (elderly, early, immunosuppressed): the response varies.
     response = rng.uniform(0.1, 1.2) if pneumonia else 0.0
+    # Most pneumothoraces are small and well tolerated: the vital signs move with the size, which only the film
+    # shows. A pneumothorax is a diagnosis of the image; the numbers barely hint at it.
+    collapse = rng.uniform(0.0, 1.0) ** 2 if pneumothorax else 0.0
     inflammation = response + (rng.uniform(0.2, 0.8) if other_infection else 0.0)
     temperature = rng.normal(36.9, 0.4) + inflammation * rng.normal(1.2, 0.5)
     heart_rate = (
-        rng.normal(80.0, 13.0) + 10.0 * inflammation + 8.0 * edema + 10.0 * pneumothorax + 4.0 * effusion
+        rng.normal(80.0, 13.0) + 10.0 * inflammation + 8.0 * edema + 12.0 * collapse + 4.0 * effusion
     ) + 4.0 * (temperature - 37.0)
     respiratory_rate = (
-        rng.normal(16.0, 3.0) + 3.0 * pneumonia + 4.0 * edema + 4.0 * pneumothorax + 2.0 * effusion + 4.0 * chronic_lung
+        rng.normal(16.0, 3.0) + 3.0 * pneumonia + 4.0 * edema + 5.0 * collapse + 2.0 * effusion + 4.0 * chronic_lung
     )
-    spo2_drop = 2.0 * pneumonia + 3.0 * edema + 3.5 * pneumothorax + 1.0 * effusion + 3.0 * chronic_lung
+    spo2_drop = 2.0 * pneumonia + 3.0 * edema + 4.0 * collapse + 1.0 * effusion + 3.0 * chronic_lung
     spo2 = min(100.0, rng.normal(97.0, 1.5) - spo2_drop * rng.uniform(0.3, 1.6))
     leukocytes = rng.lognormal(np.log(7.5), 0.3) * (1.0 + inflammation * rng.uniform(0.1, 1.0))
     crp = rng.lognormal(np.log(4.0), 0.9) * np.exp(inflammation * rng.normal(2.3, 0.7))

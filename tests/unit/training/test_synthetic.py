@@ -128,3 +128,21 @@ def test_findings_have_plausible_prevalence() -> None:
     edema_with = np.mean([d["pulmonary_edema"] for d in draws if d["cardiomegaly"]])
     edema_without = np.mean([d["pulmonary_edema"] for d in draws if not d["cardiomegaly"]])
     assert edema_with > 2 * edema_without
+
+
+def test_one_patient_looks_alike_at_every_render_size() -> None:
+    # A DICOM cohort may render at 1024 or more; the model sees 256. Both must show the same patient, and the
+    # generator must be left in the same state so that the clinical values drawn next are the same too.
+    findings = {name: True for name in FINDINGS}
+    resized = []
+    next_draws = []
+    for size in (512, 1024):
+        rng = np.random.default_rng(11)
+        image = render_chest_radiograph(rng, findings, size=size).astype(np.float64)
+        factor = size // 256
+        resized.append(image.reshape(256, factor, 256, factor).mean(axis=(1, 3)))
+        next_draws.append(sample_clinical(rng, findings))
+
+    assert np.corrcoef(resized[0].ravel(), resized[1].ravel())[0, 1] > 0.995
+    assert np.abs(resized[0] - resized[1]).mean() < 0.05 * resized[0].std()
+    assert next_draws[0] == next_draws[1]
