@@ -124,9 +124,14 @@ def _set_state(session: Session, job: Job, state: JobState, stage: JobStage) -> 
     metrics.JOBS.labels(job.model_name, state.value).inc()
 
 
+FINAL_STATES = (JobState.succeeded.value, JobState.failed.value)
+
+
 def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -> None:
     with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id)
+        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
+        if job.state in FINAL_STATES:  # a duplicate delivery already finished the job: keep its outcome
+            return
         _set_state(session, job, JobState.failed, stage)
         job.error_code, job.error_message = error.code, error.message
         study = session.get(Study, job.study_id)
@@ -175,12 +180,15 @@ def _study_datetime(study: Study) -> dt.datetime:
 def preprocess_job(runtime: Runtime, job_id: str) -> None:
     """Stage 1 (CPU): decode the routed image, build the clinical vector, keep both for the infer stage.
 
-    Idempotent: a finished job is left alone; a re-run rewrites the same inputs.
+    Idempotent: a finished job, or one whose inputs are ready for the infer stage, is left alone; a re-run rewrites
+    the same inputs. States only move forward: queued -> preprocessing -> inferring -> succeeded | failed.
     """
     with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id)
-        if job.state in (JobState.succeeded.value, JobState.failed.value):
+        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
+        if job.state in FINAL_STATES:
             return
+        if job.state == JobState.inferring.value and runtime.blobs.exists(_inputs_key(job_id)):
+            return  # a duplicate delivery: the infer stage has what it needs (the reconciler re-sends infer if lost)
         job.attempts += 1
         _set_state(session, job, JobState.preprocessing, JobStage.preprocess)
         study = session.get(Study, job.study_id)
@@ -238,26 +246,42 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
     )
     metrics.PREPROCESS_DURATION.labels(job.model_name).observe(time.perf_counter() - started)
     with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id)
+        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
+        if job.state != JobState.preprocessing.value:
+            return  # another delivery moved the job on meanwhile
         _set_state(session, job, JobState.inferring, JobStage.infer)
     _enqueue(runtime, job_id, JobStage.infer)
+
+
+def _back_to_preprocess(runtime: Runtime, job_id: str) -> None:
+    """The prepared inputs are gone (never made, or removed by a duplicate that finished): pre-process again,
+    unless the job is finished, rather than wait for them for ever."""
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
+        if job.state in FINAL_STATES:
+            return
+        _set_state(session, job, JobState.queued, JobStage.preprocess)
+    log.warning("job %s: no prepared inputs for the infer stage; pre-processing again", job_id)
+    _enqueue(runtime, job_id, JobStage.preprocess)
 
 
 def infer_job(runtime: Runtime, job_id: str) -> None:
     """Stage 2 (GPU): run the model on the prepared inputs and store exactly one report per study x model version."""
     with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id)
-        if job.state in (JobState.succeeded.value, JobState.failed.value):
+        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
+        if job.state in FINAL_STATES:
             return
         model_name, model_version = job.model_name, job.model_version
     try:
         model, version = runtime.registry.version_or_raise(model_name, model_version)
-        if not runtime.blobs.exists(_inputs_key(job_id)):
-            raise TransientError("the prepared inputs are not there yet")
-        with np.load(io.BytesIO(runtime.blobs.read_bytes(_inputs_key(job_id)))) as arrays:
-            clinical_used, source_uid = pipeline.clinical_used_from_json(
-                runtime.blobs.read_bytes(f"jobs/{job_id}/clinical.json").decode()
-            )
+        try:
+            inputs = runtime.blobs.read_bytes(_inputs_key(job_id))
+            clinical_json = runtime.blobs.read_bytes(f"jobs/{job_id}/clinical.json").decode()
+        except FileNotFoundError:
+            _back_to_preprocess(runtime, job_id)
+            return
+        with np.load(io.BytesIO(inputs)) as arrays:
+            clinical_used, source_uid = pipeline.clinical_used_from_json(clinical_json)
             prepared = pipeline.PreparedInputs(
                 image=arrays["image"],
                 clinical=arrays["clinical"] if "clinical" in arrays else None,
@@ -277,7 +301,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         _fail(runtime, job_id, JobStage.infer, e)
         return
     with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id)
+        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
         study = session.get(Study, job.study_id)
         assert study is not None
         report, created = reports.create_once(session=session, job=job, study=study, findings=findings)

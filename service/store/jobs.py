@@ -16,12 +16,13 @@ from service.store.tables import Job, Study
 ACTIVE_STATES = (JobState.queued.value, JobState.preprocessing.value, JobState.inferring.value)
 
 
-def get(*, session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
+def get(*, session: Session, job_id: str, for_update: bool = False) -> Job | None:
+    """``for_update`` locks the row until the transaction ends (PostgreSQL; SQLite serializes writers anyway)."""
+    return session.get(Job, job_id, with_for_update=for_update, populate_existing=for_update)
 
 
-def get_or_raise(*, session: Session, job_id: str) -> Job:
-    job = get(session=session, job_id=job_id)
+def get_or_raise(*, session: Session, job_id: str, for_update: bool = False) -> Job:
+    job = get(session=session, job_id=job_id, for_update=for_update)
     if job is None:
         raise NotFound(f"job {job_id} not found")
     return job

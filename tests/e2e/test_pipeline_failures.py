@@ -84,6 +84,7 @@ def test_a_job_committed_while_the_broker_was_down_is_reconciled(
         time.sleep(0.05)
         assert "1 jobs not progressing" in client.get("/readyz").json()["checks"]["workers"]
     analysis.sweep(runtime)
+    runtime.settings.reconcile_after_seconds = 300  # one reconciliation, not one every sweep
     job = _wait_job(client, job_id, tokens.header("admin"), {"succeeded", "failed"})
     assert job["state"] == "succeeded"
 

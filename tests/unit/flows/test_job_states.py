@@ -1,0 +1,67 @@
+"""Duplicate and out-of-order deliveries never move a job backwards nor make a second report."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from service.flows import analysis, ingest, queue
+from service.flows.runtime import Runtime
+from service.schemas import SYSTEM_PRINCIPAL
+from service.store import jobs
+from service.store.tables import Report
+from tests.factories import dx_instance
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(queue, "send", lambda task, job_id, **kw: calls.append((task, job_id)))
+    return calls
+
+
+def _job(runtime: Runtime) -> str:
+    study_uid = generate_uid()
+    result = ingest.store_instance(
+        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+    )
+    assert isinstance(result, ingest.StoredInstance)
+    request = analysis.request_analysis(
+        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
+    )
+    [job] = [j for j in request.jobs if j.model_name == "cxr-fusion"]
+    return job.id
+
+
+def _state(runtime: Runtime, job_id: str) -> tuple[str, str, int]:
+    with runtime.sessions() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        return job.state, job.stage, job.attempts
+
+
+def test_duplicates_in_every_order(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    job_id = _job(runtime)
+    assert sent == [(queue.PREPROCESS_TASK, job_id)]
+    analysis.preprocess_job(runtime, job_id)
+    assert _state(runtime, job_id) == ("inferring", "infer", 1)
+    analysis.preprocess_job(runtime, job_id)  # duplicate: inputs are ready, nothing to do
+    assert _state(runtime, job_id) == ("inferring", "infer", 1)
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[0] == "succeeded"
+    analysis.preprocess_job(runtime, job_id)  # late duplicate of stage 1
+    analysis.infer_job(runtime, job_id)  # duplicate of stage 2
+    assert _state(runtime, job_id)[0] == "succeeded"
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count(Report.id))) == 1
+
+
+def test_infer_without_inputs_goes_back_to_preprocess(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    job_id = _job(runtime)
+    sent.clear()
+    analysis.infer_job(runtime, job_id)  # arrives first (e.g. re-sent by the reconciler after the inputs were lost)
+    assert _state(runtime, job_id)[:2] == ("queued", "preprocess")
+    assert sent == [(queue.PREPROCESS_TASK, job_id)]
+    analysis.preprocess_job(runtime, job_id)
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[0] == "succeeded"
