@@ -45,6 +45,7 @@ from service.inference.manifest import (
 from service.inference.preprocess import clinical_vector, prepare_image
 from service.schemas import ClinicalContext, ObservationFact
 from service.training.ct_synthetic import render_head_ct_slice, sample_case
+from service.training.measures import auroc, fit_temperature, youden_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -227,67 +228,6 @@ def _clinical_arrays(cohort: Cohort, features: list[ClinicalFeature]) -> tuple[n
 def _round(value: float) -> float:
     """Statistics as written to the manifest; training uses the rounded values so both agree exactly."""
     return float(f"{value:.6g}")
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve from the ranks of the scores (Mann-Whitney U), ties counted half.
-
-    Args:
-        labels: 0/1 array.
-        scores: array of the same length; higher means more likely positive.
-
-    Returns:
-        The AUROC, or NaN when one class is absent.
-    """
-    positive = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ordered = scores[order]
-    # Each run of equal scores gets the mean of its 1-based positions.
-    boundaries = np.flatnonzero(np.diff(ordered)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [scores.size]))
-    ranks = np.empty(scores.size, dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
-    # log(1 + exp(-|z|)) form: stable for large logits.
-    return float(np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))))
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T minimizing the negative log-likelihood of sigmoid(logit / T), T in [1/8, 8].
-
-    Golden-section search on log T; the NLL is unimodal in T for a fixed ranking.
-    """
-    low, high = math.log(0.125), math.log(8.0)
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    for _ in range(60):
-        a, b = high - ratio * (high - low), low + ratio * (high - low)
-        if _nll(logits / math.exp(a), labels) < _nll(logits / math.exp(b), labels):
-            high = b
-        else:
-            low = a
-    return math.exp((low + high) / 2.0)
-
-
-def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """The probability threshold maximizing sensitivity + specificity - 1 (Youden's J)."""
-    positive = labels.astype(bool)
-    n_pos, n_neg = max(int(positive.sum()), 1), max(int((~positive).sum()), 1)
-    best, best_j = 0.5, -1.0
-    for threshold in np.unique(probabilities):
-        predicted = probabilities >= threshold
-        j = (predicted & positive).sum() / n_pos - (predicted & ~positive).sum() / n_neg
-        if j > best_j:
-            best, best_j = float(threshold), float(j)
-    return best
 
 
 def _predict(
