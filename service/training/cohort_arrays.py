@@ -121,22 +121,30 @@ class Normalizer:
         }
 
 
-def clinical_features(means: list[float] | None = None, stds: list[float] | None = None) -> list[ClinicalFeature]:
-    """The manifest's clinical features, with normalization statistics (identity when None)."""
-    features = []
-    for i, (name, display, source, unit, lookback) in enumerate(CLINICAL_FEATURES):
-        features.append(
-            ClinicalFeature(
-                name=name,
-                display=display,
-                source=source,
-                unit=unit,
-                lookback_hours=lookback,
-                mean=0.0 if means is None else means[i],
-                std=1.0 if stds is None else stds[i],
-            )
+def features_from_table(
+    table: tuple[tuple[str, str, FeatureSource, str | None, float | None], ...] | list[Any],
+    means: list[float] | None = None,
+    stds: list[float] | None = None,
+) -> list[ClinicalFeature]:
+    """Manifest clinical features from a (name, display, source, unit, lookback) table, with normalization
+    statistics (identity when None)."""
+    return [
+        ClinicalFeature(
+            name=name,
+            display=display,
+            source=source,
+            unit=unit,
+            lookback_hours=lookback,
+            mean=0.0 if means is None else means[i],
+            std=1.0 if stds is None else stds[i],
         )
-    return features
+        for i, (name, display, source, unit, lookback) in enumerate(table)
+    ]
+
+
+def clinical_features(means: list[float] | None = None, stds: list[float] | None = None) -> list[ClinicalFeature]:
+    """cxr-fusion's clinical features, with normalization statistics (identity when None)."""
+    return features_from_table(CLINICAL_FEATURES, means, stds)
 
 
 def image_spec(image_size: int, *, mean: float = 0.0, std: float = 1.0) -> ImagePreprocessing:

@@ -14,41 +14,20 @@ enough to push the midline over. Nothing here is fit for clinical use.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
+
+from service.training.synthetic import smooth_noise, unit_axis
 
 # Stored values of a CT object with BitsStored 12 and RescaleIntercept -1024 span -1024..3071 HU.
 MIN_HU = -1024
 MAX_HU = 3071
 
+
 HEMORRHAGE_PREVALENCE = 0.35
 HEMORRHAGE_TYPES: tuple[str, ...] = ("intraparenchymal", "subdural", "epidural")
 _HEMORRHAGE_TYPE_PROBABILITIES = (0.5, 0.3, 0.2)
-
-
-@functools.lru_cache(maxsize=8)
-def _upsampler(size: int, coarse: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear interpolation indices and weights from ``coarse`` samples to ``size`` samples."""
-    positions = np.clip((np.arange(size) + 0.5) * coarse / size - 0.5, 0, coarse - 1)
-    low = np.floor(positions).astype(np.int64)
-    high = np.minimum(low + 1, coarse - 1)
-    return low, high, (positions - low).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=4)
-def _axis(size: int) -> np.ndarray:
-    return ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, coarse: int) -> np.ndarray:
-    """Zero-mean, unit-variance-ish noise that varies over ``size / coarse`` pixels."""
-    # Gathers rather than a matrix product: BLAS threads would fight over the cores that training uses.
-    low, high, frac = _upsampler(size, coarse)
-    field = rng.standard_normal((coarse, coarse), dtype=np.float32)
-    rows = field[low] * (1.0 - frac[:, None]) + field[high] * frac[:, None]
-    return rows[:, low] * (1.0 - frac[None, :]) + rows[:, high] * frac[None, :]
 
 
 def _blend(image: np.ndarray, weight: np.ndarray, value: float | np.ndarray) -> np.ndarray:
@@ -139,7 +118,7 @@ def render_head_ct_slice(rng: np.random.Generator, *, hemorrhage: bool, size: in
     pixel = 2.0 / size  # one pixel in normalized units: the width of partial-volume edges
 
     # Head position: a little off centre, rotated, and of varying size. (u, v) are the head's own axes.
-    axis = _axis(size)
+    axis = unit_axis(size)
     angle = anatomy.uniform(-0.2, 0.2)
     scale = anatomy.uniform(0.85, 1.0)
     offset_x, offset_y = anatomy.uniform(-0.04, 0.04), anatomy.uniform(-0.04, 0.04)
@@ -169,13 +148,13 @@ def render_head_ct_slice(rng: np.random.Generator, *, hemorrhage: bool, size: in
     # White matter with a faint texture, then the grey matter of the cortical ribbon.
     white, grey = anatomy.uniform(25.0, 31.0), anatomy.uniform(35.0, 42.0)
     csf = anatomy.uniform(2.0, 10.0)
-    hu = white + 1.5 * _smooth_noise(anatomy, size, 64)
+    hu = white + 1.5 * smooth_noise(anatomy, size, 64)
     atrophy = anatomy.uniform(0.0, 1.0)  # older brains: wider sulci and ventricles
     convexity_csf = 0.004 + 0.010 * atrophy
-    ribbon = 0.035 + 0.025 * np.clip(_smooth_noise(anatomy, size, 20), -1.2, 1.2)
+    ribbon = 0.035 + 0.025 * np.clip(smooth_noise(anatomy, size, 20), -1.2, 1.2)
     hu = _blend(hu, np.clip((convexity_csf + ribbon - brain_depth) / (2 * pixel), 0.0, 1.0), grey)
     # Sulci: thin CSF clefts running into the ribbon.
-    sulci = np.abs(_smooth_noise(anatomy, size, 36)) < (0.06 + 0.08 * atrophy)
+    sulci = np.abs(smooth_noise(anatomy, size, 36)) < (0.06 + 0.08 * atrophy)
     sulci &= brain_depth < convexity_csf + ribbon * 1.1
     hu[sulci] += 0.8 * (csf - hu[sulci])
     # CSF over the convexity, between the brain and the inner table.
@@ -273,7 +252,7 @@ def _draw_hemorrhage(
         region = hu[rows, cols] - lesion["edema_drop"] * edema * intracranial
         blood = np.clip((outline - distance) / (1.5 * pixel), 0.0, 1.0) * intracranial
         # Clot is not uniform: retraction and serum make it mottled.
-        mottle = 3.0 * np.clip(_smooth_noise(rng, hu.shape[0], 48)[rows, cols], -2.0, 2.0)
+        mottle = 3.0 * np.clip(smooth_noise(rng, hu.shape[0], 48)[rows, cols], -2.0, 2.0)
         hu[rows, cols] = _blend(region, blood, lesion["density"] + mottle)
         return
     # Extra-axial: only the band just inside the inner table can hold it.

@@ -22,7 +22,6 @@ import hashlib
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,9 @@ from service.inference.manifest import (
 )
 from service.inference.preprocess import clinical_vector, prepare_image
 from service.schemas import ClinicalContext, ObservationFact
+from service.training.cohort_arrays import features_from_table
 from service.training.ct_synthetic import render_head_ct_slice, sample_case
+from service.training.export import OPSET, export_onnx
 from service.training.measures import auroc, fit_temperature, youden_threshold
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ IMAGE_SIZE = 128
 # The stored values of a CT object: 12 bits, RescaleSlope 1, RescaleIntercept -1024.
 RESCALE_SLOPE, RESCALE_INTERCEPT, MAX_STORED = 1.0, -1024.0, 4095
 BRAIN_WINDOW = (40.0, 80.0)  # WindowCenter, WindowWidth
-OPSET = 17
 PARITY_TOLERANCE = 1e-4
 MODALITY_DROPOUT = 0.3
 BATCH_SIZE = 32
@@ -128,18 +128,7 @@ class CtHeadNet(nn.Module):
 
 
 def _features(means: list[float] | None = None, stds: list[float] | None = None) -> list[ClinicalFeature]:
-    return [
-        ClinicalFeature(
-            name=name,
-            display=display,
-            source=source,
-            unit=unit,
-            lookback_hours=lookback,
-            mean=0.0 if means is None else means[i],
-            std=1.0 if stds is None else stds[i],
-        )
-        for i, (name, display, source, unit, lookback) in enumerate(CLINICAL_FEATURES)
-    ]
+    return features_from_table(CLINICAL_FEATURES, means, stds)
 
 
 def _image_spec(mean: float = 0.0, std: float = 1.0) -> ImagePreprocessing:
@@ -287,26 +276,6 @@ def _train(
             total / n,
             auroc(validation[3], val_logits),
             time.perf_counter() - started,
-        )
-
-
-def _export_onnx(model: CtHeadNet, path: Path, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript; the graph
-        # here is plain convolutions, reductions and linear layers, well within what it handles.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.onnx.export(
-            model,
-            example,
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["image", "clinical", "clinical_mask"],
-            output_names=["logits"],
-            dynamic_axes={name: {0: "batch"} for name in ("image", "clinical", "clinical_mask", "logits")},
-            do_constant_folding=True,
         )
 
 
@@ -584,7 +553,7 @@ def build_ct_head_ich(
     model_dir = out_dir / MODEL_NAME
     onnx_path = model_dir / MODEL_VERSION / "model.onnx"
     example = (val_tensors[0][:16], val_tensors[1][:16], val_tensors[2][:16])
-    _export_onnx(model, onnx_path, example)
+    export_onnx(model, onnx_path, example, output_names=("logits",))
     parity = _check_parity(model, onnx_path, example)
     sha256 = _sha256(onnx_path)
     model_bytes = onnx_path.stat().st_size

@@ -54,12 +54,20 @@ VARIANT_LABELS = {
 }
 
 
-def _export_onnx(model: nn.Module, path: Path, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    example: tuple[torch.Tensor, ...],
+    *,
+    input_names: tuple[str, ...] = INPUT_NAMES,
+    output_names: tuple[str, ...] = OUTPUT_NAMES,
+) -> None:
+    """Export with a dynamic batch axis on every input and output (opset ``OPSET``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript; the graph
-        # here is plain convolutions and linear layers, well within what the TorchScript exporter handles.
+        # graphs here are plain convolutions, reductions and linear layers, well within what it handles.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         torch.onnx.export(
             model,
@@ -67,9 +75,9 @@ def _export_onnx(model: nn.Module, path: Path, example: tuple[torch.Tensor, torc
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES},
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
             do_constant_folding=True,
         )
 
@@ -214,7 +222,7 @@ def export(name: str, *, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     rows = slice(0, min(PARITY_CASES, len(test)))
     parity_inputs = (test.images(rows).numpy(), test.clinical[rows], test.masks[rows])
     example = tuple(torch.from_numpy(array[:2]) for array in parity_inputs)
-    _export_onnx(model, onnx_path, example)  # type: ignore[arg-type]
+    export_onnx(model, onnx_path, example)  # type: ignore[arg-type]
     parity = check_parity(model, onnx_path, parity_inputs, temperatures)
     sha256 = _sha256(onnx_path)
     model_bytes = onnx_path.stat().st_size

@@ -78,11 +78,13 @@ def _upsampler(size: int, coarse: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 @functools.lru_cache(maxsize=4)
-def _axes(size: int) -> np.ndarray:
+def unit_axis(size: int) -> np.ndarray:
+    """Pixel-centre coordinates in [-1, 1], so that shapes are drawn independently of the resolution."""
     return ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, coarse: int) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, size: int, coarse: int) -> np.ndarray:
+    """Zero-mean, unit-variance-ish noise that varies over ``size / coarse`` pixels."""
     # Gathers rather than a matrix product: BLAS threads would fight over the two cores training uses.
     low, high, frac = _upsampler(size, coarse)
     field = rng.standard_normal((coarse, coarse), dtype=np.float32)
@@ -110,7 +112,7 @@ def render_chest_radiograph(rng: np.random.Generator, findings: dict[str, bool],
     Returns:
         uint16 array [size, size] with values in 0..4095.
     """
-    axis = _axes(size)
+    axis = unit_axis(size)
     # Patient positioning: shift and magnification differ from film to film.
     scale = rng.uniform(0.93, 1.05)
     x = ((axis - rng.uniform(-0.05, 0.05)) / scale)[None, :]
@@ -144,7 +146,7 @@ def render_chest_radiograph(rng: np.random.Generator, findings: dict[str, bool],
     heart = _soft_ellipse(x, y, _HEART_CX, _HEART_CY, heart_half_width, _HEART_HALF_HEIGHT, 0.15)
     heart = heart * (y > _HEART_CY - _HEART_HALF_HEIGHT * 0.9)
 
-    markings = _smooth_noise(rng, size, 40)
+    markings = smooth_noise(rng, size, 40)
     hilum_distance = np.sqrt((np.abs(x) - 0.2) ** 2 + (y + 0.05) ** 2)
     # Vessels fade towards the periphery, as in a normal lung.
     vessels = np.clip(markings, 0.0, None) * np.exp(-hilum_distance / 0.35)
@@ -180,7 +182,7 @@ def render_chest_radiograph(rng: np.random.Generator, findings: dict[str, bool],
         zone_x = cx + ax * rng.uniform(-0.45, 0.45)
         radius = rng.uniform(0.07, 0.2)
         blob = np.exp(-((x - zone_x) ** 2 + (y - zone_y) ** 2) / (2 * radius * radius))
-        patches = np.clip(0.65 + 0.5 * _smooth_noise(rng, size, 14), 0.0, 1.2)
+        patches = np.clip(0.65 + 0.5 * smooth_noise(rng, size, 14), 0.0, 1.2)
         filled = filled + rng.uniform(0.06, 0.8) * blob * patches * lungs[index]
 
     if findings.get("pleural_effusion"):

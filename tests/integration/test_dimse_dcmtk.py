@@ -31,6 +31,12 @@ def _need(tool: str) -> str:
     return path
 
 
+def _dcmtk(tool: str, port: int, *args: str, calling: str = "MODALITY1") -> subprocess.CompletedProcess[str]:
+    """Run echoscu or storescu (verbose) against the listener as the calling AE title ``calling``."""
+    command = [_need(tool), "-v", "-aet", calling, "-aec", "CLINFER", "127.0.0.1", str(port), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,13 +57,7 @@ def listener(tmp_path: Path) -> Iterator[Runtime]:
 
 
 def test_echoscu_and_storescu_store_a_multi_instance_study(listener: Runtime, tmp_path: Path) -> None:
-    port = str(listener.settings.dimse_port)
-    echo = subprocess.run(
-        [_need("echoscu"), "-aet", "MODALITY1", "-aec", "CLINFER", "127.0.0.1", port],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    echo = _dcmtk("echoscu", listener.settings.dimse_port)
     assert echo.returncode == 0, echo.stderr
     study_uid, series_uid = generate_uid(), generate_uid()
     files = []
@@ -67,24 +67,14 @@ def test_echoscu_and_storescu_store_a_multi_instance_study(listener: Runtime, tm
             dx_instance(study_uid=study_uid, series_uid=series_uid, seed=i, size=256, instance_number=i + 1)
         )
         files.append(str(path))
-    store = subprocess.run(
-        [_need("storescu"), "-aet", "MODALITY1", "-aec", "CLINFER", "127.0.0.1", port, *files],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    store = _dcmtk("storescu", listener.settings.dimse_port, *files)
     assert store.returncode == 0, store.stdout + store.stderr
     with listener.sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 4
         stored = session.scalars(select(AuditEvent).where(AuditEvent.event_type == "dicom.store")).all()
         assert len(stored) == 4 and {e.actor for e in stored} == {"dicom:MODALITY1"}
         assert {e.detail["protocol"] for e in stored} == {"dimse"}
-    again = subprocess.run(
-        [_need("storescu"), "-aet", "MODALITY1", "-aec", "CLINFER", "127.0.0.1", port, *files],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = _dcmtk("storescu", listener.settings.dimse_port, *files)
     assert again.returncode == 0, "re-sending is idempotent"
     with listener.sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 4
@@ -93,21 +83,7 @@ def test_echoscu_and_storescu_store_a_multi_instance_study(listener: Runtime, tm
 def test_unknown_calling_ae_title_is_refused_and_audited(listener: Runtime, tmp_path: Path) -> None:
     path = tmp_path / "img.dcm"
     path.write_bytes(dx_instance(size=256))
-    store = subprocess.run(
-        [
-            _need("storescu"),
-            "-aet",
-            "STRANGER",
-            "-aec",
-            "CLINFER",
-            "127.0.0.1",
-            str(listener.settings.dimse_port),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    store = _dcmtk("storescu", listener.settings.dimse_port, str(path), calling="STRANGER")
     assert store.returncode != 0
     assert "Association Rejected" in store.stdout + store.stderr
     with listener.sessions() as session:
@@ -127,38 +103,9 @@ def test_unknown_calling_ae_title_is_refused_and_audited(listener: Runtime, tmp_
 def test_a_refused_instance_gets_a_failure_status(listener: Runtime, tmp_path: Path) -> None:
     path = tmp_path / "other-study.dcm"
     path.write_bytes(dx_instance(size=256, sop_uid="1.2.3.4.5.6.7"))
-    first = subprocess.run(
-        [
-            _need("storescu"),
-            "-aet",
-            "MODALITY1",
-            "-aec",
-            "CLINFER",
-            "127.0.0.1",
-            str(listener.settings.dimse_port),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    first = _dcmtk("storescu", listener.settings.dimse_port, str(path))
     assert first.returncode == 0
     path.write_bytes(dx_instance(size=256, sop_uid="1.2.3.4.5.6.7", seed=9))  # same UID, different content
-    second = subprocess.run(
-        [
-            _need("storescu"),
-            "-v",
-            "-aet",
-            "MODALITY1",
-            "-aec",
-            "CLINFER",
-            "127.0.0.1",
-            str(listener.settings.dimse_port),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    second = _dcmtk("storescu", listener.settings.dimse_port, str(path))
     output = second.stdout + second.stderr
     assert second.returncode != 0 and "Error: CannotUnderstand" in output, output
