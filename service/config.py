@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     dimse_allowed_calling_ae_titles: list[str] = Field(default_factory=list, description="empty: any calling AE")
     dimse_max_associations: int = Field(default=10, ge=1)
     dimse_embedded: bool = Field(default=True, description="`clinfer serve` on the embedded default also listens")
+    dimse_tls_cert: Path | None = Field(default=None, description="PEM certificate: the DICOM listener speaks TLS")
+    dimse_tls_key: Path | None = Field(default=None, description="PEM private key of dimse_tls_cert")
+    dimse_tls_ca: Path | None = Field(
+        default=None, description="PEM CA bundle: when set, calling AEs must present a certificate it signed"
+    )
+
+    routing_rules: Path | None = Field(
+        default=None, description="YAML routing rules and destinations; unset: each model's manifest routing"
+    )
+    delivery_max_attempts: int = Field(default=5, ge=1, description="tries per result push before it is failed")
+    delivery_retry_seconds: float = Field(default=10.0, gt=0, description="first back-off between push tries")
 
     auth_enabled: bool = True
     auth_issuer: str = "clinfer-local"
@@ -77,6 +88,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
+        if (self.dimse_tls_cert is None) != (self.dimse_tls_key is None):
+            raise ValueError("CLINFER_DIMSE_TLS_CERT and CLINFER_DIMSE_TLS_KEY are set together or not at all")
+        if self.dimse_tls_ca is not None and self.dimse_tls_cert is None:
+            raise ValueError("CLINFER_DIMSE_TLS_CA needs CLINFER_DIMSE_TLS_CERT and CLINFER_DIMSE_TLS_KEY")
         if not self.auth_enabled and not _is_loopback(self.host):
             raise ValueError(
                 f"CLINFER_AUTH_ENABLED=false is only allowed on a loopback bind, not CLINFER_HOST={self.host!r}"
