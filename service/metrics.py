@@ -32,4 +32,12 @@ PREPROCESS_DURATION = Histogram(
 REPORTS = Counter("clinfer_reports_total", "Reports produced", ["model", "version"])
 AUDIT_EVENTS = Counter("clinfer_audit_events_total", "Audit events appended", ["event_type", "outcome"])
 AUTH_DENIALS = Counter("clinfer_auth_denials_total", "Requests refused by authentication or authorization", ["reason"])
+NO_ROUTE = Counter("clinfer_studies_no_route_total", "Studies that no routing rule sends to a model")
+REPORT_AMENDMENTS = Counter("clinfer_report_amendments_total", "Reports amended by a later analysis", ["model"])
+DICOM_RESULTS = Counter(
+    "clinfer_dicom_results_total", "DICOM results made (SR, heatmap Secondary Capture)", ["model", "kind"]
+)
+DELIVERIES = Counter(
+    "clinfer_deliveries_total", "Result pushes to destinations, by outcome", ["destination", "outcome"]
+)
 RECONCILED_JOBS = Counter("clinfer_reconciled_jobs_total", "Lost jobs re-enqueued by the reconciler")

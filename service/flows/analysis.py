@@ -17,10 +17,10 @@ from service.flows import queue
 from service.flows.runtime import Runtime
 from service.inference import pipeline
 from service.ingest import dicom
-from service.routing.rules import InstanceAttributes, routes_for_study
+from service.routing.rules import InstanceAttributes
 from service.schemas import SYSTEM_PRINCIPAL, JobStage, JobState, Principal, StudyStatus
 from service.store import audit, clinical, jobs, reports, studies
-from service.store.tables import Job, Patient, Study, utcnow
+from service.store.tables import Instance, Job, Patient, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -33,79 +33,135 @@ class AnalysisRequest:
     reason: str | None
 
 
+def instance_attributes(pairs: list[tuple[Series, Instance]]) -> list[InstanceAttributes]:
+    return [
+        InstanceAttributes(
+            sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=instance.sop_class_uid,
+            modality=series.modality,
+            body_part_examined=series.body_part_examined,
+            rows=instance.rows,
+            columns=instance.columns,
+            photometric_interpretation=instance.photometric_interpretation,
+            series_instance_uid=series.series_instance_uid,
+            series_description=series.series_description,
+            view_position=instance.view_position,
+            manufacturer=instance.manufacturer,
+            calling_ae_title=instance.calling_ae_title,
+            instance_number=instance.instance_number,
+        )
+        for series, instance in pairs
+    ]
+
+
 def request_analysis(
     runtime: Runtime, *, study_instance_uid: str, principal: Principal, trigger: str
 ) -> AnalysisRequest:
-    """Create one job per matching model (idempotently) and enqueue the new ones after commit.
+    """Create the jobs the routing rules ask for (idempotently) and enqueue the new ones after commit.
+
+    A model whose job already ran gets a new revision (its report will be amended) only when instances its rule
+    accepts arrived after that job was created; while such a job is still running the amendment waits, and the
+    study stays due for the sweeper.
 
     Args:
-        trigger: "request" (explicit) or "stable" (the study was quiet for the configured seconds).
+        trigger: "request" (explicit: now) or "stable" (the sweeper: each route waits for its rule's
+            stable_seconds of quiet, default CLINFER_STUDY_STABLE_SECONDS).
     """
-    models = runtime.registry.models
+    manifests = runtime.manifests()
+    now = utcnow()
     with runtime.sessions.begin() as session:
         study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
-        pairs = studies.instances_of(session=session, study=study)
-        attributes = [
-            InstanceAttributes(
-                sop_instance_uid=instance.sop_instance_uid,
-                sop_class_uid=instance.sop_class_uid,
-                modality=series.modality,
-                body_part_examined=series.body_part_examined,
-                rows=instance.rows,
-                columns=instance.columns,
-                photometric_interpretation=instance.photometric_interpretation,
-            )
-            for series, instance in pairs
-        ]
-        routes = routes_for_study([m.manifest for m in models.values()], attributes)
+        pairs = studies.instances_of(session=session, study=study, origin="received")
+        received_at = {instance.sop_instance_uid: instance.received_at for _, instance in pairs}
+        attributes = instance_attributes(pairs)
+        routing = runtime.routing.route_study(manifests, attributes)
+        quiet_seconds = (now - study.last_instance_at).total_seconds()
         created: list[Job] = []
         all_jobs: list[Job] = []
-        for route in routes:
-            job, new = jobs.get_or_create(
+        waiting = 0
+        for route in routing.routes:
+            needed = runtime.settings.study_stable_seconds if route.stable_seconds is None else route.stable_seconds
+            if trigger == "stable" and quiet_seconds < needed:
+                waiting += 1
+                continue
+            latest = jobs.latest(
                 session=session, study=study, model_name=route.model_name, model_version=route.model_version
             )
+            revision = 1
+            if latest is not None:
+                accepted = runtime.routing.matching_instances(manifests, route, attributes)
+                newer = [i for i in accepted if received_at[i.sop_instance_uid] > latest.created_at]
+                all_jobs.append(latest)
+                if not newer:
+                    continue
+                if latest.state not in FINAL_STATES:
+                    waiting += 1  # amend once the running analysis has finished
+                    continue
+                revision = latest.revision + 1
+            job, new = jobs.get_or_create(
+                session=session,
+                study=study,
+                model_name=route.model_name,
+                model_version=route.model_version,
+                revision=revision,
+                priority=route.queue_priority,
+                rule=route.rule,
+                sop_instance_uid=route.sop_instance_uid,
+                destinations=list(route.destinations),
+            )
+            if latest is not None and latest in all_jobs:
+                all_jobs.remove(latest)
             all_jobs.append(job)
             if new:
                 created.append(job)
                 metrics.JOBS.labels(route.model_name, JobState.queued.value).inc()
-        reason = None
-        if not routes:
-            reason = "no model applies to this study (modality, body part, SOP class or size)"
+        reason = routing.reason()
+        previous_status = study.status
+        if not routing.routes:
             study.status = StudyStatus.no_route.value
         elif created:
             study.status = StudyStatus.analyzing.value
         study.status_reason = reason
-        study.analysis_requested_at = utcnow()
-        audit.append(
-            session=session,
-            principal=principal,
-            event_type="study.analyze",
-            action="E",
-            entity_type="ImagingStudy",
-            entity_ref=f"study:{study_instance_uid}",
-            patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
-            detail={
-                "trigger": trigger,
-                "jobs": [j.id for j in all_jobs],
-                "new_jobs": len(created),
-                "models": [f"{r.model_name}:{r.model_version}" for r in routes],
-                "reason": reason,
-            },
-        )
+        if not waiting:
+            study.analysis_requested_at = now
+        if trigger == "request" or created or study.status != previous_status:
+            audit.append(
+                session=session,
+                principal=principal,
+                event_type="study.analyze",
+                action="E",
+                entity_type="ImagingStudy",
+                entity_ref=f"study:{study_instance_uid}",
+                patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
+                detail={
+                    "trigger": trigger,
+                    "jobs": [j.id for j in all_jobs],
+                    "new_jobs": len(created),
+                    "routes": [
+                        {"model": f"{r.model_name}:{r.model_version}", "rule": r.rule, "priority": r.priority.value}
+                        for r in routing.routes
+                    ],
+                    "waiting": waiting,
+                    "reason": reason,
+                },
+            )
+        if not routing.routes and previous_status != StudyStatus.no_route.value:
+            metrics.NO_ROUTE.inc()
         status = study.status
-    for job in created:
-        _enqueue(runtime, job.id, JobStage.preprocess)
+        to_send = [(job.id, job.priority) for job in created]
+    for job_id, priority in to_send:
+        _enqueue(runtime, job_id, JobStage.preprocess, priority)
     return AnalysisRequest(study_instance_uid, status, all_jobs, reason)
 
 
-def _enqueue(runtime: Runtime, job_id: str, stage: JobStage) -> None:
+def _enqueue(runtime: Runtime, job_id: str, stage: JobStage, priority: int) -> None:
     task, target = (
         (queue.PREPROCESS_TASK, queue.PREPROCESS_QUEUE)
         if stage == JobStage.preprocess
         else (queue.INFER_TASK, queue.INFER_QUEUE)
     )
     try:
-        queue.send(task, job_id, queue=target)
+        queue.send(task, job_id, queue=target, priority=priority)
     except Exception as e:  # the broker is down: the job row stays queued and the reconciler sends it later
         log.warning("enqueue of job %s failed, the reconciler will retry: %s", job_id, e)
         return
@@ -194,20 +250,12 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
         study = session.get(Study, job.study_id)
         assert study is not None
         model = runtime.registry.models.get(job.model_name)
-        pairs = studies.instances_of(session=session, study=study)
-        candidates = [
-            InstanceAttributes(
-                i.sop_instance_uid,
-                i.sop_class_uid,
-                s.modality,
-                s.body_part_examined,
-                i.rows,
-                i.columns,
-                i.photometric_interpretation,
-            )
-            for s, i in pairs
-        ]
-        routes = routes_for_study([model.manifest], candidates) if model is not None else []
+        pairs = studies.instances_of(session=session, study=study, origin="received")
+        source_uid = job.sop_instance_uid
+        if source_uid is None and model is not None:  # a job made before routing recorded its instance
+            routing = runtime.routing.route_study({model.manifest.name: model.manifest}, instance_attributes(pairs))
+            source_uid = routing.routes[0].sop_instance_uid if routing.routes else None
+        priority = job.priority
         blob_keys = {i.sop_instance_uid: i.blob_key for _, i in pairs}
         patient = session.get(Patient, study.patient_id) if study.patient_id else None
         context = clinical.clinical_context(session=session, patient=patient)
@@ -216,9 +264,8 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
     try:
         if model is None:
             raise NotFound(f"model {job.model_name} is no longer served")
-        if not routes:
+        if source_uid is None or source_uid not in blob_keys:
             raise InvalidInput("no instance of the study matches the model any more")
-        source_uid = routes[0].sop_instance_uid
         decoded = dicom.decode_image(
             runtime.blobs.read_bytes(blob_keys[source_uid]), max_pixels=runtime.settings.max_decoded_pixels
         )
@@ -250,7 +297,7 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
         if job.state != JobState.preprocessing.value:
             return  # another delivery moved the job on meanwhile
         _set_state(session, job, JobState.inferring, JobStage.infer)
-    _enqueue(runtime, job_id, JobStage.infer)
+    _enqueue(runtime, job_id, JobStage.infer, priority)
 
 
 def _back_to_preprocess(runtime: Runtime, job_id: str) -> None:
@@ -261,8 +308,9 @@ def _back_to_preprocess(runtime: Runtime, job_id: str) -> None:
         if job.state in FINAL_STATES:
             return
         _set_state(session, job, JobState.queued, JobStage.preprocess)
+        priority = job.priority
     log.warning("job %s: no prepared inputs for the infer stage; pre-processing again", job_id)
-    _enqueue(runtime, job_id, JobStage.preprocess)
+    _enqueue(runtime, job_id, JobStage.preprocess, priority)
 
 
 def infer_job(runtime: Runtime, job_id: str) -> None:
@@ -343,11 +391,13 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
         stable = [
             s.study_instance_uid
             for s in studies.stable_unanalyzed(
-                session=session, stable_before=now - dt.timedelta(seconds=runtime.settings.study_stable_seconds)
+                session=session,
+                stable_before=now
+                - dt.timedelta(seconds=runtime.routing.min_stable_seconds(runtime.settings.study_stable_seconds)),
             )
         ]
         lost = [
-            (j.id, j.stage)
+            (j.id, j.stage, j.priority)
             for j in jobs.lost(
                 session=session, older_than=now - dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
             )
@@ -357,11 +407,11 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
             request_analysis(runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable")
         except ServiceError as e:
             log.warning("automatic analysis of a stable study failed: %s", e.message)
-    for job_id, stage in lost:
+    for job_id, stage, priority in lost:
         with runtime.sessions.begin() as session:
             job = jobs.get_or_raise(session=session, job_id=job_id)
             job.updated_at = now  # one re-send per reconcile period
-        _enqueue(runtime, job_id, JobStage.infer if stage == JobStage.infer.value else JobStage.preprocess)
+        _enqueue(runtime, job_id, JobStage.infer if stage == JobStage.infer.value else JobStage.preprocess, priority)
         metrics.RECONCILED_JOBS.inc()
     return len(stable), len(lost)
 

@@ -10,7 +10,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings, get_settings
+from service.inference.manifest import Manifest
 from service.inference.registry import ModelRegistry
+from service.routing.rules import RoutingTable, build_table
 from service.store import db
 from service.store.blobs import LocalBlobStore
 
@@ -24,6 +26,10 @@ class Runtime:
     sessions: sessionmaker[Session]
     blobs: LocalBlobStore
     registry: ModelRegistry
+    routing: RoutingTable
+
+    def manifests(self) -> dict[str, Manifest]:
+        return {name: model.manifest for name, model in self.registry.models.items()}
 
 
 _runtime: Runtime | None = None
@@ -39,12 +45,15 @@ def build_runtime(settings: Settings, *, migrate: bool = True) -> Runtime:
     registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
     registry.load()
     log.info("models served: %s", ", ".join(sorted(registry.models)) or "none")
+    routing = build_table(settings.routing_rules, {name: m.manifest for name, m in registry.models.items()})
+    log.info("routing: %d rules from %s", len(routing.rules), routing.source)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=db.make_session_factory(engine),
         blobs=LocalBlobStore(settings.effective_blob_dir),
         registry=registry,
+        routing=routing,
     )
 
 

@@ -60,8 +60,10 @@ def diagnostic_report(
     findings: Findings,
     issued: dt.datetime,
     effective_at: dt.datetime | None = None,
+    version: int = 1,
 ) -> dict[str, Any]:
-    """Build the preliminary, AI-generated DiagnosticReport for one study and one model.
+    """Build the AI-generated DiagnosticReport for one study and one model: ``preliminary`` in its first version,
+    ``amended`` in later ones (an analysis of instances that arrived after the first).
 
     Each finding becomes a contained Observation (``#obs-1``, ``#obs-2``, ... in the order of
     ``findings.findings``) with the probability as a unitless quantity in [0, 1], POS/NEG interpretation and
@@ -77,6 +79,7 @@ def diagnostic_report(
         findings: What post-processing produced.
         issued: When the report was made (a naive datetime is taken as UTC).
         effective_at: The clinically relevant time (the study's date and time); ``issued`` when unknown.
+        version: The report's version (``meta.versionId``); above 1 the status is ``amended``.
 
     Returns:
         The DiagnosticReport as a JSON-ready dict.
@@ -109,10 +112,10 @@ def diagnostic_report(
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
-        "meta": {"security": [AI_ASSERTED_LABEL]},
+        "meta": {"versionId": str(version), "lastUpdated": issued_text, "security": [AI_ASSERTED_LABEL]},
         "contained": [_model_device(model), *observations],
         "identifier": [{"system": REPORT_IDENTIFIER_SYSTEM, "value": report_id}],
-        "status": "preliminary",
+        "status": "amended" if version > 1 else "preliminary",
         "category": [{"coding": [{"system": V2_0074_SYSTEM, "code": "RAD", "display": "Radiology"}]}],
         "code": {
             "coding": [{"system": LOINC_SYSTEM, "code": "18748-4", "display": "Diagnostic imaging study"}],

@@ -41,10 +41,12 @@ def report_json(report: Report, *, study: Study, patient_resource_id: str | None
     return {
         "id": report.id,
         "status": report.status,
+        "version": report.version,
         "ai_generated": True,
         "study_instance_uid": study.study_instance_uid,
         "patient": f"Patient/{patient_resource_id}" if patient_resource_id else None,
         "created_at": report.created_at.isoformat(),
+        "updated_at": (report.updated_at or report.created_at).isoformat(),
         "model": findings.model.model_dump(),
         "source_sop_instance_uid": findings.source_sop_instance_uid,
         "findings": [f.model_dump() for f in findings.findings],
@@ -61,5 +63,6 @@ def report_fhir(report: Report, *, study: Study, patient_resource_id: str | None
         study_instance_uid=study.study_instance_uid,
         imaging_study_id=None,
         findings=findings_of(report),
-        issued=report.created_at,
+        issued=report.updated_at or report.created_at,
+        version=report.version,
     )

@@ -1,4 +1,4 @@
-"""Jobs: one per study x model version, the source of truth of the pipeline."""
+"""Jobs: one per study x model version x revision, the source of truth of the pipeline."""
 
 from __future__ import annotations
 
@@ -28,12 +28,39 @@ def get_or_raise(*, session: Session, job_id: str, for_update: bool = False) -> 
     return job
 
 
+def latest(*, session: Session, study: Study, model_name: str, model_version: str) -> Job | None:
+    """The newest revision of a study x model version's job."""
+    return session.scalar(
+        select(Job)
+        .where(Job.study_id == study.id, Job.model_name == model_name, Job.model_version == model_version)
+        .order_by(Job.revision.desc())
+        .limit(1)
+    )
+
+
 def get_or_create(
-    *, session: Session, study: Study, model_name: str, model_version: str, priority: int = 5
+    *,
+    session: Session,
+    study: Study,
+    model_name: str,
+    model_version: str,
+    revision: int = 1,
+    priority: int = 5,
+    rule: str | None = None,
+    sop_instance_uid: str | None = None,
+    destinations: list[str] | None = None,
 ) -> tuple[Job, bool]:
-    """The job of a study x model version; the unique constraint makes a second request return the first job."""
+    """The job of a study x model version x revision; the unique constraint makes a racing second request
+    return the first job.
+
+    Returns:
+        (the job, True when this call created it).
+    """
     query = select(Job).where(
-        Job.study_id == study.id, Job.model_name == model_name, Job.model_version == model_version
+        Job.study_id == study.id,
+        Job.model_name == model_name,
+        Job.model_version == model_version,
+        Job.revision == revision,
     )
     existing = session.scalar(query)
     if existing is not None:
@@ -45,6 +72,10 @@ def get_or_create(
                 study_id=study.id,
                 model_name=model_name,
                 model_version=model_version,
+                revision=revision,
+                rule=rule,
+                sop_instance_uid=sop_instance_uid,
+                destinations=list(destinations or []),
                 state=JobState.queued.value,
                 stage=JobStage.enqueue.value,
                 priority=priority,
@@ -84,4 +115,14 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-__all__ = ["ACTIVE_STATES", "for_study", "get", "get_or_create", "get_or_raise", "list_jobs", "lost", "new_id"]
+__all__ = [
+    "ACTIVE_STATES",
+    "for_study",
+    "get",
+    "get_or_create",
+    "get_or_raise",
+    "latest",
+    "list_jobs",
+    "lost",
+    "new_id",
+]

@@ -1,16 +1,17 @@
-"""Reports and their findings: one report per study x model version, by unique constraint."""
+"""Reports and their findings: one report per study x model version (by unique constraint), with versions:
+an analysis of instances that arrived after the report amends it."""
 
 from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from service.errors import NotFound
 from service.schemas import Findings
-from service.store.tables import Finding, Job, Report, Study
+from service.store.tables import Finding, Job, Report, ReportVersion, Study, utcnow
 
 
 def get(*, session: Session, report_id: str) -> Report | None:
@@ -48,52 +49,102 @@ def for_patient(*, session: Session, patient_id: int, limit: int = 100, offset: 
     )
 
 
+def _version_row(report: Report, job: Job, findings: Findings) -> ReportVersion:
+    return ReportVersion(
+        report_id=report.id,
+        version=report.version,
+        job_id=job.id,
+        status=report.status,
+        findings=findings.model_dump(mode="json"),
+    )
+
+
+def _set_findings(session: Session, report: Report, findings: Findings) -> None:
+    report.model_sha256 = findings.model.sha256
+    report.execution_provider = findings.model.execution_provider
+    report.intended_use = findings.model.intended_use
+    report.source_sop_instance_uid = findings.source_sop_instance_uid
+    report.clinical_inputs = [value.model_dump(mode="json") for value in findings.clinical_inputs]
+    report.missing_inputs = list(findings.missing_inputs)
+    for position, finding in enumerate(findings.findings):
+        session.add(
+            Finding(
+                report_id=report.id,
+                position=position,
+                system=finding.system,
+                code=finding.code,
+                display=finding.display,
+                probability=finding.probability,
+                threshold=finding.threshold,
+                positive=finding.positive,
+            )
+        )
+
+
 def create_once(*, session: Session, job: Job, study: Study, findings: Findings) -> tuple[Report, bool]:
-    """Store the report of a job; if it already exists (a task delivered twice), return the existing one.
+    """Store the outcome of a job as the report's first version, or as an amended version when the job is a
+    later revision (new instances arrived after the report). A task delivered twice, or an older revision
+    finishing late, changes nothing.
 
     Returns:
-        (the report, True when this call created it).
+        (the report, True when this call created it or added a version).
     """
     query = select(Report).where(
         Report.study_id == study.id, Report.model_name == job.model_name, Report.model_version == job.model_version
     )
-    existing = session.scalar(query)
-    if existing is not None:
-        return existing, False
-    try:
-        with session.begin_nested():
-            report = Report(
-                id=str(uuid.uuid4()),
-                study_id=study.id,
-                job_id=job.id,
-                patient_id=study.patient_id,
-                model_name=findings.model.name,
-                model_version=findings.model.version,
-                model_sha256=findings.model.sha256,
-                execution_provider=findings.model.execution_provider,
-                intended_use=findings.model.intended_use,
-                status="preliminary",
-                source_sop_instance_uid=findings.source_sop_instance_uid,
-                clinical_inputs=[value.model_dump(mode="json") for value in findings.clinical_inputs],
-                missing_inputs=list(findings.missing_inputs),
-            )
-            session.add(report)
-            session.flush()
-            for position, finding in enumerate(findings.findings):
-                session.add(
-                    Finding(
-                        report_id=report.id,
-                        position=position,
-                        system=finding.system,
-                        code=finding.code,
-                        display=finding.display,
-                        probability=finding.probability,
-                        threshold=finding.threshold,
-                        positive=finding.positive,
-                    )
+    existing = session.scalar(query.with_for_update())
+    if existing is None:
+        try:
+            with session.begin_nested():
+                report = Report(
+                    id=str(uuid.uuid4()),
+                    study_id=study.id,
+                    job_id=job.id,
+                    patient_id=study.patient_id,
+                    model_name=findings.model.name,
+                    model_version=findings.model.version,
+                    status="preliminary",
+                    version=1,
                 )
-        return report, True
-    except IntegrityError:
-        found = session.scalar(query)
-        assert found is not None
-        return found, False
+                _set_findings(session, report, findings)
+                session.add(report)
+                session.flush()
+                session.add(_version_row(report, job, findings))
+            return report, True
+        except IntegrityError:
+            existing = session.scalar(query.with_for_update())
+            assert existing is not None
+    if existing.job_id == job.id or session.scalar(select(ReportVersion.id).where(ReportVersion.job_id == job.id)):
+        return existing, False
+    current_job = session.get(Job, existing.job_id)
+    if current_job is not None and current_job.revision >= job.revision:
+        return existing, False
+    session.execute(delete(Finding).where(Finding.report_id == existing.id))
+    session.flush()
+    existing.version += 1
+    existing.status = "amended"
+    existing.job_id = job.id
+    existing.patient_id = study.patient_id
+    existing.sr_sop_instance_uid = None
+    existing.heatmap_sop_instance_uid = None
+    existing.updated_at = utcnow()
+    _set_findings(session, existing, findings)
+    session.flush()
+    session.add(_version_row(existing, job, findings))
+    session.flush()
+    session.expire(existing, ["findings"])
+    return existing, True
+
+
+def versions(*, session: Session, report: Report) -> list[ReportVersion]:
+    return list(
+        session.scalars(
+            select(ReportVersion).where(ReportVersion.report_id == report.id).order_by(ReportVersion.version)
+        )
+    )
+
+
+def get_version(*, session: Session, report_id: str, version: int) -> ReportVersion | None:
+    return session.scalar(
+        select(ReportVersion).where(ReportVersion.report_id == report_id, ReportVersion.version == version)
+    )

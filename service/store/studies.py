@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -73,9 +73,19 @@ def _get_or_create_series(session: Session, study: Study, meta: NormalizedInstan
 
 
 def add_instance(
-    *, session: Session, meta: NormalizedInstance, blob_key: str, size_bytes: int, sha256: str
+    *,
+    session: Session,
+    meta: NormalizedInstance,
+    blob_key: str,
+    size_bytes: int,
+    sha256: str,
+    calling_ae_title: str | None = None,
+    origin: str = "received",
 ) -> tuple[Instance, bool]:
     """Record one stored instance; idempotent on SOP Instance UID.
+
+    A received instance restarts the study's completeness clock (and reopens a reported study, so that it is
+    analyzed again and its reports amended); our own results (origin "result") do not.
 
     Returns:
         (the instance row, True when it was new).
@@ -99,6 +109,8 @@ def add_instance(
                 number_of_frames=meta.number_of_frames,
                 view_position=meta.view_position,
                 manufacturer=meta.manufacturer,
+                calling_ae_title=calling_ae_title,
+                origin=origin,
                 blob_key=blob_key,
                 size_bytes=size_bytes,
                 sha256=sha256,
@@ -108,17 +120,28 @@ def add_instance(
         found = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
         assert found is not None
         return found, False
-    study.last_instance_at = utcnow()
+    if origin == "received":
+        study.last_instance_at = utcnow()
+        if study.status in _REOPENED:
+            study.status = StudyStatus.receiving.value
+            study.status_reason = None
     return instance, True
 
 
-def instances_of(*, session: Session, study: Study) -> list[tuple[Series, Instance]]:
-    rows = session.execute(
+_REOPENED = (StudyStatus.reported.value, StudyStatus.no_route.value, StudyStatus.failed.value)
+
+
+def instances_of(*, session: Session, study: Study, origin: str | None = None) -> list[tuple[Series, Instance]]:
+    """The study's instances by series; ``origin`` "received" leaves out our own results."""
+    query = (
         select(Series, Instance)
         .join(Instance, Instance.series_id == Series.id)
         .where(Series.study_id == study.id)
         .order_by(Series.id, Instance.instance_number, Instance.id)
     )
+    if origin is not None:
+        query = query.where(Instance.origin == origin)
+    rows = session.execute(query)
     return [(series, instance) for series, instance in rows]
 
 
@@ -134,11 +157,15 @@ def count_instances(*, session: Session, study: Study) -> int:
 
 
 def stable_unanalyzed(*, session: Session, stable_before: dt.datetime, limit: int = 100) -> list[Study]:
-    """Studies still receiving whose last instance arrived before ``stable_before``."""
+    """Studies whose last received instance arrived before ``stable_before`` and after their last analysis
+    request (or that were never analyzed)."""
     return list(
         session.scalars(
             select(Study)
-            .where(Study.status == StudyStatus.receiving.value, Study.last_instance_at < stable_before)
+            .where(
+                Study.last_instance_at < stable_before,
+                or_(Study.analysis_requested_at.is_(None), Study.analysis_requested_at < Study.last_instance_at),
+            )
             .order_by(Study.last_instance_at)
             .limit(limit)
         )

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -144,6 +145,10 @@ class Instance(Base):
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
     view_position: Mapped[str | None] = mapped_column(String(16))
     manufacturer: Mapped[str | None] = mapped_column(String(64))
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16), comment="DIMSE sender; None for STOW-RS")
+    origin: Mapped[str] = mapped_column(
+        String(16), default="received", server_default="received", comment="received | result (ours: SR, heatmap)"
+    )
     blob_key: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -189,7 +194,7 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("study_id", "model_name", "model_version", name="uq_job_study_model"),
+        UniqueConstraint("study_id", "model_name", "model_version", "revision", name="uq_job_study_model_revision"),
         Index("ix_jobs_state_updated", "state", "updated_at"),
     )
 
@@ -197,6 +202,14 @@ class Job(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(32))
+    revision: Mapped[int] = mapped_column(
+        Integer, default=1, server_default="1", comment="1, then +1 for each analysis of new instances (amendment)"
+    )
+    rule: Mapped[str | None] = mapped_column(String(64), comment="the routing rule that created the job")
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), comment="the instance the model reads")
+    destinations: Mapped[list[Any]] = mapped_column(
+        JSON, default=list, server_default=text("'[]'"), comment="where its results are pushed"
+    )
     state: Mapped[str] = mapped_column(String(16), default="queued")
     stage: Mapped[str] = mapped_column(String(16), default="enqueue")
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -220,12 +233,16 @@ class Report(Base):
     model_version: Mapped[str] = mapped_column(String(32))
     model_sha256: Mapped[str] = mapped_column(String(64))
     execution_provider: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="preliminary")
+    status: Mapped[str] = mapped_column(String(16), default="preliminary", comment="preliminary | amended")
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     source_sop_instance_uid: Mapped[str] = mapped_column(String(64))
     clinical_inputs: Mapped[list[Any]] = mapped_column(JSON)
     missing_inputs: Mapped[list[Any]] = mapped_column(JSON)
     intended_use: Mapped[str] = mapped_column(Text)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), comment="the DICOM SR of this version")
+    heatmap_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), comment="its Secondary Capture")
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 
     findings: Mapped[list[Finding]] = relationship(back_populates="report", order_by="Finding.position")
 
@@ -245,6 +262,42 @@ class Finding(Base):
     positive: Mapped[bool] = mapped_column()
 
     report: Mapped[Report] = relationship(back_populates="findings")
+
+
+class ReportVersion(Base):
+    """Every version of a report as it was issued (the current one included): the report's history."""
+
+    __tablename__ = "report_versions"
+    __table_args__ = (UniqueConstraint("report_id", "version", name="uq_report_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    findings: Mapped[dict[str, Any]] = mapped_column(JSON, comment="schemas.Findings as JSON")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Delivery(Base):
+    """One push of one report version's DICOM results to one destination, retried with back-off."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("report_id", "report_version", "destination", name="uq_delivery"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    report_version: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending", comment="pending | delivered | failed")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 
 
 class AuditHead(Base):

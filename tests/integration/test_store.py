@@ -162,3 +162,14 @@ def test_concurrent_appends_keep_one_chain(engine: Engine) -> None:
     assert not errors
     with sessions() as session:
         assert audit.verify(session=session) == (40, None)
+
+
+def test_migrations_build_exactly_the_declared_tables(engine: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from service.store.tables import Base
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
