@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve the API (and, embedded, the worker)").set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="a Celery worker on CLINFER_BROKER_URL")
-    worker.add_argument("--queues", default="preprocess,infer")
+    worker.add_argument("--queues", default="preprocess,infer,results")
     worker.add_argument("--concurrency", type=int, default=2)
     worker.add_argument(
         "--pool",

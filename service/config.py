@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     routing_rules: Path | None = Field(
         default=None, description="YAML routing rules and destinations; unset: each model's manifest routing"
     )
+    dicom_results: bool = Field(
+        default=True, description="make a DICOM SR and an occlusion heatmap Secondary Capture for each report version"
+    )
     delivery_max_attempts: int = Field(default=5, ge=1, description="tries per result push before it is failed")
     delivery_retry_seconds: float = Field(default=10.0, gt=0, description="first back-off between push tries")
 

@@ -174,6 +174,18 @@ def _inputs_key(job_id: str) -> str:
     return f"jobs/{job_id}/inputs.npz"
 
 
+def heatmap_key(job_id: str) -> str:
+    return f"jobs/{job_id}/heatmap.npz"
+
+
+def enqueue_results(job_id: str, priority: int) -> None:
+    """Ask for the DICOM results of a report version; the sweeper re-asks for any that are missing."""
+    try:
+        queue.send(queue.PUBLISH_TASK, job_id, queue=queue.RESULTS_QUEUE, priority=priority)
+    except Exception as e:
+        log.warning("enqueue of the results of job %s failed, the sweeper will retry: %s", job_id, e)
+
+
 def _set_state(session: Session, job: Job, state: JobState, stage: JobStage) -> None:
     job.state, job.stage = state.value, stage.value
     job.updated_at = utcnow()
@@ -343,6 +355,12 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         findings = pipeline.post_process(
             model.manifest, version, provider=runner.provider, logits=logits[0], inputs=prepared
         )
+        if runtime.settings.dicom_results:
+            finding_index = pipeline.heatmap_finding(findings)
+            heatmap = pipeline.occlusion_heatmap(model.manifest, runner, prepared, finding_index=finding_index)
+            buffer = io.BytesIO()
+            np.savez(buffer, heatmap=heatmap, finding_index=np.array(finding_index))
+            runtime.blobs.put_bytes(heatmap_key(job_id), buffer.getvalue())
     except TransientError:
         raise
     except ServiceError as e:
@@ -358,12 +376,15 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             j.state == JobState.succeeded.value or j.id == job.id for j in jobs.for_study(session=session, study=study)
         ):
             study.status = StudyStatus.reported.value
+        if created and runtime.settings.dicom_results:
+            report.dicom_state, report.dicom_requested_at = "pending", utcnow()
         if created:
+            amended = report.version > 1
             audit.append(
                 session=session,
                 principal=SYSTEM_PRINCIPAL,
-                event_type="report.create",
-                action="C",
+                event_type="report.amend" if amended else "report.create",
+                action="U" if amended else "C",
                 entity_type="DiagnosticReport",
                 entity_ref=f"report:{report.id}",
                 patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
@@ -371,11 +392,17 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
                     "study": f"study:{study.study_instance_uid}",
                     "model": model_name,
                     "version": model_version,
+                    "report_version": report.version,
                     "positive": [f.code for f in findings.findings if f.positive],
                 },
             )
+        priority = job.priority
     if created:
         metrics.REPORTS.labels(model_name, model_version).inc()
+        if amended:
+            metrics.REPORT_AMENDMENTS.labels(model_name).inc()
+        if runtime.settings.dicom_results:
+            enqueue_results(job_id, priority)
     runtime.blobs.delete(_inputs_key(job_id))
     runtime.blobs.delete(f"jobs/{job_id}/clinical.json")
 

@@ -66,6 +66,8 @@ def store_instance(
     part: int,
     protocol: str,
     study_instance_uid: str | None = None,
+    calling_ae_title: str | None = None,
+    origin: str = "received",
 ) -> StoredInstance | FailedInstance:
     """Make one DICOM object durable (blob written, rows committed, audit appended) before it is acknowledged.
 
@@ -76,6 +78,8 @@ def store_instance(
         part: its position in the request (1-based), for the failure report.
         protocol: "stow-rs" or "dimse", for metrics and audit.
         study_instance_uid: when the request targets one study, objects of another study are refused.
+        calling_ae_title: the DIMSE sender, kept for routing rules.
+        origin: "received", or "result" for the DICOM results we make ourselves (they never start an analysis).
     """
     try:
         parsed = dicom.parse_instance(data, max_pixels=runtime.settings.max_decoded_pixels)
@@ -114,7 +118,13 @@ def store_instance(
     try:
         with runtime.sessions.begin() as session:
             instance, new = studies.add_instance(
-                session=session, meta=meta, blob_key=blob_key, size_bytes=len(data), sha256=sha256
+                session=session,
+                meta=meta,
+                blob_key=blob_key,
+                size_bytes=len(data),
+                sha256=sha256,
+                calling_ae_title=calling_ae_title,
+                origin=origin,
             )
             study = studies.get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
             _link_study(session, study)

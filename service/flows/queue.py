@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 
 PREPROCESS_QUEUE = "preprocess"
 INFER_QUEUE = "infer"
-SWEEP_QUEUE = "preprocess"
+RESULTS_QUEUE = "results"
 
 PREPROCESS_TASK = "service.worker.tasks.preprocess"
 INFER_TASK = "service.worker.tasks.infer"
+PUBLISH_TASK = "service.worker.tasks.publish"
+DELIVER_TASK = "service.worker.tasks.deliver"
 
 _app: Celery | None = None
 _lock = threading.Lock()
@@ -35,7 +37,12 @@ def create_celery(settings: Settings) -> Celery:
         task_ignore_result=True,  # results live in our database, not in a Celery backend
         result_backend=None,
         task_default_queue=PREPROCESS_QUEUE,
-        task_routes={PREPROCESS_TASK: {"queue": PREPROCESS_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
+        task_routes={
+            PREPROCESS_TASK: {"queue": PREPROCESS_QUEUE},
+            INFER_TASK: {"queue": INFER_QUEUE},
+            PUBLISH_TASK: {"queue": RESULTS_QUEUE},
+            DELIVER_TASK: {"queue": RESULTS_QUEUE},
+        },
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
@@ -61,9 +68,12 @@ def reset_celery() -> None:
         _app = None
 
 
-def send(task_name: str, job_id: str, *, queue: str, priority: int = 5) -> None:
-    """Enqueue a task by name with the job id as its only argument (call after the job row is committed)."""
-    get_celery().send_task(task_name, args=[job_id], queue=queue, priority=priority)
+def send(task_name: str, row_id: str, *, queue: str, priority: int = 6) -> None:
+    """Enqueue a task by name with a row id (job or delivery) as its only argument, after that row is committed.
+
+    On Redis, lower priorities are consumed first (STAT 0, routine 6).
+    """
+    get_celery().send_task(task_name, args=[row_id], queue=queue, priority=priority)
 
 
 def broker_ping(timeout: float = 2.0) -> None:
@@ -80,7 +90,7 @@ def queue_depths() -> dict[str, int | None]:
     try:
         with app.connection_for_read() as connection:
             channel: Any = connection.default_channel
-            for queue in (PREPROCESS_QUEUE, INFER_QUEUE):
+            for queue in (PREPROCESS_QUEUE, INFER_QUEUE, RESULTS_QUEUE):
                 try:
                     depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
                 except Exception:  # a queue no worker declared yet has no depth

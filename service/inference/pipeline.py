@@ -103,6 +103,60 @@ def post_process(
     )
 
 
+def heatmap_finding(findings: Findings) -> int:
+    """The finding a heatmap explains: the most probable positive one, else the most probable."""
+    scored = [(f.positive, f.probability, -i) for i, f in enumerate(findings.findings)]
+    return -max(scored)[2]
+
+
+def occlusion_heatmap(
+    manifest: Manifest,
+    runner: OnnxRunner,
+    inputs: PreparedInputs,
+    *,
+    finding_index: int,
+    grid: int = 8,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Occlusion sensitivity: how much the finding's probability drops when each cell of a grid x grid
+    partition of the image is replaced by the image's mean. Works for any model (no gradients needed).
+
+    Returns:
+        float32 [grid, grid] in [0, 1] (1: the cell whose occlusion lowers the probability most); all zeros when
+        no occlusion lowers it.
+    """
+    if grid < 2:
+        raise ValueError(f"grid must be at least 2, got {grid}")
+    finding = manifest.outputs.findings[finding_index]
+    temperature = finding.calibration.temperature if finding.calibration.method == "temperature" else 1.0
+    image = inputs.image
+    height, width = image.shape[-2:]
+    ys = np.linspace(0, height, grid + 1).astype(int)
+    xs = np.linspace(0, width, grid + 1).astype(int)
+    fill = image.mean(axis=(-2, -1), keepdims=True)
+    variants = [inputs]
+    for row in range(grid):
+        for column in range(grid):
+            occluded = image.copy()
+            occluded[..., ys[row] : ys[row + 1], xs[column] : xs[column + 1]] = fill
+            variants.append(
+                PreparedInputs(
+                    occluded,
+                    inputs.clinical,
+                    inputs.clinical_mask,
+                    inputs.clinical_used,
+                    inputs.source_sop_instance_uid,
+                )
+            )
+    logits = np.concatenate(
+        [predict(manifest, runner, variants[i : i + batch_size])[0] for i in range(0, len(variants), batch_size)]
+    )[:, finding_index]
+    probabilities = 1.0 / (1.0 + np.exp(-logits / temperature))
+    drops = np.clip(probabilities[0] - probabilities[1:], 0.0, None).reshape(grid, grid)
+    peak = float(drops.max())
+    return (drops / peak if peak > 0 else drops).astype(np.float32)
+
+
 def clinical_used_json(values: list[ClinicalValue], source_sop_instance_uid: str) -> str:
     """Serialize what pre_process used, so that the infer stage (another process) can report it."""
     import json

@@ -127,6 +127,9 @@ def create_once(*, session: Session, job: Job, study: Study, findings: Findings)
     existing.patient_id = study.patient_id
     existing.sr_sop_instance_uid = None
     existing.heatmap_sop_instance_uid = None
+    existing.dicom_state = None
+    existing.dicom_error = None
+    existing.dicom_requested_at = None
     existing.updated_at = utcnow()
     _set_findings(session, existing, findings)
     session.flush()

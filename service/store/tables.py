@@ -241,6 +241,11 @@ class Report(Base):
     intended_use: Mapped[str] = mapped_column(Text)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), comment="the DICOM SR of this version")
     heatmap_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), comment="its Secondary Capture")
+    dicom_state: Mapped[str | None] = mapped_column(
+        String(16), comment="DICOM results of the current version: pending | stored | failed; None: not made"
+    )
+    dicom_error: Mapped[str | None] = mapped_column(Text)
+    dicom_requested_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 

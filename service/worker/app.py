@@ -7,14 +7,15 @@ import threading
 
 from celery.worker import WorkController
 
-from service.flows import analysis, queue
+from service.flows import analysis, queue, results
 from service.flows.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 class Sweeper:
-    """A daemon thread that analyzes stable studies and re-enqueues lost jobs every few seconds."""
+    """A daemon thread that analyzes stable studies, re-enqueues lost jobs and lost DICOM results, and sends the
+    result pushes that are due, every few seconds."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -32,6 +33,7 @@ class Sweeper:
         while not self._stop.wait(self.runtime.settings.completeness_scan_seconds):
             try:
                 analysis.sweep(self.runtime)
+                results.sweep_results(self.runtime)
                 analysis.sample_job_gauges(self.runtime)
             except Exception:  # the sweeper must outlive a database blip; the next round retries
                 log.exception("sweep failed")
@@ -48,7 +50,7 @@ class EmbeddedWorker:
             hostname="embedded@clinfer",
             concurrency=concurrency,
             pool_cls="threads",
-            queues=[queue.PREPROCESS_QUEUE, queue.INFER_QUEUE],
+            queues=[queue.PREPROCESS_QUEUE, queue.INFER_QUEUE, queue.RESULTS_QUEUE],
             without_heartbeat=True,
             without_mingle=True,
             without_gossip=True,

@@ -1,11 +1,11 @@
-"""Celery tasks: thin, ids in, idempotent. The work is in service.flows.analysis."""
+"""Celery tasks: thin, ids in, idempotent. The work is in service.flows.analysis and service.flows.results."""
 
 from __future__ import annotations
 
 import logging
 
 from service.errors import TransientError
-from service.flows import analysis, queue
+from service.flows import analysis, queue, results
 from service.flows.runtime import get_runtime
 from service.schemas import JobStage
 
@@ -44,3 +44,25 @@ def preprocess(job_id: str) -> None:
 @app.task(name=queue.INFER_TASK, **TASK_OPTIONS)
 def infer(job_id: str) -> None:
     _run(JobStage.infer, job_id)
+
+
+@app.task(name=queue.PUBLISH_TASK, **TASK_OPTIONS)
+def publish(job_id: str) -> None:
+    """The DICOM results (SR, heatmap) of the report version a job produced; the sweeper re-asks if lost."""
+    try:
+        results.publish_results(get_runtime(), job_id)
+    except TransientError:
+        raise
+    except Exception:  # the report stands; its DICOM results stay pending and the sweeper tries again later
+        log.exception("DICOM results of job %s failed", job_id)
+
+
+@app.task(name=queue.DELIVER_TASK, acks_late=True, reject_on_worker_lost=True)
+def deliver(delivery_id: str) -> None:
+    """One try of one push; retries are scheduled in the deliveries table (bounded), not by Celery."""
+    try:
+        results.deliver(get_runtime(), delivery_id)
+    except Exception:
+        log.exception(
+            "delivery %s failed unexpectedly; the sweeper tries again after the reconcile period", delivery_id
+        )

@@ -9,8 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import RuntimeDep, require
 from service.errors import NotFound
-from service.flows import analysis
+from service.flows import analysis, results
 from service.results import reports as report_results
+from service.routing.rules import QUEUE_PRIORITY, Priority
 from service.schemas import Principal
 from service.store import audit, clinical, jobs, reports, studies
 from service.store.tables import Job, Study
@@ -31,6 +32,11 @@ def job_json(job: Job, study_instance_uid: str | None = None) -> dict[str, Any]:
         "study_instance_uid": study_instance_uid,
         "model": job.model_name,
         "version": job.model_version,
+        "revision": job.revision,
+        "rule": job.rule,
+        "priority": "stat" if job.priority == QUEUE_PRIORITY[Priority.stat] else "routine",
+        "reads": job.sop_instance_uid,
+        "destinations": list(job.destinations or []),
         "state": job.state,
         "stage": job.stage,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
@@ -114,7 +120,11 @@ def get_report(study_instance_uid: str, runtime: RuntimeDep, principal: ReportRe
         body = {
             "study_instance_uid": study_instance_uid,
             "status": study.status,
-            "reports": [report_results.report_json(r, study=study, patient_resource_id=patient_id) for r in found],
+            "reports": [
+                report_results.report_json(r, study=study, patient_resource_id=patient_id)
+                | {"dicom": results.dicom_json(session=session, report=r, study_instance_uid=study_instance_uid)}
+                for r in found
+            ],
         }
         audit.append(
             session=session,

@@ -73,6 +73,17 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("heatmap_sop_instance_uid", sa.String(length=64), nullable=True, comment="its Secondary Capture")
         )
+        batch_op.add_column(
+            sa.Column(
+                "dicom_state",
+                sa.String(length=16),
+                nullable=True,
+                comment="DICOM results of the current version: pending | stored | failed; None: not made",
+            )
+        )
+        batch_op.add_column(sa.Column("dicom_error", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("dicom_requested_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.create_index(batch_op.f("ix_reports_dicom_requested_at"), ["dicom_requested_at"], unique=False)
         batch_op.add_column(sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.alter_column(
             "status", existing_type=sa.String(length=16), comment="preliminary | amended", existing_nullable=False
@@ -122,6 +133,10 @@ def downgrade() -> None:
     op.drop_table("report_versions")
     with op.batch_alter_table("reports") as batch_op:
         batch_op.drop_column("updated_at")
+        batch_op.drop_index(batch_op.f("ix_reports_dicom_requested_at"))
+        batch_op.drop_column("dicom_requested_at")
+        batch_op.drop_column("dicom_error")
+        batch_op.drop_column("dicom_state")
         batch_op.drop_column("heatmap_sop_instance_uid")
         batch_op.drop_column("sr_sop_instance_uid")
         batch_op.drop_column("version")
