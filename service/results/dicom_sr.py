@@ -629,6 +629,9 @@ def _local_content_datetime(content_datetime: dt.datetime, source: Dataset) -> t
 
 
 def _stamp_creation(dataset: Dataset, when: dt.datetime, offset: str | None) -> None:
+    # Our texts (intended use, finding names, clinical values) and the source's names may hold any character:
+    # written as UTF-8 (ISO_IR 192), nothing is replaced on encoding.
+    dataset.SpecificCharacterSet = "ISO_IR 192"
     # highdicom stamps the wall clock; the content time keeps the object reproducible.
     dataset.InstanceCreationDate = DA(when.date())
     dataset.InstanceCreationTime = TM(when.time())
