@@ -147,6 +147,52 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 1 if registry.errors else 0
 
 
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    """Explain routing for DICOM files: each rule's verdict per file, then the routes of the files as one study."""
+    from service.errors import ConfigurationError
+    from service.inference.registry import ModelRegistry
+    from service.ingest import dicom
+    from service.routing.rules import InstanceAttributes, build_table, explain
+
+    settings = _settings()
+    registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
+    registry.load()
+    manifests = {name: model.manifest for name, model in registry.models.items()}
+    rules_path = Path(args.rules) if args.rules else settings.routing_rules
+    try:
+        table = build_table(rules_path, manifests)
+    except ConfigurationError as e:
+        print(e.message, file=sys.stderr)
+        return 2
+    instances = []
+    for name in args.files:
+        try:
+            meta = dicom.parse_instance(Path(name).read_bytes(), max_pixels=settings.max_decoded_pixels).meta
+        except (OSError, dicom.DicomRejected) as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            return 2
+        print(f"{name}: SOP Instance UID {meta.sop_instance_uid}")
+        instances.append(
+            InstanceAttributes(
+                sop_instance_uid=meta.sop_instance_uid,
+                sop_class_uid=meta.sop_class_uid,
+                modality=meta.modality,
+                body_part_examined=meta.body_part_examined,
+                rows=meta.rows,
+                columns=meta.columns,
+                photometric_interpretation=meta.photometric_interpretation,
+                series_instance_uid=meta.series_instance_uid,
+                series_description=meta.series_description,
+                view_position=meta.view_position,
+                manufacturer=meta.manufacturer,
+                calling_ae_title=args.calling_ae_title,
+                instance_number=meta.instance_number,
+            )
+        )
+    print("\n".join(explain(table, manifests, instances)))
+    return 0 if table.route_study(manifests, instances).routes else 1
+
+
 def cmd_models_import(args: argparse.Namespace) -> int:
     from service.errors import ModelError
     from service.inference.repository import import_model
@@ -314,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit_parser = sub.add_parser("audit", help="the audit log")
     audit_sub = audit_parser.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="check the hash chain").set_defaults(func=cmd_audit_verify)
+
+    rules = sub.add_parser("rules", help="routing rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    rules_test = rules_sub.add_parser(
+        "test", help="explain which rule routes DICOM files to which model, and why (exit 1: no route)"
+    )
+    rules_test.add_argument("files", nargs="+", metavar="FILE.dcm")
+    rules_test.add_argument("--rules", help="a rules file (default: CLINFER_ROUTING_RULES, else manifest defaults)")
+    rules_test.add_argument("--calling-ae-title", help="as if sent by this DIMSE calling AE title")
+    rules_test.set_defaults(func=cmd_rules_test)
 
     models = sub.add_parser("models", help="the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
