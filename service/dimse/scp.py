@@ -2,11 +2,18 @@
 
 Exceptions from the ingest are turned into DIMSE statuses here, in one place; every association, refusal and
 stored instance is audited.
+
+With CLINFER_DIMSE_TLS_CERT and CLINFER_DIMSE_TLS_KEY the listener speaks only TLS (1.2 or later; PS3.15 B.9 and
+BCP 195); with CLINFER_DIMSE_TLS_CA as well, a calling AE must present a certificate that CA signed.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -14,6 +21,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from service import metrics
+from service.config import Settings
+from service.errors import ConfigurationError
 from service.flows import ingest
 from service.flows.runtime import Runtime
 from service.schemas import Principal
@@ -96,9 +106,112 @@ def handlers(runtime: Runtime) -> list[Any]:
     ]
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's server-side TLS context, or None for plain TCP when no certificate is configured.
+
+    Raises:
+        ConfigurationError: a certificate, key or CA file is missing or unreadable.
+    """
+    if settings.dimse_tls_cert is None or settings.dimse_tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=settings.dimse_tls_cert, keyfile=settings.dimse_tls_key)
+        if settings.dimse_tls_ca is not None:
+            context.load_verify_locations(cafile=settings.dimse_tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigurationError(f"the DICOM listener's TLS files could not be loaded: {e}") from e
+    return context
+
+
+class TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved from the accept loop into the connection's thread.
+
+    pynetdicom wraps each accepted socket in the accept loop and handshakes there without a timeout, so one client
+    that connects and sends nothing would stop the listener accepting anyone else.
+
+    Args:
+        on_refused: called with the peer's address and the reason when a handshake fails for a cause other than
+            the peer going away (no certificate, one we do not trust, plain DICOM on the TLS port), so it can be
+            audited; connections closed before a word (port probes, health checks) are only logged.
+    """
+
+    def __init__(self, *args: Any, on_refused: Callable[[str, str], None] | None = None, **kwargs: Any) -> None:
+        self.on_refused = on_refused
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None and self.ssl_context is not None
+        client_socket, address = self.socket.accept()
+        wrapped = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        return wrapped, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        handshake_timeout = self.ae.acse_timeout or 30
+        try:
+            request.settimeout(handshake_timeout)
+            request.do_handshake()
+            request.settimeout(None)
+        except OSError as e:  # ssl.SSLError and socket timeouts are OSErrors
+            self.shutdown_request(request)
+            refused = isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+            if not refused:
+                log.debug("TLS connection from %s closed before its handshake: %s", client_address[0], e)
+                return
+            log.warning("TLS handshake with %s failed: %s", client_address[0], e)
+            if self.on_refused is not None:
+                self.on_refused(str(client_address[0]), getattr(e, "reason", None) or str(e))
+            return
+        super().process_request_thread(request, client_address)
+
+
+def _audit_tls_refusal(runtime: Runtime, address: str, reason: str) -> None:
+    metrics.AUTH_DENIALS.labels("dimse-tls-handshake").inc()
+    with runtime.sessions.begin() as session:
+        audit.append(
+            session=session,
+            principal=Principal(subject="unauthenticated", source_address=address),
+            event_type="dimse.tls-refused",
+            action="E",
+            outcome=audit.MINOR_FAILURE,
+            entity_type="Association",
+            entity_ref=f"tls->{runtime.settings.dimse_ae_title}",
+            detail={"address": address, "reason": reason[:200]},
+        )
+
+
 def start(runtime: Runtime, *, block: bool) -> ThreadedAssociationServer | None:
-    """Listen on CLINFER_DIMSE_HOST:CLINFER_DIMSE_PORT as CLINFER_DIMSE_AE_TITLE."""
+    """Listen on CLINFER_DIMSE_HOST:CLINFER_DIMSE_PORT as CLINFER_DIMSE_AE_TITLE, over TLS when configured."""
     settings = runtime.settings
     ae = build_ae(runtime)
-    log.info("DICOM listener %s on %s:%d", settings.dimse_ae_title, settings.dimse_host, settings.dimse_port)
-    return ae.start_server((settings.dimse_host, settings.dimse_port), block=block, evt_handlers=handlers(runtime))
+    address = (settings.dimse_host, settings.dimse_port)
+    context = tls_context(settings)
+    log.info(
+        "DICOM listener %s on %s:%d%s",
+        settings.dimse_ae_title,
+        settings.dimse_host,
+        settings.dimse_port,
+        "" if context is None else " (TLS" + (", client certificates required)" if settings.dimse_tls_ca else ")"),
+    )
+    if context is None:
+        return ae.start_server(address, block=block, evt_handlers=handlers(runtime))
+    # what AE.start_server does, with our server class: the AE keeps its servers (AssociationServer.shutdown
+    # removes itself from that list, and AE.shutdown stops them all)
+    server = ae.make_server(
+        address,
+        ssl_context=context,
+        evt_handlers=handlers(runtime),
+        server_class=TlsAssociationServer,
+        on_refused=lambda peer, reason: _audit_tls_refusal(runtime, peer, reason),
+    )
+    ae._servers.append(server)
+    if block:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            server.shutdown()
+        return None
+    threading.Thread(target=server.serve_forever, name="dimse-tls-listener", daemon=True).start()
+    return server
