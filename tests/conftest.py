@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,28 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk_tool(name: str) -> str:
+    """The path of dcmtk's ``name`` on PATH, passing over pynetdicom's console scripts of the same names (echoscu,
+    storescu, storescp), which a virtual environment put first on PATH would otherwise find first."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory or ".") / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=30)
+        if version.stdout.startswith("$dcmtk:"):
+            return str(candidate)
+    message = f"dcmtk's {name} is not installed (make install installs it with apt-get)"
+    if REQUIRE_SERVICES:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

@@ -72,7 +72,14 @@ def handle_store(event: Any, runtime: Runtime) -> int | Dataset:
     except Exception as e:  # a malformed dataset from the peer; pynetdicom gives no narrower type
         log.warning("C-STORE dataset could not be encoded: %s", e)
         return 0xC000
-    result = ingest.store_instance(runtime, data, principal=_principal(event), part=1, protocol="dimse")
+    result = ingest.store_instance(
+        runtime,
+        data,
+        principal=_principal(event),
+        part=1,
+        protocol="dimse",
+        calling_ae_title=str(event.assoc.requestor.ae_title).strip() or None,
+    )
     if isinstance(result, ingest.FailedInstance):
         status = Dataset()
         status.Status = c_store_status(result.failure_reason)

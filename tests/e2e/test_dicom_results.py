@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 import email.policy
 import io
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,24 +21,11 @@ from pydicom.uid import generate_uid
 
 from service.api.main import create_app
 from service.flows.runtime import Runtime, build_runtime, set_runtime
-from tests.conftest import REQUIRE_SERVICES, Tokens, make_settings
+from tests.conftest import Tokens, dcmtk_tool, free_port, make_settings
 from tests.e2e.test_embedded_spine import post_study, wait_for_report
 from tests.factories import dx_instance, patient_bundle
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.22"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _need_dcmtk() -> None:
-    if shutil.which("storescp") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("dcmtk's storescp is not installed (CLINFER_REQUIRE_SERVICES=1)")
-        pytest.skip("dcmtk's storescp is not installed")
 
 
 def wait_for_dicom(client: TestClient, study_uid: str, headers: dict[str, str], *, version: int = 1) -> dict[str, Any]:
@@ -122,10 +108,10 @@ def test_each_report_has_a_valid_sr_and_heatmap_retrievable_by_wado(
 
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    _need_dcmtk()
-    port, out = _free_port(), tmp_path / "received"
+    storescp_path = dcmtk_tool("storescp")
+    port, out = free_port(), tmp_path / "received"
     out.mkdir()
-    process = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)])
+    process = subprocess.Popen([storescp_path, "-aet", "PACS", "-od", str(out), str(port)])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -184,7 +170,7 @@ rules:
 
 
 def test_a_push_that_keeps_failing_ends_failed_after_the_bounded_tries(tmp_path: Path) -> None:
-    closed = _free_port()
+    closed = free_port()
     rules = f"""
 destinations:
   pacs: {{kind: dimse, host: 127.0.0.1, port: {closed}, ae_title: PACS, timeout_seconds: 2}}

@@ -30,10 +30,9 @@ from service.dimse import scp
 from service.errors import TransientError
 from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.store.tables import Instance
-from tests.conftest import make_settings
+from tests.conftest import dcmtk_tool, free_port, make_settings
 from tests.factories import dx_instance
-from tests.integration.test_dimse_dcmtk import _free_port
-from tests.integration.test_dimse_tls import Pki, dcmtk_tool, make_pki
+from tests.integration.test_dimse_tls import Pki, make_pki
 
 
 def secondary_capture(
@@ -108,7 +107,7 @@ def storescp(tmp_path: Path) -> Iterator[StoreScp]:
     peers: list[Iterator[None]] = []
 
     def start(*options: str) -> tuple[int, Path]:
-        port = _free_port()
+        port = free_port()
         received = tmp_path / f"received-{port}"
         received.mkdir()
         command = [dcmtk_tool("storescp"), "-v", "-aet", "STORESCP", "-od", str(received), *options, str(port)]
@@ -205,7 +204,7 @@ def test_a_sop_class_the_peer_does_not_support_is_rejected(storescp: StoreScp) -
 
 def test_c_store_to_a_closed_port_is_transient() -> None:
     with pytest.raises(TransientError, match="could not be reached"):
-        _dimse(_free_port()).send([dx_instance(size=64)])
+        _dimse(free_port()).send([dx_instance(size=64)])
 
 
 def test_an_association_the_peer_aborts_mid_store_is_transient(storescp: StoreScp) -> None:
@@ -215,7 +214,7 @@ def test_an_association_the_peer_aborts_mid_store_is_transient(storescp: StoreSc
 
 
 def test_a_called_ae_title_the_peer_does_not_know_is_rejected(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     archive = tmp_path / "archive"
     archive.mkdir()
     config = tmp_path / "dcmqrscp.cfg"
@@ -252,7 +251,7 @@ def test_c_store_over_tls_to_storescp(storescp: StoreScp, pki: Pki) -> None:
 
 @pytest.fixture
 def our_listener(tmp_path: Path) -> Iterator[Runtime]:
-    runtime = build_runtime(make_settings(tmp_path, dimse_port=_free_port()))
+    runtime = build_runtime(make_settings(tmp_path, dimse_port=free_port()))
     set_runtime(runtime)
     server = scp.start(runtime, block=False)
     assert server is not None
@@ -281,7 +280,7 @@ def test_failure_statuses_from_our_listener_are_classified(our_listener: Runtime
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Runtime]]:
-    settings = make_settings(tmp_path, port=_free_port())
+    settings = make_settings(tmp_path, port=free_port())
     runtime = build_runtime(settings)
     set_runtime(runtime)
     server = uvicorn.Server(
@@ -345,7 +344,7 @@ def test_stow_without_a_valid_token_is_rejected(served: tuple[str, Runtime]) -> 
 
 
 def test_stow_to_a_closed_port_is_transient() -> None:
-    destination = StowDestination(name="nowhere", url=f"http://127.0.0.1:{_free_port()}/dicomweb", timeout=5)
+    destination = StowDestination(name="nowhere", url=f"http://127.0.0.1:{free_port()}/dicomweb", timeout=5)
     with pytest.raises(TransientError, match="'nowhere'.*could not be reached"):
         destination.send([dx_instance(size=64)])
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,35 +15,19 @@ from service.config import Settings
 from service.dimse import scp
 from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.store.tables import AuditEvent, Instance
-from tests.conftest import REQUIRE_SERVICES, make_settings
+from tests.conftest import dcmtk_tool, free_port, make_settings
 from tests.factories import dx_instance
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"dcmtk's {tool} is not installed (make install installs it with apt-get)"
-        if REQUIRE_SERVICES:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def _dcmtk(tool: str, port: int, *args: str, calling: str = "MODALITY1") -> subprocess.CompletedProcess[str]:
     """Run echoscu or storescu (verbose) against the listener as the calling AE title ``calling``."""
-    command = [_need(tool), "-v", "-aet", calling, "-aec", "CLINFER", "127.0.0.1", str(port), *args]
+    command = [dcmtk_tool(tool), "-v", "-aet", calling, "-aec", "CLINFER", "127.0.0.1", str(port), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def listener(tmp_path: Path) -> Iterator[Runtime]:
-    settings: Settings = make_settings(tmp_path, dimse_port=_free_port(), dimse_allowed_calling_ae_titles=["MODALITY1"])
+    settings: Settings = make_settings(tmp_path, dimse_port=free_port(), dimse_allowed_calling_ae_titles=["MODALITY1"])
     runtime = build_runtime(settings)
     set_runtime(runtime)
     server = scp.start(runtime, block=False)
@@ -71,6 +53,7 @@ def test_echoscu_and_storescu_store_a_multi_instance_study(listener: Runtime, tm
     assert store.returncode == 0, store.stdout + store.stderr
     with listener.sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 4
+        assert set(session.scalars(select(Instance.calling_ae_title))) == {"MODALITY1"}, "kept for routing rules"
         stored = session.scalars(select(AuditEvent).where(AuditEvent.event_type == "dicom.store")).all()
         assert len(stored) == 4 and {e.actor for e in stored} == {"dicom:MODALITY1"}
         assert {e.detail["protocol"] for e in stored} == {"dimse"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import socket
 import subprocess
 import time
@@ -26,25 +25,8 @@ from service.dimse import scp
 from service.errors import ConfigurationError, TransientError
 from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.store.tables import AuditEvent, Instance
-from tests.conftest import REQUIRE_SERVICES, make_settings
+from tests.conftest import dcmtk_tool, free_port, make_settings
 from tests.factories import dx_instance
-from tests.integration.test_dimse_dcmtk import _free_port
-
-
-def dcmtk_tool(name: str) -> str:
-    """The path of dcmtk's ``name`` on PATH, passing over pynetdicom's console scripts of the same names (echoscu,
-    storescu, storescp), which a virtual environment put first on PATH would otherwise find first."""
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(directory or ".") / name
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            continue
-        version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=30)
-        if version.stdout.startswith("$dcmtk:"):
-            return str(candidate)
-    message = f"dcmtk's {name} is not installed (make install installs it with apt-get)"
-    if REQUIRE_SERVICES:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @dataclass(frozen=True)
@@ -144,7 +126,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def _tls_listener(tmp_path: Path, pki: Pki, *, require_client_certificate: bool) -> Iterator[Runtime]:
     settings: Settings = make_settings(
         tmp_path,
-        dimse_port=_free_port(),
+        dimse_port=free_port(),
         dimse_allowed_calling_ae_titles=["MODALITY1"],
         dimse_tls_cert=pki.server.cert,
         dimse_tls_key=pki.server.key,
@@ -263,6 +245,6 @@ def test_our_scu_pushes_to_our_listener_over_mutual_tls(mutual_tls_listener: Run
 
 
 def test_unreadable_tls_files_refuse_to_start(tmp_path: Path, pki: Pki) -> None:
-    settings = make_settings(tmp_path, dimse_port=_free_port(), dimse_tls_cert=pki.server.cert, dimse_tls_key=pki.ca)
+    settings = make_settings(tmp_path, dimse_port=free_port(), dimse_tls_cert=pki.server.cert, dimse_tls_key=pki.ca)
     with pytest.raises(ConfigurationError, match="TLS files"):
         scp.start(build_runtime(settings), block=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,10 @@ from service.api.auth import mint_token
 from service.config import Settings
 from service.results.fhir import validate_resource
 from service.store.tables import AuditEvent, Job, Report
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.factories import dx_instance, multipart_related, patient_bundle
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _clinfer() -> list[str]:
@@ -39,7 +32,7 @@ def _clinfer() -> list[str]:
 
 @pytest.fixture
 def stack(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[tuple[str, dict[str, str], Path]]:
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CLINFER_")},
         "CLINFER_DATABASE_URL": postgres_url,
@@ -48,7 +41,7 @@ def stack(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[tuple[s
         "CLINFER_BLOB_DIR": str(tmp_path / "blobs"),
         "CLINFER_MODEL_REPOSITORY": str(REPO / "models"),
         "CLINFER_PORT": str(port),
-        "CLINFER_WORKER_METRICS_PORT": str(_free_port()),
+        "CLINFER_WORKER_METRICS_PORT": str(free_port()),
         "CLINFER_STUDY_STABLE_SECONDS": "3600",
         "PYTHONPATH": str(REPO),
     }
