@@ -52,7 +52,7 @@ def stack(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[tuple[s
         [*_clinfer(), "serve"], env=env, cwd=tmp_path, stdout=(logs / "api.log").open("w"), stderr=subprocess.STDOUT
     )
     worker = subprocess.Popen(
-        [*_clinfer(), "worker", "--queues", "preprocess,infer", "--concurrency", "1"],
+        [*_clinfer(), "worker", "--queues", "preprocess,infer,results", "--concurrency", "1"],
         env=env,
         cwd=tmp_path,
         stdout=(logs / "worker.log").open("w"),
@@ -126,6 +126,14 @@ def test_spine_on_postgres_and_redis_with_a_separate_worker(stack: tuple[str, di
         resource = http.get(f"/fhir/DiagnosticReport/{found['id']}", headers=headers("clinician")).json()
         validate_resource(resource)
         assert resource["status"] == "preliminary"
+
+        # the DICOM results are made by the worker on the results queue and served by the API
+        while found["dicom"]["state"] != "stored":
+            assert found["dicom"]["state"] == "pending" and time.monotonic() < deadline, found["dicom"]
+            time.sleep(0.3)
+            found = http.get(f"/v1/studies/{study_uid}/report", headers=headers("clinician")).json()["reports"][0]
+        sr = http.get(found["dicom"]["sr"]["wado_rs"], headers=headers("clinician"))
+        assert sr.status_code == 200 and sr.headers["content-type"].startswith("multipart/related")
 
         # the same task delivered twice through Redis: still one report
         sender = Celery(broker=env["CLINFER_BROKER_URL"])
