@@ -13,11 +13,12 @@ class ServiceError(Exception):
     code = "internal"
     http_status = 500
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, expression: list[str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        self.expression = expression  # FHIRPath of the element at fault, for OperationOutcome.issue.expression
 
 
 class InvalidInput(ServiceError):
@@ -25,6 +26,32 @@ class InvalidInput(ServiceError):
 
     code = "invalid"
     http_status = 400
+
+
+class Unprocessable(InvalidInput):
+    """Well-formed, but against a business rule (FHIR: a reference that does not resolve, a conflicting id)."""
+
+    code = "unprocessable"
+    http_status = 422
+
+
+class PreconditionFailed(ServiceError):
+    """A condition of the request does not hold (FHIR: If-Match on another version, an ambiguous conditional)."""
+
+    code = "precondition-failed"
+    http_status = 412
+
+
+class Gone(ServiceError):
+    """The resource existed and was deleted (FHIR: 410)."""
+
+    code = "deleted"
+    http_status = 410
+
+
+class MethodNotAllowed(ServiceError):
+    code = "not-allowed"
+    http_status = 405
 
 
 class PayloadTooLarge(InvalidInput):

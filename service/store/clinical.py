@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
 from service.schemas import ClinicalContext, ConditionFact, ObservationFact, PatientIdentifier
+from service.store import fhir_store
 from service.store.tables import Condition, FhirResource, Observation, Patient
 from service.store.tables import PatientIdentifier as IdentifierRow
 
@@ -76,18 +77,9 @@ def put_resource(
     *, session: Session, resource_type: str, resource_id: str, body: dict[str, Any], patient_id: int | None
 ) -> FhirResource:
     """Create or replace (new version) a stored FHIR resource."""
-    row = session.scalar(
-        select(FhirResource).where(FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id)
+    row, _ = fhir_store.put(
+        session=session, resource_type=resource_type, resource_id=resource_id, body=body, patient_id=patient_id
     )
-    if row is None:
-        row = FhirResource(
-            resource_type=resource_type, resource_id=resource_id, version=1, body=body, patient_id=patient_id
-        )
-        session.add(row)
-    else:
-        row.version += 1
-        row.body = body
-        row.patient_id = patient_id
     return row
 
 
@@ -95,6 +87,19 @@ def get_resource(*, session: Session, resource_type: str, resource_id: str) -> F
     return session.scalar(
         select(FhirResource).where(FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id)
     )
+
+
+def remove_facts(*, session: Session, resource_type: str, resource_id: str) -> None:
+    """Forget the normalized facts of a resource (deleted, or replaced by a new version): an Observation's value
+    and its components' ("<id>#<code>"), or a Condition."""
+    if resource_type == "Observation":
+        session.execute(
+            delete(Observation).where(
+                or_(Observation.resource_id == resource_id, Observation.resource_id.startswith(f"{resource_id}#"))
+            )
+        )
+    elif resource_type == "Condition":
+        session.execute(delete(Condition).where(Condition.resource_id == resource_id))
 
 
 def put_observation(*, session: Session, patient: Patient, fact: ObservationFact) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -47,7 +48,7 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dict[str, Any] | None: JSON}
 
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; BigInteger elsewhere.
@@ -92,6 +93,42 @@ class FhirResource(Base):
     patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id", ondelete="SET NULL"), index=True)
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    deleted: Mapped[bool] = mapped_column(default=False, server_default=false(), comment="read answers 410 Gone")
+    origin: Mapped[str] = mapped_column(
+        String(16), default="received", server_default="received", comment="received | result (ours: read-only)"
+    )
+
+
+class FhirResourceVersion(Base):
+    """Every version of every FHIR resource (vread, history); the current one is also in fhir_resources."""
+
+    __tablename__ = "fhir_resource_versions"
+    __table_args__ = (UniqueConstraint("resource_type", "resource_id", "version", name="uq_fhir_resource_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON, comment="None for a deletion")
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class FhirSearchValue(Base):
+    """One search parameter value of a current FHIR resource, extracted on write (token, reference, string, date)."""
+
+    __tablename__ = "fhir_search_values"
+    __table_args__ = (
+        Index("ix_fhir_search_token", "param", "value"),
+        Index("ix_fhir_search_date", "param", "date_start"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    resource_pk: Mapped[int] = mapped_column(ForeignKey("fhir_resources.id", ondelete="CASCADE"), index=True)
+    param: Mapped[str] = mapped_column(String(64))
+    system: Mapped[str | None] = mapped_column(String(255))
+    value: Mapped[str | None] = mapped_column(String(255), comment="token code, reference Type/id, lower-case string")
+    date_start: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    date_end: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 
 
 class Study(Base):
@@ -110,6 +147,9 @@ class Study(Base):
     status_reason: Mapped[str | None] = mapped_column(Text)
     last_instance_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
     analysis_requested_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    order_resource_id: Mapped[str | None] = mapped_column(
+        String(64), comment="the FHIR ServiceRequest ordering its AI read, when one is linked"
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")

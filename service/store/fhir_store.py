@@ -1,0 +1,610 @@
+"""The FHIR resource store: current versions, every past version, deletions, and search.
+
+Each write makes a new version (``meta.versionId``), keeps it in ``fhir_resource_versions`` for vread and history,
+and re-extracts the resource's search parameter values into ``fhir_search_values``, in the same transaction.
+Searches run in SQL over those values: token, reference, date (with FHIR prefixes) and string parameters, ANDed
+across parameters and ORed across comma-separated values, with ``_id``, ``_lastUpdated``, ``_count``, paging,
+``_sort`` and ``_total``/``_summary=count``. A search for a parameter we do not support is refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, and_, delete, exists, false, func, not_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
+from service.store.tables import FhirResource, FhirResourceVersion, FhirSearchValue, utcnow
+
+ParamType = Literal["token", "reference", "date", "string"]
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    name: str
+    type: ParamType
+    paths: tuple[str, ...]
+    target: str | None = None  # a reference parameter limited to one resource type (patient -> Patient)
+    description: str = ""
+
+
+def _p(name: str, type_: ParamType, *paths: str, target: str | None = None, description: str = "") -> SearchParam:
+    return SearchParam(name, type_, paths, target, description)
+
+
+_SUBJECT = (
+    _p("subject", "reference", "subject", description="the subject (Patient/{id})"),
+    _p("patient", "reference", "subject", target="Patient", description="the subject, when a Patient"),
+)
+_EFFECTIVE = ("effectiveDateTime", "effectivePeriod", "effectiveInstant")
+
+SEARCH_PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
+    "Patient": (
+        _p("identifier", "token", "identifier"),
+        _p("gender", "token", "gender"),
+        _p("birthdate", "date", "birthDate"),
+        _p("name", "string", "name"),
+        _p("family", "string", "name.family"),
+    ),
+    "Observation": (
+        *_SUBJECT,
+        _p("identifier", "token", "identifier"),
+        _p("code", "token", "code"),
+        _p("component-code", "token", "component.code"),
+        _p("category", "token", "category"),
+        _p("status", "token", "status"),
+        _p("date", "date", *_EFFECTIVE),
+        _p("device", "reference", "device"),
+        _p("based-on", "reference", "basedOn"),
+    ),
+    "Condition": (
+        *_SUBJECT,
+        _p("identifier", "token", "identifier"),
+        _p("code", "token", "code"),
+        _p("category", "token", "category"),
+        _p("clinical-status", "token", "clinicalStatus"),
+        _p("onset-date", "date", "onsetDateTime", "onsetPeriod"),
+        _p("recorded-date", "date", "recordedDate"),
+    ),
+    "MedicationStatement": (
+        *_SUBJECT,
+        _p("identifier", "token", "identifier"),
+        _p("code", "token", "medicationCodeableConcept"),
+        _p("status", "token", "status"),
+        _p("effective", "date", "effectiveDateTime", "effectivePeriod"),
+    ),
+    "ImagingStudy": (
+        *_SUBJECT,
+        _p("identifier", "token", "identifier"),
+        _p("status", "token", "status"),
+        _p("started", "date", "started"),
+        _p("modality", "token", "modality", "series.modality"),
+        _p("basedon", "reference", "basedOn"),
+    ),
+    "ServiceRequest": (
+        *_SUBJECT,
+        _p("identifier", "token", "identifier"),
+        _p("code", "token", "code"),
+        _p("status", "token", "status"),
+        _p("intent", "token", "intent"),
+        _p("authored", "date", "authoredOn"),
+    ),
+    "DiagnosticReport": (
+        *_SUBJECT,
+        _p("identifier", "token", "identifier"),
+        _p("code", "token", "code"),
+        _p("category", "token", "category"),
+        _p("status", "token", "status"),
+        _p("date", "date", *_EFFECTIVE),
+        _p("issued", "date", "issued"),
+        _p("based-on", "reference", "basedOn"),
+        _p("result", "reference", "result"),
+        _p("conclusion", "token", "conclusionCode"),
+    ),
+    "Provenance": (
+        _p("target", "reference", "target"),
+        _p("patient", "reference", "target", target="Patient"),
+        _p("agent", "reference", "agent.who"),
+        _p("entity", "reference", "entity.what"),
+        _p("recorded", "date", "recorded"),
+    ),
+    "Device": (
+        _p("identifier", "token", "identifier"),
+        _p("device-name", "string", "deviceName.name"),
+        _p("manufacturer", "string", "manufacturer"),
+        _p("status", "token", "status"),
+    ),
+}
+
+# Result parameters we honour; any other parameter starting with "_" is refused.
+CONTROL_PARAMETERS = frozenset({"_count", "_offset", "_sort", "_total", "_summary", "_format", "_pretty"})
+MAX_COUNT = 1000
+DEFAULT_COUNT = 50
+
+
+# --- extraction ---------------------------------------------------------------------------------------------
+
+
+def _walk(node: Any, path: str) -> Iterator[Any]:
+    head, _, rest = path.partition(".")
+    values = node.get(head) if isinstance(node, dict) else None
+    if values is None:
+        return
+    for value in values if isinstance(values, list) else [values]:
+        if rest:
+            yield from _walk(value, rest)
+        else:
+            yield value
+
+
+def _tokens(value: Any) -> Iterator[tuple[str | None, str]]:
+    if isinstance(value, bool):
+        yield None, "true" if value else "false"
+    elif isinstance(value, str):
+        yield None, value
+    elif isinstance(value, dict):
+        if isinstance(value.get("coding"), list):
+            for coding in value["coding"]:
+                yield from _tokens(coding)
+        elif "code" in value and isinstance(value["code"], str):
+            yield value.get("system"), value["code"]
+        elif "value" in value and isinstance(value["value"], str):  # Identifier
+            yield value.get("system"), value["value"]
+
+
+_REFERENCE = re.compile(r"(?:^|/)([A-Za-z]+/[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+
+
+def normalize_reference(text: str) -> str | None:
+    """``Patient/abc`` from a relative or absolute reference (a version suffix dropped); None for other forms."""
+    found = _REFERENCE.search(text.strip())
+    return found.group(1) if found else None
+
+
+def _references(value: Any) -> Iterator[str]:
+    if isinstance(value, dict) and isinstance(value.get("reference"), str):
+        normalized = normalize_reference(value["reference"])
+        if normalized:
+            yield normalized
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value.lower()
+    elif isinstance(value, dict):  # HumanName and the like
+        for key in ("text", "family"):
+            if isinstance(value.get(key), str):
+                yield value[key].lower()
+        for given in value.get("given") or []:
+            if isinstance(given, str):
+                yield given.lower()
+
+
+_DATE = re.compile(
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+def date_range(text: str) -> tuple[dt.datetime, dt.datetime]:
+    """The half-open UTC range a FHIR date/dateTime/instant covers at its precision.
+
+    Raises:
+        InvalidInput: not a FHIR date, dateTime or instant.
+    """
+    match = _DATE.match(text.strip())
+    if match is None:
+        raise InvalidInput(f"{text!r} is not a FHIR date or dateTime (YYYY, YYYY-MM, YYYY-MM-DD, or with a time)")
+    year, month, day, hour, minute, second, zone = match.groups()
+    try:
+        if month is None:
+            start = dt.datetime(int(year), 1, 1, tzinfo=dt.UTC)
+            return start, start.replace(year=start.year + 1)
+        if day is None:
+            start = dt.datetime(int(year), int(month), 1, tzinfo=dt.UTC)
+            end = (
+                start.replace(year=start.year + 1, month=1)
+                if start.month == 12
+                else start.replace(month=start.month + 1)
+            )
+            return start, end
+        if hour is None:
+            start = dt.datetime(int(year), int(month), int(day), tzinfo=dt.UTC)
+            return start, start + dt.timedelta(days=1)
+        tz = dt.UTC
+        if zone and zone != "Z":
+            sign = 1 if zone[0] == "+" else -1
+            tz = dt.timezone(sign * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+        start = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=tz)
+    except ValueError as e:
+        raise InvalidInput(f"{text!r} is not a valid date: {e}") from e
+    start = start.astimezone(dt.UTC)
+    return start, start + (dt.timedelta(seconds=1) if second is not None else dt.timedelta(minutes=1))
+
+
+def _dates(value: Any) -> Iterator[tuple[dt.datetime | None, dt.datetime | None]]:
+    if isinstance(value, str):
+        try:
+            yield date_range(value)
+        except InvalidInput:
+            return
+    elif isinstance(value, dict) and ("start" in value or "end" in value):  # Period
+        start = date_range(value["start"])[0] if isinstance(value.get("start"), str) else None
+        end = date_range(value["end"])[1] if isinstance(value.get("end"), str) else None
+        yield start, end
+
+
+def search_values(resource_type: str, body: dict[str, Any]) -> list[FhirSearchValue]:
+    """The search parameter values of one resource, as rows to insert (``resource_pk`` not yet set)."""
+    rows: list[FhirSearchValue] = []
+    for param in SEARCH_PARAMETERS.get(resource_type, ()):
+        for path in param.paths:
+            for element in _walk(body, path):
+                if param.type == "token":
+                    rows += [FhirSearchValue(param=param.name, system=s, value=c[:255]) for s, c in _tokens(element)]
+                elif param.type == "reference":
+                    for reference in _references(element):
+                        if param.target is None or reference.startswith(f"{param.target}/"):
+                            rows.append(FhirSearchValue(param=param.name, value=reference))
+                elif param.type == "string":
+                    rows += [FhirSearchValue(param=param.name, value=s[:255]) for s in _strings(element)]
+                else:
+                    rows += [
+                        FhirSearchValue(param=param.name, date_start=start, date_end=end)
+                        for start, end in _dates(element)
+                    ]
+    return rows
+
+
+def _reindex(session: Session, row: FhirResource) -> None:
+    session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk == row.id))
+    if row.deleted:
+        return
+    for value in search_values(row.resource_type, row.body):
+        value.resource_pk = row.id
+        session.add(value)
+
+
+# --- reads and writes ---------------------------------------------------------------------------------------
+
+
+def _instant(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def current(*, session: Session, resource_type: str, resource_id: str, for_update: bool = False) -> FhirResource | None:
+    """The current row of a resource, deleted or not."""
+    query = select(FhirResource).where(
+        FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id
+    )
+    return session.scalar(query.with_for_update() if for_update else query)
+
+
+def read(*, session: Session, resource_type: str, resource_id: str) -> FhirResource:
+    """Raises:
+    NotFound: never stored.  Gone: deleted.
+    """
+    row = current(session=session, resource_type=resource_type, resource_id=resource_id)
+    if row is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    if row.deleted:
+        raise Gone(f"{resource_type}/{resource_id} was deleted (version {row.version})")
+    return row
+
+
+def vread(*, session: Session, resource_type: str, resource_id: str, version: int) -> dict[str, Any]:
+    found = session.scalar(
+        select(FhirResourceVersion).where(
+            FhirResourceVersion.resource_type == resource_type,
+            FhirResourceVersion.resource_id == resource_id,
+            FhirResourceVersion.version == version,
+        )
+    )
+    if found is None:
+        raise NotFound(f"{resource_type}/{resource_id} has no version {version}")
+    if found.body is None:
+        raise Gone(f"version {version} of {resource_type}/{resource_id} is its deletion")
+    return dict(found.body)
+
+
+def history(*, session: Session, resource_type: str, resource_id: str) -> list[FhirResourceVersion]:
+    return list(
+        session.scalars(
+            select(FhirResourceVersion)
+            .where(FhirResourceVersion.resource_type == resource_type, FhirResourceVersion.resource_id == resource_id)
+            .order_by(FhirResourceVersion.version.desc())
+        )
+    )
+
+
+def put(
+    *,
+    session: Session,
+    resource_type: str,
+    resource_id: str,
+    body: dict[str, Any],
+    patient_id: int | None,
+    origin: str = "received",
+    if_match: int | None = None,
+) -> tuple[FhirResource, bool]:
+    """Create or update (a new version of) a resource; ``meta.versionId`` and ``meta.lastUpdated`` are set here.
+
+    Args:
+        if_match: the version the caller last saw (If-Match); another current version fails the update.
+        origin: "received" for clients' resources, "result" for the ones we produce (clients may not write them).
+
+    Returns:
+        (the row, True when the resource was created).
+
+    Raises:
+        PreconditionFailed: ``if_match`` is not the current version.
+        Conflict: a client write to a resource we produce, or the other way round.
+    """
+    row = current(session=session, resource_type=resource_type, resource_id=resource_id, for_update=True)
+    now = utcnow()
+    created = row is None
+    if row is None:
+        if if_match is not None:
+            raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
+        row = FhirResource(resource_type=resource_type, resource_id=resource_id, version=1, origin=origin, body={})
+        try:
+            with session.begin_nested():
+                session.add(row)
+                session.flush()
+        except IntegrityError:  # created meanwhile by another request: update it instead
+            return put(
+                session=session,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                body=body,
+                patient_id=patient_id,
+                origin=origin,
+                if_match=if_match,
+            )
+    else:
+        if row.origin != origin:
+            raise Conflict(f"{resource_type}/{resource_id} is produced by clinfer and cannot be written by a client")
+        if if_match is not None and if_match != row.version:
+            raise PreconditionFailed(
+                f"{resource_type}/{resource_id} is at version {row.version}, not {if_match} (If-Match)"
+            )
+        row.version += 1
+    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    stored = {**body, "id": resource_id, "meta": {**meta, "versionId": str(row.version), "lastUpdated": _instant(now)}}
+    row.body, row.patient_id, row.deleted, row.updated_at = stored, patient_id, False, now
+    session.add(
+        FhirResourceVersion(
+            resource_type=resource_type, resource_id=resource_id, version=row.version, body=stored, updated_at=now
+        )
+    )
+    session.flush()
+    _reindex(session, row)
+    return row, created
+
+
+def delete_resource(*, session: Session, resource_type: str, resource_id: str) -> FhirResource:
+    """Delete (a new, empty version); reading it then answers 410. Deleting a deleted resource changes nothing.
+
+    Raises:
+        NotFound: never stored.  Conflict: a resource we produce.
+    """
+    row = current(session=session, resource_type=resource_type, resource_id=resource_id, for_update=True)
+    if row is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    if row.origin != "received":
+        raise Conflict(f"{resource_type}/{resource_id} is produced by clinfer and cannot be deleted by a client")
+    if row.deleted:
+        return row
+    now = utcnow()
+    row.version += 1
+    row.deleted, row.updated_at = True, now
+    session.add(
+        FhirResourceVersion(
+            resource_type=resource_type, resource_id=resource_id, version=row.version, body=None, updated_at=now
+        )
+    )
+    session.flush()
+    _reindex(session, row)
+    return row
+
+
+def body_of(row: FhirResource) -> dict[str, Any]:
+    return dict(row.body)
+
+
+# --- search ------------------------------------------------------------------------------------------------
+
+_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    resource_type: str
+    filters: list[tuple[str, str]]  # (name[:modifier], value) as given
+    count: int = DEFAULT_COUNT
+    offset: int = 0
+    sort: str | None = None
+    summary_count: bool = False
+
+
+def parse_search(resource_type: str, params: Iterable[tuple[str, str]]) -> SearchRequest:
+    """Check a search's parameters against what we support.
+
+    Raises:
+        InvalidInput: an unknown parameter or modifier, or a bad _count/_offset/_sort (the message names it).
+    """
+    supported = {p.name: p for p in SEARCH_PARAMETERS.get(resource_type, ())}
+    filters: list[tuple[str, str]] = []
+    count, offset, sort, summary_count = DEFAULT_COUNT, 0, None, False
+    for name, value in params:
+        base, _, modifier = name.partition(":")
+        if base == "_count":
+            count = _int_param("_count", value, 0, MAX_COUNT)
+        elif base == "_offset":
+            offset = _int_param("_offset", value, 0, 10**9)
+        elif base == "_sort":
+            if value not in ("_lastUpdated", "-_lastUpdated", "_id", "-_id"):
+                raise InvalidInput(f"_sort={value} is not supported (use _lastUpdated, -_lastUpdated, _id or -_id)")
+            sort = value
+        elif base == "_summary":
+            if value not in ("count", "false"):
+                raise InvalidInput(f"_summary={value} is not supported (use count)")
+            summary_count = value == "count"
+        elif base in ("_total", "_format", "_pretty"):
+            continue  # the total is always counted; JSON is the only format
+        elif base in ("_id", "_lastUpdated"):
+            if modifier:
+                raise InvalidInput(f"the modifier :{modifier} is not supported on {base}")
+            filters.append((base, value))
+        elif base in supported:
+            param = supported[base]
+            allowed = {"token": ("", "exact"), "reference": ("",), "date": ("",), "string": ("", "exact", "contains")}
+            if modifier not in allowed[param.type] and not (param.type == "token" and modifier == "not"):
+                raise InvalidInput(f"the modifier :{modifier} is not supported on {resource_type}.{base}")
+            filters.append((name, value))
+        else:
+            known = ", ".join(sorted([*supported, "_id", "_lastUpdated", *CONTROL_PARAMETERS]))
+            raise InvalidInput(f"{resource_type} cannot be searched by {name!r}; supported: {known}")
+    return SearchRequest(resource_type, filters, count, offset, sort, summary_count)
+
+
+def _int_param(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError as e:
+        raise InvalidInput(f"{name}={value!r} is not an integer") from e
+    if not low <= number <= high:
+        raise InvalidInput(f"{name} must be between {low} and {high}, not {number}")
+    return number
+
+
+def _split_prefix(value: str) -> tuple[str, str]:
+    if len(value) > 2 and value[:2] in _PREFIXES and not value[:2].isdigit():
+        return value[:2], value[2:]
+    return "eq", value
+
+
+def _date_condition(start_col: Any, end_col: Any, value: str) -> ColumnElement[bool]:
+    prefix, text = _split_prefix(value)
+    low, high = date_range(text)
+    if prefix == "ap":
+        prefix = "eq"
+    conditions: dict[str, ColumnElement[bool]] = {
+        "eq": and_(start_col >= low, end_col <= high),
+        "ne": not_(and_(start_col >= low, end_col <= high)),
+        "lt": start_col < low,
+        "le": start_col < high,
+        "gt": end_col > high,
+        "ge": end_col > low,
+        "sa": start_col >= high,
+        "eb": end_col <= low,
+    }
+    return conditions[prefix]
+
+
+def _token_condition(value: str) -> ColumnElement[bool]:
+    if "|" in value:
+        system, _, code = value.partition("|")
+        parts = []
+        parts.append(FhirSearchValue.system.is_(None) if system == "" else FhirSearchValue.system == system)
+        if code:
+            parts.append(FhirSearchValue.value == code)
+        return and_(*parts)
+    return FhirSearchValue.value == value
+
+
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _value_exists(name: str, condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    return exists().where(FhirSearchValue.resource_pk == FhirResource.id, FhirSearchValue.param == name, condition)
+
+
+def _filter(resource_type: str, name: str, values: list[str]) -> ColumnElement[bool]:
+    base, _, modifier = name.partition(":")
+    if base == "_id":
+        return FhirResource.resource_id.in_(values)
+    if base == "_lastUpdated":
+        return or_(*(_date_condition(FhirResource.updated_at, FhirResource.updated_at, v) for v in values))
+    param = next(p for p in SEARCH_PARAMETERS[resource_type] if p.name == base)
+    if param.type == "token":
+        matched = or_(*(_token_condition(v) for v in values))
+        return not_(_value_exists(base, matched)) if modifier == "not" else _value_exists(base, matched)
+    if param.type == "reference":
+        options = []
+        for value in values:
+            reference = normalize_reference(value) if "/" in value else None
+            if reference is not None:
+                options.append(FhirSearchValue.value == reference)
+            elif param.target is not None:
+                options.append(FhirSearchValue.value == f"{param.target}/{value}")
+            else:
+                options.append(FhirSearchValue.value.like(f"%/{value}"))
+        return _value_exists(base, or_(*options))
+    if param.type == "string":
+        if modifier == "exact":
+            return _value_exists(base, FhirSearchValue.value.in_([v.lower() for v in values]))
+        pattern = "%{}%" if modifier == "contains" else "{}%"
+        return _value_exists(
+            base, or_(*(FhirSearchValue.value.like(pattern.format(_like(v.lower())), escape="\\") for v in values))
+        )
+    return _value_exists(
+        base, or_(*(_date_condition(FhirSearchValue.date_start, FhirSearchValue.date_end, v) for v in values))
+    )
+
+
+def search(
+    *, session: Session, request: SearchRequest, patient_id: int | None = None
+) -> tuple[list[FhirResource], int]:
+    """Run a checked search.
+
+    Args:
+        patient_id: limit the search to one patient's compartment (a patient-context token).
+
+    Returns:
+        (one page of current, non-deleted rows, the total number of matches).
+    """
+    conditions: list[ColumnElement[bool]] = [
+        FhirResource.resource_type == request.resource_type,
+        FhirResource.deleted == false(),
+    ]
+    if patient_id is not None:
+        conditions.append(FhirResource.patient_id == patient_id)
+    for name, value in request.filters:
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if not values:
+            raise InvalidInput(f"the search parameter {name} has no value")
+        conditions.append(_filter(request.resource_type, name, values))
+    total = session.scalar(select(func.count(FhirResource.id)).where(*conditions)) or 0
+    if request.summary_count or request.count == 0:
+        return [], total
+    order: Any = {
+        None: FhirResource.id.asc(),
+        "_id": FhirResource.resource_id.asc(),
+        "-_id": FhirResource.resource_id.desc(),
+        "_lastUpdated": FhirResource.updated_at.asc(),
+        "-_lastUpdated": FhirResource.updated_at.desc(),
+    }[request.sort]
+    rows = session.scalars(
+        select(FhirResource)
+        .where(*conditions)
+        .order_by(order, FhirResource.id)
+        .limit(request.count)
+        .offset(request.offset)
+    )
+    return list(rows), total
+
+
+def reindex_all(session: Session) -> int:
+    """Re-extract the search values of every current resource (after a change of search parameters)."""
+    count = 0
+    for row in session.scalars(select(FhirResource)):
+        _reindex(session, row)
+        count += 1
+    return count

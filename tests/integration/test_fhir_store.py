@@ -1,0 +1,133 @@
+"""The FHIR resource store on SQLite and PostgreSQL: versions, vread, deletion, If-Match, and every kind of search
+parameter, paging and refusal of what we do not support."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
+from service.store import db, fhir_store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
+    url = f"sqlite:///{tmp_path / 'fhir.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    engine: Engine = db.make_engine(url)
+    db.upgrade(engine)
+    with db.make_session_factory(engine)() as s:
+        yield s
+    engine.dispose()
+
+
+def observation(resource_id: str, *, code: str, when: str, patient: str = "p1", status: str = "final") -> dict:
+    return {
+        "resourceType": "Observation",
+        "id": resource_id,
+        "status": status,
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": when,
+        "identifier": [{"system": "urn:lab", "value": f"lab-{resource_id}"}],
+    }
+
+
+def put(session: Session, body: dict, **kwargs: object) -> tuple:
+    return fhir_store.put(
+        session=session, resource_type=body["resourceType"], resource_id=body["id"], body=body, patient_id=None, **kwargs
+    )
+
+
+def search(session: Session, resource_type: str, *params: tuple[str, str]) -> tuple[list[str], int]:
+    rows, total = fhir_store.search(session=session, request=fhir_store.parse_search(resource_type, params))
+    return [row.resource_id for row in rows], total
+
+
+def test_versions_vread_delete_and_if_match(session: Session) -> None:
+    row, created = put(session, observation("o1", code="1988-5", when="2026-11-20T08:00:00Z"))
+    assert created and row.version == 1 and row.body["meta"]["versionId"] == "1"
+    row, created = put(session, observation("o1", code="1988-5", when="2026-11-20T09:00:00Z"), if_match=1)
+    assert not created and row.version == 2
+    with pytest.raises(PreconditionFailed):
+        put(session, observation("o1", code="1988-5", when="2026-11-20T10:00:00Z"), if_match=1)
+    assert fhir_store.vread(session=session, resource_type="Observation", resource_id="o1", version=1)[
+        "effectiveDateTime"
+    ] == "2026-11-20T08:00:00Z"
+    fhir_store.delete_resource(session=session, resource_type="Observation", resource_id="o1")
+    with pytest.raises(Gone):
+        fhir_store.read(session=session, resource_type="Observation", resource_id="o1")
+    with pytest.raises(NotFound):
+        fhir_store.read(session=session, resource_type="Observation", resource_id="never")
+    assert search(session, "Observation", ("code", "1988-5")) == ([], 0), "a deleted resource is not found"
+    history = fhir_store.history(session=session, resource_type="Observation", resource_id="o1")
+    assert [(h.version, h.body is None) for h in history] == [(3, True), (2, False), (1, False)]
+    put(session, observation("o1", code="1988-5", when="2026-11-21"))  # re-created after deletion
+    assert fhir_store.read(session=session, resource_type="Observation", resource_id="o1").version == 4
+
+
+def test_produced_resources_cannot_be_written_by_clients(session: Session) -> None:
+    report = {"resourceType": "DiagnosticReport", "id": "r1", "status": "preliminary", "code": {"text": "x"}}
+    put(session, report, origin="result")
+    with pytest.raises(Conflict):
+        put(session, report)
+
+
+def test_token_reference_date_and_string_searches(session: Session) -> None:
+    put(session, observation("a", code="1988-5", when="2026-11-20T08:00:00Z"))
+    put(session, observation("b", code="8310-5", when="2026-11-21T08:00:00Z"))
+    put(session, observation("c", code="1988-5", when="2026-10-01", patient="p2", status="entered-in-error"))
+    put(session, {"resourceType": "Patient", "id": "p1", "name": [{"family": "O'Brien", "given": ["Ann"]}]})
+    assert search(session, "Observation", ("code", "1988-5")) == (["a", "c"], 2)
+    assert search(session, "Observation", ("code", "http://loinc.org|8310-5,http://loinc.org|1988-5"))[1] == 3
+    assert search(session, "Observation", ("code", "http://other|1988-5")) == ([], 0)
+    assert search(session, "Observation", ("patient", "p2")) == (["c"], 1)
+    assert search(session, "Observation", ("subject", "Patient/p1"), ("code", "1988-5")) == (["a"], 1)
+    assert search(session, "Observation", ("status:not", "entered-in-error"))[0] == ["a", "b"]
+    assert search(session, "Observation", ("identifier", "urn:lab|lab-b")) == (["b"], 1)
+    assert search(session, "Observation", ("date", "2026-11-20")) == (["a"], 1)
+    assert search(session, "Observation", ("date", "ge2026-11-20"))[0] == ["a", "b"]
+    assert search(session, "Observation", ("date", "lt2026-11"))[0] == ["c"]
+    assert search(session, "Observation", ("date", "ge2026-11-01"), ("date", "lt2026-11-21"))[0] == ["a"]
+    assert search(session, "Patient", ("name", "o'b")) == (["p1"], 1)
+    assert search(session, "Patient", ("family:exact", "o'brien")) == (["p1"], 1)
+    assert search(session, "Patient", ("name", "%")) == ([], 0), "LIKE wildcards in a value are literal"
+    assert search(session, "Observation", ("_id", "a,b"))[0] == ["a", "b"]
+    assert search(session, "Observation", ("_lastUpdated", "gt2000-01-01"))[1] == 3
+
+
+def test_paging_and_sorting(session: Session) -> None:
+    for number in range(7):
+        put(session, observation(f"o{number}", code="1988-5", when="2026-11-20"))
+    first, total = search(session, "Observation", ("_count", "3"))
+    assert total == 7 and first == ["o0", "o1", "o2"]
+    last, _ = search(session, "Observation", ("_count", "3"), ("_offset", "6"))
+    assert last == ["o6"]
+    newest, _ = search(session, "Observation", ("_sort", "-_lastUpdated"), ("_count", "1"))
+    assert newest == ["o6"]
+    assert search(session, "Observation", ("_summary", "count")) == ([], 7)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ([("colour", "red")], "cannot be searched by 'colour'"),
+        ([("code:below", "x")], "modifier :below"),
+        ([("_count", "many")], "_count"),
+        ([("_count", "100000")], "_count"),
+        ([("_sort", "status")], "_sort"),
+        ([("_elements", "id")], "cannot be searched by '_elements'"),
+    ],
+)
+def test_unsupported_searches_are_refused_not_ignored(params: list[tuple[str, str]], message: str) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        fhir_store.parse_search("Observation", params)
+    assert message in raised.value.message
+
+
+def test_a_bad_date_is_refused(session: Session) -> None:
+    with pytest.raises(InvalidInput):
+        search(session, "Observation", ("date", "yesterday"))
