@@ -78,9 +78,14 @@ class PatientFacts(BaseModel):
 
 
 class ObservationFact(BaseModel):
-    """One normalized Observation: LOINC code, value in the canonical UCUM unit when we know it."""
+    """One Observation value (or one component value of a panel): its LOINC code, value, unit, time and status.
 
-    resource_id: str
+    ``value``/``ucum_unit`` are in the canonical UCUM unit of the LOINC code where ingest has one (for search and
+    comparison), else as sent. Models do not read them: pre-processing converts ``original_value`` from
+    ``original_unit`` to the unit of each model's manifest.
+    """
+
+    resource_id: str = Field(description='the Observation id; "<id>#<LOINC>" for a further component of a panel')
     patient_ref: str = Field(description="the Bundle's reference to its subject (fullUrl, Patient/id, or identifier)")
     loinc: str
     value: float
@@ -102,15 +107,18 @@ class ConditionFact(BaseModel):
 
 
 class ClinicalValue(BaseModel):
-    """A clinical input as it was fed to a model."""
+    """A clinical input as it was fed to a model, and the Observation it came from."""
 
     feature: str
     loinc: str | None = None
-    value: float | None
+    value: float | None = Field(description="in the manifest's unit (`unit`), converted from the original")
     unit: str | None
     effective_at: dt.datetime | None = None
     missing: bool
     reason: str | None = Field(default=None, description="why missing: no value, outside lookback, unconvertible")
+    source: str | None = Field(default=None, description='the resource that supplied the value: "Observation/<id>"')
+    original_value: float | None = Field(default=None, description="the value as the Observation sent it")
+    original_unit: str | None = Field(default=None, description="the unit the Observation sent it in")
 
 
 class ClinicalContext(BaseModel):

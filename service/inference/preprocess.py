@@ -7,11 +7,14 @@ exactly what it saw in training.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import numpy as np
 
+from service import ucum
 from service.inference.manifest import ClinicalFeature, ImagePreprocessing
 from service.schemas import ClinicalContext, ClinicalValue, ObservationFact
+from service.ucum import UcumError
 
 
 def window_image(
@@ -103,32 +106,85 @@ def _add_years(day: dt.date, years: int) -> dt.date:
         return day.replace(year=day.year + years, day=28)
 
 
-def _latest_in_window(
+# FHIR R4 ObservationStatus values whose value a model may use. "registered" has no result yet; "cancelled" and
+# "entered-in-error" were never valid; "unknown" cannot be told apart from those. A preliminary value is used (it is
+# what a clinician sees at the time of the study) until a final, amended or corrected one supersedes it.
+USABLE_STATUSES = frozenset({"preliminary", "final", "amended", "corrected"})
+# Among values with the same effective time: amended or corrected over final, final over preliminary.
+_STATUS_RANK = {"preliminary": 0, "final": 1, "amended": 2, "corrected": 2}
+
+
+@dataclass(frozen=True)
+class _Selected:
+    fact: ObservationFact
+    value: float  # in the feature's unit
+
+
+def observation_source(fact: ObservationFact) -> str:
+    """``Observation/<id>`` of the resource behind a fact (a panel's, for each of its component values)."""
+    return f"Observation/{fact.resource_id.partition('#')[0]}"
+
+
+def _in_feature_unit(fact: ObservationFact, feature: ClinicalFeature) -> float:
+    """The fact's original value converted to the feature's unit.
+
+    Raises:
+        UcumError: the original unit is not UCUM, or not commensurable with the feature's unit.
+    """
+    if feature.unit is None:
+        raise UcumError("the manifest gives no unit for this feature", problem="the manifest gives no unit")
+    return ucum.convert(fact.original_value, fact.original_unit, feature.unit)
+
+
+def _select_observation(
     observations: list[ObservationFact], feature: ClinicalFeature, study_at: dt.datetime
-) -> tuple[ObservationFact | None, str]:
-    codes = set(feature.source.loinc)
-    candidates = [o for o in observations if o.loinc in codes and o.status not in ("entered-in-error", "cancelled")]
+) -> tuple[_Selected | None, str]:
+    """The value a feature takes: the latest usable one in the lookback window, converted to the feature's unit.
+
+    In order: the feature's LOINC codes; a usable status (:data:`USABLE_STATUSES`); effective within
+    ``lookback_hours`` before the study and never after it (an undated value only for a feature without a
+    lookback); a unit that converts to the feature's. Of what is left, the latest; at the same time, the
+    amended or corrected one, then the code the manifest lists first, then the one stored last.
+
+    Returns:
+        (the value and its Observation, "") or (None, why there is none).
+    """
+    codes = list(feature.source.loinc)
+    candidates = [(position, o) for position, o in enumerate(observations) if o.loinc in codes]
     if not candidates:
         return None, "no value"
-    convertible = [o for o in candidates if o.ucum_unit == feature.unit]
-    if not convertible:
-        return None, "unit not convertible"
+    usable = [(position, o) for position, o in candidates if o.status in USABLE_STATUSES]
+    if not usable:
+        statuses = ", ".join(sorted({o.status for _, o in candidates}))
+        return None, f"no observation with a usable status (status {statuses})"
     window_start = study_at - dt.timedelta(hours=feature.lookback_hours) if feature.lookback_hours else None
     in_window = [
-        o
-        for o in convertible
+        (position, o)
+        for position, o in usable
         if o.effective_at is None
-        or (
-            (window_start is None or o.effective_at >= window_start)
-            and o.effective_at <= study_at + dt.timedelta(hours=1)
-        )
+        or (o.effective_at <= study_at and (window_start is None or o.effective_at >= window_start))
     ]
-    dated = [o for o in in_window if o.effective_at is not None]
     if not in_window:
-        return None, "outside lookback window"
-    if dated:
-        return max(dated, key=lambda o: o.effective_at or study_at), ""
-    return (in_window[-1], "") if feature.lookback_hours is None else (None, "no effective time")
+        after = all(o.effective_at is not None and o.effective_at > study_at for _, o in usable)
+        return None, "effective after the study" if after else "outside lookback window"
+    if feature.lookback_hours is not None:
+        in_window = [(position, o) for position, o in in_window if o.effective_at is not None]
+        if not in_window:
+            return None, "no effective time"
+
+    def order(item: tuple[int, ObservationFact]) -> tuple[dt.datetime, int, int, int]:
+        position, o = item
+        effective = o.effective_at or dt.datetime.min.replace(tzinfo=dt.UTC)
+        return effective, _STATUS_RANK.get(o.status, 0), -codes.index(o.loinc), position
+
+    problem = ""
+    for _, fact in sorted(in_window, key=order, reverse=True):
+        try:
+            return _Selected(fact, _in_feature_unit(fact, feature)), ""
+        except UcumError as e:
+            # a later value in a unit we cannot convert does not hide an earlier one that converts
+            problem = problem or f'unit "{fact.original_unit}" cannot be converted to "{feature.unit}" ({e.problem})'
+    return None, problem
 
 
 def clinical_vector(
@@ -136,8 +192,12 @@ def clinical_vector(
 ) -> tuple[np.ndarray, np.ndarray, list[ClinicalValue]]:
     """Build the clinical value vector and its missing-mask.
 
-    A value that is absent, outside its lookback window, or in a unit we could not convert is masked
-    (mask 0, value 0 after normalization) and reported as missing with the reason; never silently zero-filled.
+    Each observation feature takes the latest usable Observation value in its lookback window (see
+    :func:`_select_observation`), converted from the unit it was sent in to the manifest's UCUM unit by
+    :func:`service.ucum.convert`. A value that is absent, not usable by its status, outside its lookback window, or in
+    a unit that does not convert is masked (mask 0, value 0 after normalization) and reported as missing with the
+    reason; never silently zero-filled. Each value used names its Observation (``source``) and what it sent
+    (``original_value``, ``original_unit``).
 
     Args:
         context: the patient's demographics and normalized observations.
@@ -153,8 +213,7 @@ def clinical_vector(
     for i, feature in enumerate(features):
         raw: float | None = None
         reason = ""
-        loinc: str | None = None
-        effective: dt.datetime | None = None
+        selected: _Selected | None = None
         if feature.source.kind == "age_at_study":
             if context.birth_date is None:
                 reason = "no birth date"
@@ -166,21 +225,25 @@ def clinical_vector(
             else:
                 raw = 1.0 if context.gender == feature.source.gender_value else 0.0
         else:
-            found, reason = _latest_in_window(context.observations, feature, study_at)
-            if found is not None:
-                raw, loinc, effective = found.value, found.loinc, found.effective_at
+            selected, reason = _select_observation(context.observations, feature, study_at)
+            if selected is not None:
+                raw = selected.value
         if raw is not None:
             values[i] = (raw - feature.mean) / feature.std
             mask[i] = 1.0
+        fact = selected.fact if selected is not None else None
         used.append(
             ClinicalValue(
                 feature=feature.name,
-                loinc=loinc,
+                loinc=fact.loinc if fact is not None else None,
                 value=raw,
                 unit=feature.unit,
-                effective_at=effective,
+                effective_at=fact.effective_at if fact is not None else None,
                 missing=raw is None,
                 reason=reason or None,
+                source=observation_source(fact) if fact is not None else None,
+                original_value=fact.original_value if fact is not None else None,
+                original_unit=fact.original_unit if fact is not None else None,
             )
         )
     return values, mask, used

@@ -2,12 +2,18 @@
 
 Only Patient, Observation and Condition are accepted. Each resource is validated with the fhir.resources
 R4B models (wire-compatible with R4 for these three), then reduced to :class:`PatientFacts`,
-:class:`ObservationFact` (value normalised to the canonical UCUM unit of its LOINC code) and
-:class:`ConditionFact`. References to ``urn:uuid:`` fullUrls inside the Bundle are rewritten to
-``Patient/<id>`` style, as a FHIR server does when it processes a transaction.
+:class:`ObservationFact` and :class:`ConditionFact`. References to ``urn:uuid:`` fullUrls inside the Bundle are
+rewritten to ``Patient/<id>`` style, as a FHIR server does when it processes a transaction.
 
 A transaction is all-or-nothing: the first bad entry raises :class:`InvalidInput`. A batch may be parsed with
 ``collect_errors=True``: bad entries are then skipped and reported per entry index.
+
+Units: a valueQuantity's UCUM code (system http://unitsofmeasure.org) must be valid UCUM, or the entry is refused.
+A quantity with only a display ``unit`` keeps it as sent; when that is not UCUM, no model ever uses the value
+(pre-processing cannot convert it, and says so in the report). Each fact keeps the value and unit as sent
+(``original_value``, ``original_unit``), which pre-processing converts to each model's unit; ``value`` and
+``ucum_unit`` hold the value in the canonical UCUM unit of its LOINC code (:data:`CANONICAL_UCUM_UNITS`) where it
+converts, for search and comparison across senders.
 
 This module is the only place in ingest that imports fhir.resources.
 """
@@ -31,13 +37,18 @@ from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
 from pydantic import ValidationError
 
+from service import ucum
 from service.errors import InvalidInput
 from service.schemas import ConditionFact, ObservationFact, PatientFacts, PatientIdentifier
+from service.ucum import UcumError
 
 LOINC_SYSTEM = "http://loinc.org"
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 BLOOD_PRESSURE_PANEL_LOINC = "85354-9"
 SYSTOLIC_BLOOD_PRESSURE_LOINC = "8480-6"
+DIASTOLIC_BLOOD_PRESSURE_LOINC = "8462-4"
+# What the store keeps of a unit (observations.ucum_unit and original_unit).
+MAX_UNIT_LENGTH = 32
 
 ACCEPTED_BUNDLE_TYPES = ("transaction", "batch")
 ACCEPTED_RESOURCE_TYPES = ("Patient", "Observation", "Condition")
@@ -61,48 +72,27 @@ _PATIENT_REFERENCE = re.compile(rf"Patient/({_FHIR_ID})(?:/_history/{_FHIR_ID})?
 _RESOURCE_URL = re.compile(rf"([A-Za-z]+)/({_FHIR_ID})")
 
 
-@dataclass(frozen=True)
-class _UnitConversion:
-    """``canonical = (value + offset) * scale``; the offset is applied first so that °F reads naturally."""
+# The canonical UCUM unit of each LOINC code we know, for ObservationFact.value/ucum_unit (search, comparison).
+# Only target units: the conversion is service.ucum's. A model's own unit comes from its manifest.
+CANONICAL_UCUM_UNITS: dict[str, str] = {
+    "8310-5": "Cel",  # body temperature
+    "8867-4": "/min",  # heart rate
+    "9279-1": "/min",  # respiratory rate
+    "59408-5": "%",  # oxygen saturation by pulse oximetry
+    "2708-6": "%",  # oxygen saturation in arterial blood
+    "6690-2": "10*3/uL",  # leukocytes
+    "1988-5": "mg/L",  # C reactive protein
+    "33762-6": "pg/mL",  # NT-proBNP
+    SYSTOLIC_BLOOD_PRESSURE_LOINC: "mm[Hg]",
+    DIASTOLIC_BLOOD_PRESSURE_LOINC: "mm[Hg]",
+    "6301-6": "{INR}",  # INR in platelet poor plasma
+    "9269-2": "{score}",  # Glasgow coma score total
+}
 
-    scale: float
-    offset: float = 0.0
-
-
-_IDENTITY = _UnitConversion(1.0)
-
-# Canonical UCUM unit per LOINC code, and the units we convert from. Units are matched exactly: UCUM is
-# case-sensitive ("mg/dl" is not "mg/dL"), and a unit we do not list is kept as given and masked downstream.
-_UCUM_TABLE: dict[str, tuple[str, dict[str, _UnitConversion]]] = {
-    # Body temperature
-    "8310-5": (
-        "Cel",
-        {"Cel": _IDENTITY, "[degF]": _UnitConversion(5.0 / 9.0, -32.0), "K": _UnitConversion(1.0, -273.15)},
-    ),
-    # Heart rate
-    "8867-4": ("/min", {"/min": _IDENTITY, "{beats}/min": _IDENTITY, "beats/min": _IDENTITY}),
-    # Respiratory rate
-    "9279-1": ("/min", {"/min": _IDENTITY, "{breaths}/min": _IDENTITY, "breaths/min": _IDENTITY}),
-    # Oxygen saturation (pulse oximetry; arterial blood)
-    "59408-5": ("%", {"%": _IDENTITY}),
-    "2708-6": ("%", {"%": _IDENTITY}),
-    # Leukocytes
-    "6690-2": (
-        "10*3/uL",
-        {
-            "10*3/uL": _IDENTITY,
-            "10*9/L": _IDENTITY,
-            "10*3/mm3": _IDENTITY,
-            "/nL": _IDENTITY,
-            "/uL": _UnitConversion(1.0 / 1000.0),
-        },
-    ),
-    # C-reactive protein
-    "1988-5": ("mg/L", {"mg/L": _IDENTITY, "mg/dL": _UnitConversion(10.0)}),
-    # NT-proBNP
-    "33762-6": ("pg/mL", {"pg/mL": _IDENTITY, "ng/L": _IDENTITY, "ng/mL": _UnitConversion(1000.0)}),
-    # Systolic blood pressure
-    "8480-6": ("mm[Hg]", {"mm[Hg]": _IDENTITY, "kPa": _UnitConversion(7.50062)}),
+# Panels whose values are components: (the component a panel must carry, whose fact keeps the Observation's id;
+# the components also taken when they have a value, each a fact "<id>#<LOINC>").
+PANEL_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    BLOOD_PRESSURE_PANEL_LOINC: (SYSTOLIC_BLOOD_PRESSURE_LOINC, (DIASTOLIC_BLOOD_PRESSURE_LOINC,)),
 }
 
 
@@ -135,7 +125,10 @@ class ParsedBundle:
     Attributes:
         bundle_type: "transaction" or "batch".
         patients: One per accepted Patient entry.
-        observations: One per accepted Observation (for a blood-pressure panel: its systolic component).
+        observations: One per accepted Observation, with the Observation's id (for a blood-pressure panel: its
+            systolic component).
+        components: The further component values of panels, by the Observation's id (for a blood-pressure panel:
+            its diastolic component), each with the id ``<id>#<LOINC>`` ("#" never occurs in a FHIR id).
         conditions: One per accepted Condition.
         resources: Every accepted entry, in Bundle order.
         errors: ``(entry_index, message)`` for each entry skipped; only filled with ``collect_errors=True``
@@ -145,6 +138,7 @@ class ParsedBundle:
     bundle_type: str
     patients: list[PatientFacts] = field(default_factory=list)
     observations: list[ObservationFact] = field(default_factory=list)
+    components: dict[str, list[ObservationFact]] = field(default_factory=dict)
     conditions: list[ConditionFact] = field(default_factory=list)
     resources: list[ParsedResource] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)
@@ -161,39 +155,16 @@ class _CheckedEntry:
     model: Patient | Observation | Condition
 
 
-def ucum_convert(loinc: str, value: float, unit: str) -> tuple[float, str] | None:
-    """Convert a value to the canonical UCUM unit of its LOINC code.
-
-    Args:
-        loinc: LOINC code of the observation, e.g. "1988-5".
-        value: The value as measured.
-        unit: Its UCUM unit, e.g. "mg/dL" (matched exactly; UCUM is case-sensitive).
-
-    Returns:
-        ``(value, canonical_unit)``. For a LOINC code we have no table for, the value and unit as given.
-        None when the code is known but the unit cannot be converted to its canonical unit.
-    """
-    known = _UCUM_TABLE.get(loinc)
-    if known is None:
-        return value, unit
-    canonical_unit, conversions = known
-    conversion = conversions.get(unit)
-    if conversion is None:
-        return None
-    return (value + conversion.offset) * conversion.scale, canonical_unit
-
-
 def canonical_ucum_unit(loinc: str) -> str | None:
-    """The canonical UCUM unit we normalise a LOINC code to.
+    """The canonical UCUM unit a LOINC code's ``ObservationFact.value`` is kept in.
 
     Args:
         loinc: LOINC code, e.g. "8310-5".
 
     Returns:
-        The unit (e.g. "Cel"), or None for a LOINC code that has no conversion table here.
+        The unit (e.g. "Cel"), or None for a LOINC code without one (its value is kept as sent).
     """
-    known = _UCUM_TABLE.get(loinc)
-    return known[0] if known is not None else None
+    return CANONICAL_UCUM_UNITS.get(loinc)
 
 
 def describe_validation_error(error: ValidationError, *, limit: int = 3) -> str:
@@ -380,7 +351,10 @@ def _reduce(item: _CheckedEntry, url_map: dict[str, str], parsed: ParsedBundle) 
     if isinstance(item.model, Patient):
         parsed.patients.append(_patient_facts(item.model, item.resource_id))
     elif isinstance(item.model, Observation):
-        parsed.observations.append(_observation_fact(item.model, item.raw, item.resource_id, url_map, where))
+        fact, *components = _observation_facts(item.model, item.raw, item.resource_id, url_map, where)
+        parsed.observations.append(fact)
+        if components:
+            parsed.components[item.resource_id] = components
     else:
         parsed.conditions.append(_condition_fact(item.model, item.resource_id, url_map, where))
 
@@ -400,50 +374,74 @@ def _patient_facts(patient: Patient, resource_id: str) -> PatientFacts:
     )
 
 
-def _observation_fact(
+def _observation_facts(
     observation: Observation, raw: dict[str, Any], resource_id: str, url_map: dict[str, str], where: str
-) -> ObservationFact:
+) -> list[ObservationFact]:
+    """The facts of one Observation: its valueQuantity, or for a panel its components (the required one first)."""
     loinc = _loinc_code(observation.code)
     if loinc is None:
         raise InvalidInput(f"{where}: code.coding: no LOINC coding (system {LOINC_SYSTEM})")
     patient_ref = _patient_reference(observation.subject, url_map, where)
-
-    if loinc == BLOOD_PRESSURE_PANEL_LOINC:
-        for position, component in enumerate(observation.component or []):
-            if _loinc_code(component.code) == SYSTOLIC_BLOOD_PRESSURE_LOINC:
-                path = f"component[{position}].valueQuantity"
-                quantity = component.valueQuantity
-                raw_quantity = raw["component"][position].get("valueQuantity")
-                break
-        else:
-            raise InvalidInput(
-                f"{where}: component: no systolic blood pressure component (LOINC {SYSTOLIC_BLOOD_PRESSURE_LOINC})"
-            )
-        loinc = SYSTOLIC_BLOOD_PRESSURE_LOINC
-    else:
-        path, quantity, raw_quantity = "valueQuantity", observation.valueQuantity, raw.get("valueQuantity")
-
-    value, unit = _quantity(quantity, raw_quantity, f"{where}: {path}")
-    converted = ucum_convert(loinc, value, unit)
-    # A known code in a unit we cannot convert keeps its unit; the model layer masks it as unconvertible.
-    canonical_value, ucum_unit = converted if converted is not None else (value, unit)
-    effective = (
+    effective = _to_utc(
         observation.effectiveDateTime
         or (observation.effectivePeriod.start if observation.effectivePeriod is not None else None)
         or observation.effectiveInstant
         or observation.issued
     )
-    return ObservationFact(
-        resource_id=resource_id,
-        patient_ref=patient_ref,
-        loinc=loinc,
-        value=canonical_value,
-        ucum_unit=ucum_unit,
-        original_value=value,
-        original_unit=unit,
-        effective_at=_to_utc(effective),
-        status=str(observation.status),
-    )
+
+    def fact(fact_id: str, code: str, quantity: Quantity | None, raw_quantity: Any, path: str) -> ObservationFact:
+        value, unit = _quantity(quantity, raw_quantity, f"{where}: {path}")
+        canonical_value, ucum_unit = _canonical(code, value, unit)
+        return ObservationFact(
+            resource_id=fact_id,
+            patient_ref=patient_ref,
+            loinc=code,
+            value=canonical_value,
+            ucum_unit=ucum_unit,
+            original_value=value,
+            original_unit=unit,
+            effective_at=effective,
+            status=str(observation.status),
+        )
+
+    panel = PANEL_COMPONENTS.get(loinc)
+    if panel is None:
+        return [fact(resource_id, loinc, observation.valueQuantity, raw.get("valueQuantity"), "valueQuantity")]
+    required, optional = panel
+    components = observation.component or []
+    positions: dict[str, int] = {}
+    for position, component in enumerate(components):
+        code = _loinc_code(component.code)
+        if code is not None and code not in positions:
+            positions[code] = position
+    if required not in positions:
+        raise InvalidInput(f"{where}: component: no component with LOINC {required} in panel {loinc}")
+    facts = []
+    for code in (required, *optional):
+        position = positions.get(code, -1)
+        if position < 0 or (code != required and components[position].valueQuantity is None):
+            continue  # absent, or sent without a value (dataAbsentReason): nothing to take
+        facts.append(
+            fact(
+                resource_id if code == required else f"{resource_id}#{code}",
+                code,
+                components[position].valueQuantity,
+                raw["component"][position].get("valueQuantity"),
+                f"component[{position}].valueQuantity",
+            )
+        )
+    return facts
+
+
+def _canonical(loinc: str, value: float, unit: str) -> tuple[float, str]:
+    """The value in the canonical UCUM unit of its LOINC code, or as sent when there is none or it does not convert."""
+    canonical_unit = CANONICAL_UCUM_UNITS.get(loinc)
+    if canonical_unit is None or canonical_unit == unit:
+        return value, unit
+    try:
+        return ucum.convert(value, unit, canonical_unit), canonical_unit
+    except UcumError:
+        return value, unit
 
 
 def _condition_fact(condition: Condition, resource_id: str, url_map: dict[str, str], where: str) -> ConditionFact:
@@ -511,11 +509,19 @@ def _quantity(quantity: Quantity | None, raw_quantity: Any, where: str) -> tuple
     if quantity.comparator is not None:
         raise InvalidInput(f"{where}.comparator: censored values ({quantity.comparator}) are not accepted")
     if quantity.system == UCUM_SYSTEM and quantity.code:
-        unit = str(quantity.code)
+        unit, field_name = str(quantity.code), "code"
     elif quantity.unit:
-        unit = str(quantity.unit)
+        # A display unit only: kept as sent. A model uses the value only if it parses as UCUM and converts.
+        unit, field_name = str(quantity.unit), "unit"
     else:
         raise InvalidInput(f"{where}: a unit is required (code with system {UCUM_SYSTEM}, or unit)")
+    if len(unit) > MAX_UNIT_LENGTH:
+        raise InvalidInput(f"{where}.{field_name}: longer than {MAX_UNIT_LENGTH} characters")
+    if field_name == "code":
+        try:
+            ucum.parse(unit)
+        except UcumError as e:
+            raise InvalidInput(f"{where}.code: {e}") from e
     return float(quantity.value), unit
 
 

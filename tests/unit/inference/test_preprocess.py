@@ -3,25 +3,35 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
+import pytest
 
 from service.inference.manifest import ClinicalFeature, FeatureSource, ImagePreprocessing
 from service.inference.preprocess import age_in_years, clinical_vector, prepare_image, resize_bilinear
-from service.schemas import ClinicalContext, ObservationFact
+from service.schemas import ClinicalContext, ClinicalValue, ObservationFact
 
 STUDY_AT = dt.datetime(2026, 11, 20, 9, 30, tzinfo=dt.UTC)
 
 
-def _obs(loinc: str, value: float, unit: str, hours_before: float) -> ObservationFact:
+def _obs(
+    loinc: str,
+    value: float,
+    unit: str,
+    hours_before: float | None,
+    *,
+    status: str = "final",
+    resource_id: str | None = None,
+) -> ObservationFact:
     return ObservationFact(
-        resource_id=f"{loinc}-{hours_before}",
+        resource_id=resource_id or f"{loinc}-{hours_before}-{status}",
         patient_ref="Patient/p",
         loinc=loinc,
-        value=value,
-        ucum_unit=unit,
+        # The canonical fields are not what pre-processing reads: it converts the original value and unit.
+        value=-1.0,
+        ucum_unit="1",
         original_value=value,
         original_unit=unit,
-        effective_at=STUDY_AT - dt.timedelta(hours=hours_before),
-        status="final",
+        effective_at=STUDY_AT - dt.timedelta(hours=hours_before) if hours_before is not None else None,
+        status=status,
     )
 
 
@@ -49,6 +59,20 @@ FEATURES = [
         std=3,
     ),
 ]
+CRP = FEATURES[2]
+
+
+def _feature(name: str, loinc: str, unit: str, lookback_hours: float | None = 48) -> ClinicalFeature:
+    source = FeatureSource(kind="observation", loinc=[loinc])
+    return ClinicalFeature(name=name, display=name, source=source, unit=unit, lookback_hours=lookback_hours)
+
+
+def _used(observations: list[ObservationFact], feature: ClinicalFeature = CRP) -> ClinicalValue:
+    _, mask, (used,) = clinical_vector(
+        ClinicalContext(observations=observations), features=[feature], study_at=STUDY_AT
+    )
+    assert mask.tolist() == [0.0 if used.missing else 1.0]
+    return used
 
 
 def test_missing_and_out_of_window_values_are_masked_not_zero_filled() -> None:
@@ -69,10 +93,109 @@ def test_missing_and_out_of_window_values_are_masked_not_zero_filled() -> None:
     assert used[3].missing and used[3].reason == "outside lookback window"
 
 
-def test_unconvertible_unit_is_masked_with_its_reason() -> None:
-    context = ClinicalContext(observations=[_obs("1988-5", 3.0, "mg/dl", 1)])
-    _, mask, used = clinical_vector(context, features=FEATURES[2:3], study_at=STUDY_AT)
-    assert mask.tolist() == [0.0] and used[0].reason == "unit not convertible"
+def test_values_are_converted_from_the_unit_they_were_sent_in_to_the_manifest_unit() -> None:
+    features = [
+        CRP,
+        _feature("temperature", "8310-5", "Cel"),
+        _feature("leukocytes", "6690-2", "10*3/uL"),
+        _feature("heart_rate", "8867-4", "/min"),
+        _feature("systolic_bp", "8480-6", "mm[Hg]"),
+        _feature("diastolic_bp", "8462-4", "mm[Hg]"),
+    ]
+    context = ClinicalContext(
+        observations=[
+            _obs("1988-5", 4.8, "mg/dL", 2, resource_id="crp-1"),
+            _obs("8310-5", 101.3, "[degF]", 1, resource_id="temp-1"),
+            _obs("6690-2", 14.2, "10*9/L", 3, resource_id="wbc-1"),
+            _obs("8867-4", 96, "{beats}/min", 1, resource_id="hr-1"),
+            _obs("8480-6", 16.0, "kPa", 1, resource_id="bp-1"),
+            _obs("8462-4", 10.0, "kPa", 1, resource_id="bp-1#8462-4"),
+        ]
+    )
+
+    values, mask, used = clinical_vector(context, features=features, study_at=STUDY_AT)
+
+    assert mask.tolist() == [1.0] * 6
+    by_name = {value.feature: value for value in used}
+    assert by_name["crp"].value == 48.0 and by_name["crp"].unit == "mg/L"
+    assert values[0] == np.float32((48.0 - 20) / 10)
+    assert by_name["temperature"].value == pytest.approx(38.5, rel=1e-12)
+    assert by_name["leukocytes"].value == 14.2 and by_name["heart_rate"].value == 96.0
+    assert by_name["systolic_bp"].value == pytest.approx(16_000 / 133.322, rel=1e-12)
+    assert (by_name["crp"].source, by_name["crp"].original_value, by_name["crp"].original_unit) == (
+        "Observation/crp-1",
+        4.8,
+        "mg/dL",
+    )
+    assert by_name["temperature"].loinc == "8310-5"
+    assert by_name["temperature"].effective_at == STUDY_AT - dt.timedelta(hours=1)
+    # a panel's component values name the panel Observation
+    assert by_name["systolic_bp"].source == by_name["diastolic_bp"].source == "Observation/bp-1"
+    assert by_name["diastolic_bp"].loinc == "8462-4"
+
+
+@pytest.mark.parametrize(
+    ("unit", "reason"),
+    [
+        ("mmol/L", 'unit "mmol/L" cannot be converted to "mg/L" (number/volume vs mass/volume)'),
+        ("mg/dX", 'unit "mg/dX" cannot be converted to "mg/L" (not valid UCUM: "dX" at position 3 is not a UCUM unit)'),
+    ],
+)
+def test_a_unit_that_does_not_convert_is_masked_with_its_reason(unit: str, reason: str) -> None:
+    used = _used([_obs("1988-5", 3.0, unit, 1)])
+    assert used.missing and used.value is None and used.reason == reason and used.source is None
+
+
+def test_a_later_value_in_a_unit_that_does_not_convert_leaves_the_earlier_one() -> None:
+    used = _used([_obs("1988-5", 2.0, "mg/dL", 5, resource_id="good"), _obs("1988-5", 9.0, "mmol/L", 1)])
+    assert (used.value, used.source) == (20.0, "Observation/good")
+
+
+@pytest.mark.parametrize("status", ["entered-in-error", "cancelled", "registered", "unknown"])
+def test_observations_whose_status_is_not_a_result_are_never_used(status: str) -> None:
+    latest = _obs("1988-5", 999.0, "mg/L", 1, status=status, resource_id="wrong")
+    used = _used([_obs("1988-5", 12.0, "mg/L", 6, resource_id="right"), latest])
+    assert (used.value, used.source) == (12.0, "Observation/right")
+    alone = _used([latest])
+    assert alone.missing and alone.reason == f"no observation with a usable status (status {status})"
+
+
+@pytest.mark.parametrize("status", ["preliminary", "final", "amended", "corrected"])
+def test_result_statuses_are_used(status: str) -> None:
+    assert _used([_obs("1988-5", 12.0, "mg/L", 1, status=status)]).value == 12.0
+
+
+def test_at_the_same_time_amended_supersedes_final_which_supersedes_preliminary() -> None:
+    preliminary = _obs("1988-5", 10.0, "mg/L", 2, status="preliminary")
+    final = _obs("1988-5", 11.0, "mg/L", 2, status="final")
+    amended = _obs("1988-5", 12.0, "mg/L", 2, status="amended")
+    corrected = _obs("1988-5", 13.0, "mg/L", 2, status="corrected")
+    assert _used([final, preliminary]).value == 11.0
+    assert _used([amended, final, preliminary]).value == 12.0
+    assert _used([corrected, final]).value == 13.0
+    # a later time still wins over an amendment of an earlier value
+    assert _used([amended, _obs("1988-5", 14.0, "mg/L", 1, status="preliminary")]).value == 14.0
+
+
+def test_values_after_the_study_are_never_used() -> None:
+    after = _obs("1988-5", 99.0, "mg/L", -0.25)
+    assert _used([_obs("1988-5", 12.0, "mg/L", 4), after]).value == 12.0
+    alone = _used([after])
+    assert alone.missing and alone.reason == "effective after the study"
+
+
+def test_undated_values_are_used_only_without_a_lookback_window() -> None:
+    undated = _obs("8310-5", 37.2, "Cel", None)
+    assert _used([undated], _feature("temperature", "8310-5", "Cel", lookback_hours=None)).value == 37.2
+    within = _used([undated], _feature("temperature", "8310-5", "Cel", lookback_hours=48))
+    assert within.missing and within.reason == "no effective time"
+
+
+def test_at_the_same_time_the_code_listed_first_wins() -> None:
+    pulse_oximetry = _obs("59408-5", 91.0, "%", 3)
+    arterial = _obs("2708-6", 0.93, "1", 3)
+    assert _used([arterial, pulse_oximetry], FEATURES[3]).value == 91.0
+    assert _used([pulse_oximetry, _obs("2708-6", 0.93, "1", 2)], FEATURES[3]).value == 93.0
 
 
 def test_age_in_years() -> None:

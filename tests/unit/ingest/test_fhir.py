@@ -1,4 +1,4 @@
-"""FHIR Bundle ingest: validation, UCUM normalisation, reference resolution, batch error collection."""
+"""FHIR Bundle ingest: validation, UCUM checks and canonical units, panels, references, batch error collection."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from service.errors import InvalidInput
-from service.ingest.fhir import parse_bundle, ucum_convert
+from service.ingest.fhir import MAX_UNIT_LENGTH, canonical_ucum_unit, parse_bundle
 
 PATIENT_URL = "urn:uuid:5b0d7c1e-0f0e-4d4a-9a51-2f6f0a1c9e11"
 
@@ -136,8 +136,8 @@ def test_subject_references_outside_the_bundle_are_kept_normalised() -> None:
     assert condition.onset_at == dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 
 
-def test_blood_pressure_panel_yields_its_systolic_component_in_mmhg() -> None:
-    panel = {
+def _blood_pressure_panel(*components: tuple[str, dict[str, Any] | None]) -> dict[str, Any]:
+    return {
         "resourceType": "Observation",
         "id": "bp-1",
         "status": "final",
@@ -145,43 +145,109 @@ def test_blood_pressure_panel_yields_its_systolic_component_in_mmhg() -> None:
         "subject": {"reference": PATIENT_URL},
         "effectivePeriod": {"start": "2024-03-05T08:00:00Z"},
         "component": [
-            {
-                "code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
-                "valueQuantity": {"value": 10.0, "system": "http://unitsofmeasure.org", "code": "kPa"},
-            },
-            {
-                "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
-                "valueQuantity": {"value": 16.0, "system": "http://unitsofmeasure.org", "code": "kPa"},
-            },
+            {"code": {"coding": [{"system": "http://loinc.org", "code": code}]}}
+            | ({"valueQuantity": quantity} if quantity is not None else {"dataAbsentReason": {"text": "not measured"}})
+            for code, quantity in components
         ],
     }
+
+
+def _kpa(value: float) -> dict[str, Any]:
+    return {"value": value, "system": "http://unitsofmeasure.org", "code": "kPa"}
+
+
+def test_blood_pressure_panel_yields_systolic_and_diastolic_facts() -> None:
+    panel = _blood_pressure_panel(("8462-4", _kpa(10.0)), ("8480-6", _kpa(16.0)))
 
     parsed = parse_bundle(_bundle([_entry(_patient(), PATIENT_URL), _entry(panel)]))
 
     (systolic,) = parsed.observations
-    assert systolic.resource_id == "bp-1"
+    assert systolic.resource_id == "bp-1", "the fact the panel is stored under keeps the Observation's id"
     assert systolic.loinc == "8480-6"
-    assert systolic.value == pytest.approx(120.01, abs=0.01)
-    assert systolic.ucum_unit == "mm[Hg]"
+    assert systolic.value == pytest.approx(16_000 / 133.322, rel=1e-12)
+    assert (systolic.ucum_unit, systolic.original_value, systolic.original_unit) == ("mm[Hg]", 16.0, "kPa")
     assert systolic.effective_at == dt.datetime(2024, 3, 5, 8, 0, tzinfo=dt.UTC)
+    (diastolic,) = parsed.components["bp-1"]
+    assert (diastolic.resource_id, diastolic.loinc) == ("bp-1#8462-4", "8462-4")
+    assert diastolic.value == pytest.approx(10_000 / 133.322, rel=1e-12)
+    assert (diastolic.original_value, diastolic.original_unit) == (10.0, "kPa")
+    assert (diastolic.patient_ref, diastolic.effective_at, diastolic.status) == (
+        systolic.patient_ref,
+        systolic.effective_at,
+        "final",
+    )
+    assert [r.resource_id for r in parsed.resources] == [parsed.patients[0].resource_id, "bp-1"]
 
 
-def test_unconvertible_unit_is_kept_and_unknown_loinc_passes_through() -> None:
+def test_blood_pressure_panel_without_a_diastolic_value_yields_the_systolic_only() -> None:
+    panel = _blood_pressure_panel(("8480-6", _kpa(16.0)), ("8462-4", None))
+
+    parsed = parse_bundle(_bundle([_entry(_patient(), PATIENT_URL), _entry(panel)]))
+
+    assert [o.loinc for o in parsed.observations] == ["8480-6"] and parsed.components == {}
+
+
+def test_blood_pressure_panel_without_systolic_is_refused() -> None:
+    panel = _blood_pressure_panel(("8462-4", _kpa(10.0)))
+
+    with pytest.raises(InvalidInput, match=r"entry\[1\] \(Observation\): component: no component with LOINC 8480-6"):
+        parse_bundle(_bundle([_entry(_patient(), PATIENT_URL), _entry(panel)]))
+
+
+def test_units_that_do_not_convert_are_kept_as_sent() -> None:
+    display_only = _observation("8867-4", 72, "beats/min")
+    display_only["valueQuantity"] = {"value": 72, "unit": "beats/min"}  # no UCUM code: a display unit
     bundle = _bundle(
         [
             _entry(_patient(), PATIENT_URL),
-            _entry(_observation("1988-5", 3.0, "mg/dl")),  # UCUM is case-sensitive: not "mg/dL"
-            _entry(_observation("2345-7", 5.4, "mmol/L")),  # glucose: no table
+            _entry(_observation("1988-5", 3.0, "mg/dl")),  # UCUM has the liter as both L and l
+            _entry(_observation("1988-5", 95.0, "nmol/L")),  # valid UCUM, but not a mass concentration
+            _entry(_observation("2345-7", 5.4, "mmol/L")),  # glucose: no canonical unit here
+            _entry(display_only),
         ]
     )
 
-    crp, glucose = parse_bundle(bundle).observations
+    crp, crp_molar, glucose, heart_rate = parse_bundle(bundle).observations
 
-    assert (crp.value, crp.ucum_unit) == (3.0, "mg/dl")
+    assert (crp.value, crp.ucum_unit) == (30.0, "mg/L")
+    assert (crp_molar.value, crp_molar.ucum_unit) == (95.0, "nmol/L")
     assert (glucose.value, glucose.ucum_unit) == (5.4, "mmol/L")
-    assert ucum_convert("1988-5", 3.0, "mg/dl") is None
-    assert ucum_convert("2345-7", 5.4, "mmol/L") == (5.4, "mmol/L")
-    assert ucum_convert("8310-5", 310.15, "K") == (pytest.approx(37.0), "Cel")
+    assert (heart_rate.value, heart_rate.ucum_unit, heart_rate.original_unit) == (72.0, "beats/min", "beats/min")
+    assert canonical_ucum_unit("1988-5") == "mg/L" and canonical_ucum_unit("2345-7") is None
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("mmHg", r'valueQuantity\.code: "mmHg" is not valid UCUM: .*\(UCUM writes "mm\[Hg\]"\)'),
+        ("mg /dL", r'valueQuantity\.code: "mg /dL" is not valid UCUM: whitespace at position 2'),
+        ("Cel/h", r"valueQuantity\.code: \"Cel/h\": Cel \(degree Celsius\) is a special unit"),
+        ("m" * (MAX_UNIT_LENGTH + 1), rf"valueQuantity\.code: longer than {MAX_UNIT_LENGTH} characters"),
+    ],
+)
+def test_a_ucum_code_that_is_not_valid_ucum_refuses_the_entry(code: str, message: str) -> None:
+    bundle = _bundle([_entry(_patient(), PATIENT_URL), _entry(_observation("8480-6", 120, code))])
+
+    with pytest.raises(InvalidInput, match=r"^entry\[1\] \(Observation\): " + message):
+        parse_bundle(bundle)
+
+
+def test_batch_keeps_the_entries_whose_units_are_valid() -> None:
+    bundle = _bundle(
+        [
+            _entry(_patient(id="p-1"), PATIENT_URL, method="PUT", url="Patient/p-1"),
+            _entry(_observation("8310-5", 101.3, "degF")),
+            _entry(_observation("8310-5", 101.3, "[degF]")),
+        ],
+        bundle_type="batch",
+    )
+
+    parsed = parse_bundle(bundle, collect_errors=True)
+
+    [(index, message)] = parsed.errors
+    assert index == 1 and '"degF" is not valid UCUM' in message and '(UCUM writes "[degF]")' in message
+    (temperature,) = parsed.observations
+    assert temperature.value == pytest.approx(38.5, rel=1e-12) and temperature.ucum_unit == "Cel"
 
 
 def test_observation_with_a_string_value_names_the_entry_and_field() -> None:
