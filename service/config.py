@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(default=False, description="serve /metrics without a token (scrape network only)")
 
     study_stable_seconds: float = Field(default=30.0, ge=0)
+    analyze_unordered: bool = Field(
+        default=True,
+        description="analyze every stable study; false: only studies with an AI-read order (FHIR ServiceRequest)"
+        " or an explicit request",
+    )
     completeness_scan_seconds: float = Field(default=5.0, gt=0)
     reconcile_after_seconds: float = Field(default=300.0, gt=0)
 

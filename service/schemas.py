@@ -163,6 +163,7 @@ class Principal(BaseModel):
     role: str | None = None
     scopes: frozenset[str] = frozenset()
     source_address: str | None = None
+    patient: str | None = Field(default=None, description="FHIR Patient id of a SMART patient-level launch")
 
 
 SYSTEM_PRINCIPAL = Principal(subject="clinfer", role="system")

@@ -26,25 +26,32 @@ ALGORITHMS = ["ES256", "RS256"]
 
 # Roles are bundles of SMART v2 scopes (context/resource.permissions, permissions from "cruds").
 ROLE_SCOPES: dict[str, tuple[str, ...]] = {
+    # an EHR's or PACS's integration engine: writes the clinical inputs; it reads nothing (least privilege)
     "ingest": (
-        "system/Patient.cu",
-        "system/Observation.cu",
-        "system/Condition.cu",
-        "system/ImagingStudy.cu",
-        "system/ServiceRequest.c",
+        "system/Patient.cud",
+        "system/Observation.cud",
+        "system/Condition.cud",
+        "system/MedicationStatement.cud",
+        "system/ImagingStudy.cud",
+        "system/ServiceRequest.cud",
     ),
+    # a clinician's app: reads inputs and results, orders AI reads
     "clinician": (
         "user/Patient.rs",
         "user/ImagingStudy.rs",
         "user/Observation.rs",
         "user/Condition.rs",
+        "user/MedicationStatement.rs",
         "user/DiagnosticReport.rs",
-        "user/ServiceRequest.c",
+        "user/Provenance.rs",
+        "user/Device.rs",
+        "user/ServiceRequest.crs",
         "user/Task.rs",
     ),
     "admin": (
         "system/AuditEvent.rs",
         "system/Device.cruds",
+        "system/Provenance.rs",
         "system/Task.rs",
         "system/ServiceRequest.c",
     ),
@@ -87,8 +94,17 @@ def ensure_dev_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def mint_token(settings: Settings, *, role: str, subject: str | None = None, ttl_seconds: int = 3600) -> str:
-    """A token signed with the local dev key, carrying the role's scopes."""
+def mint_token(
+    settings: Settings,
+    *,
+    role: str,
+    subject: str | None = None,
+    ttl_seconds: int = 3600,
+    scopes: tuple[str, ...] | None = None,
+    patient: str | None = None,
+) -> str:
+    """A token signed with the local dev key, carrying the role's scopes (or ``scopes``) and, for a SMART
+    patient-level launch, the ``patient`` in context."""
     if role not in ROLE_SCOPES:
         raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLE_SCOPES)}")
     key = ensure_dev_key(settings.effective_dev_key_path)
@@ -101,9 +117,11 @@ def mint_token(settings: Settings, *, role: str, subject: str | None = None, ttl
         "nbf": now,
         "exp": now + dt.timedelta(seconds=ttl_seconds),
         "jti": uuid.uuid4().hex,
-        "scope": " ".join(ROLE_SCOPES[role]),
+        "scope": " ".join(scopes if scopes is not None else ROLE_SCOPES[role]),
         "clinfer_role": role,
     }
+    if patient is not None:
+        claims["patient"] = patient
     return jwt.encode(claims, key, algorithm="ES256")
 
 
@@ -154,11 +172,13 @@ def authenticate(settings: Settings, authorization: str | None, *, source_addres
     raw_scopes = claims.get("scope") or claims.get("scp") or ""
     scopes = frozenset(raw_scopes.split() if isinstance(raw_scopes, str) else raw_scopes)
     role = claims.get("clinfer_role")
+    patient = claims.get("patient")
     return Principal(
         subject=str(claims["sub"]),
         role=role if isinstance(role, str) else None,
         scopes=scopes,
         source_address=source_address,
+        patient=patient if isinstance(patient, str) else None,
     )
 
 
@@ -166,3 +186,22 @@ def authorize(principal: Principal, resource: str, permission: str) -> None:
     """Raise Forbidden unless the principal's scopes cover the permission on the resource."""
     if not scope_allows(principal.scopes, resource, permission):
         raise Forbidden(f"scope {resource}.{permission} is required")
+
+
+def patient_compartment(principal: Principal, resource: str, permission: str) -> str | None:
+    """The one patient a principal may see of ``resource``, or None when user/system scopes allow any.
+
+    A SMART patient/ scope only covers the patient of the token's launch context (its ``patient`` claim).
+
+    Raises:
+        Forbidden: no scope covers the permission, or a patient/ scope without a launch patient.
+    """
+    wide = frozenset(s for s in principal.scopes if not s.startswith("patient/"))
+    if scope_allows(wide, resource, permission):
+        return None
+    narrow = frozenset(s for s in principal.scopes if s.startswith("patient/"))
+    if not scope_allows(narrow, resource, permission):
+        raise Forbidden(f"scope {resource}.{permission} is required")
+    if not principal.patient:
+        raise Forbidden("a patient/ scope needs the token's patient (launch context) claim")
+    return principal.patient

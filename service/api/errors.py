@@ -23,20 +23,25 @@ _ISSUE_CODES = {
     404: "not-found",
     405: "not-supported",
     409: "conflict",
+    410: "deleted",
+    412: "conflict",
     413: "too-costly",
     415: "not-supported",
-    422: "invalid",
+    422: "processing",
     503: "transient",
 }
 
 
-def error_response(request: Request, status: int, code: str, message: str) -> JSONResponse:
+def error_response(
+    request: Request, status: int, code: str, message: str, expression: list[str] | None = None
+) -> JSONResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="clinfer"'} if status == 401 else None
     if request.url.path.startswith("/fhir"):
         body = operation_outcome(
             severity="error" if status < 500 else "fatal",
             code=_ISSUE_CODES.get(status, "processing" if status < 500 else "exception"),
             diagnostics=message,
+            expression=expression,
         )
         return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
@@ -47,7 +52,7 @@ def install(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.http_status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return error_response(request, exc.http_status, exc.code, exc.message)
+        return error_response(request, exc.http_status, exc.code, exc.message, getattr(exc, "expression", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service import metrics
 from service.errors import InvalidInput, NotFound, ServiceError, TransientError
-from service.flows import queue
+from service.flows import queue, report_fhir
 from service.flows.runtime import Runtime
 from service.inference import pipeline
 from service.ingest import dicom
@@ -376,6 +376,9 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             j.state == JobState.succeeded.value or j.id == job.id for j in jobs.for_study(session=session, study=study)
         ):
             study.status = StudyStatus.reported.value
+        if created:
+            session.flush()
+            report_fhir.publish(session, report=report, study=study)
         if created and runtime.settings.dicom_results:
             report.dicom_state, report.dicom_requested_at = "pending", utcnow()
         if created:
@@ -421,6 +424,7 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
                 session=session,
                 stable_before=now
                 - dt.timedelta(seconds=runtime.routing.min_stable_seconds(runtime.settings.study_stable_seconds)),
+                ordered_only=not runtime.settings.analyze_unordered,
             )
         ]
         lost = [

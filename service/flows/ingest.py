@@ -13,11 +13,12 @@ from sqlalchemy.orm import Session
 
 from service import metrics
 from service.errors import InvalidInput
+from service.flows import orders
 from service.flows.runtime import Runtime
-from service.ingest import dicom, fhir
-from service.schemas import ConditionFact, ObservationFact, PatientIdentifier, Principal
+from service.ingest import dicom
+from service.schemas import Principal
 from service.store import audit, clinical, studies
-from service.store.tables import FhirResource, Patient, Study
+from service.store.tables import Patient, Study
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,8 @@ def store_instance(
             )
             study = studies.get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
             _link_study(session, study)
+            if new and origin == "received":
+                orders.order_for_new_study(session, study)
             if new:
                 audit.append(
                     session=session,
@@ -192,7 +195,7 @@ def store_instances(
 # --- FHIR ---------------------------------------------------------------------------------------------------
 
 
-def _upsert_patient(session: Session, facts: Any) -> Patient:
+def upsert_patient(session: Session, facts: Any) -> Patient:
     """Find the patient by resource id or any identifier; create it when new. Identifiers never move patients."""
     patient = clinical.get_patient(session=session, resource_id=facts.resource_id)
     if patient is None:
@@ -218,7 +221,7 @@ def _upsert_patient(session: Session, facts: Any) -> Patient:
     return patient
 
 
-def _resolve_patient(session: Session, ref: str, in_bundle: dict[str, Patient]) -> Patient:
+def resolve_patient(session: Session, ref: str, in_bundle: dict[str, Patient]) -> Patient:
     if ref in in_bundle:
         return in_bundle[ref]
     if ref.startswith("Patient/"):
@@ -231,134 +234,3 @@ def _resolve_patient(session: Session, ref: str, in_bundle: dict[str, Patient]) 
         if patient is not None:
             return patient
     raise InvalidInput(f"subject {ref} does not resolve to a known Patient")
-
-
-@dataclass
-class EntryResult:
-    index: int
-    resource_type: str | None
-    resource_id: str | None
-    status: str
-    error: str | None = None
-    patient_ref: str | None = None
-
-
-def _stored(resource: fhir.ParsedResource, row: FhirResource, patient: Patient) -> EntryResult:
-    return EntryResult(
-        resource.entry_index,
-        resource.resource_type,
-        row.resource_id,
-        "201 Created" if row.version == 1 else "200 OK",
-        patient_ref=f"Patient/{patient.resource_id}",
-    )
-
-
-def _store_entries(session: Session, parsed: fhir.ParsedBundle, entries: list[int]) -> list[EntryResult]:
-    """Store the given entries: Patients first (so that references resolve), then Observations and Conditions."""
-    wanted = set(entries)
-    in_bundle: dict[str, Patient] = {}
-    results: list[EntryResult] = []
-    resources = {(r.resource_type, r.resource_id): r for r in parsed.resources if r.entry_index in wanted}
-    for facts in parsed.patients:
-        resource = resources.get(("Patient", facts.resource_id))
-        if resource is None:
-            continue
-        patient = _upsert_patient(session, facts)
-        in_bundle[f"Patient/{facts.resource_id}"] = patient
-        row = clinical.put_resource(
-            session=session,
-            resource_type="Patient",
-            resource_id=patient.resource_id,
-            body={**resource.json, "id": patient.resource_id},
-            patient_id=patient.id,
-        )
-        results.append(_stored(resource, row, patient))
-    facts_of_subjects: list[tuple[str, ObservationFact | ConditionFact]] = [
-        *(("Observation", o) for o in parsed.observations),
-        *(("Condition", c) for c in parsed.conditions),
-    ]
-    for resource_type, fact in facts_of_subjects:
-        resource = resources.get((resource_type, fact.resource_id))
-        if resource is None:
-            continue
-        patient = _resolve_patient(session, fact.patient_ref, in_bundle)
-        if isinstance(fact, ObservationFact):
-            clinical.put_observation(session=session, patient=patient, fact=fact)
-        else:
-            clinical.put_condition(session=session, patient=patient, fact=fact)
-        body = {**resource.json, "subject": {"reference": f"Patient/{patient.resource_id}"}}
-        row = clinical.put_resource(
-            session=session, resource_type=resource_type, resource_id=fact.resource_id, body=body, patient_id=patient.id
-        )
-        results.append(_stored(resource, row, patient))
-    return sorted(results, key=lambda r: r.index)
-
-
-def _audit_bundle(session: Session, principal: Principal, bundle_type: str, results: list[EntryResult]) -> None:
-    stored = [r for r in results if r.error is None]
-    for patient_ref in sorted({r.patient_ref for r in stored if r.patient_ref}):
-        audit.append(
-            session=session,
-            principal=principal,
-            event_type="fhir.bundle",
-            action="C",
-            entity_type="Bundle",
-            entity_ref=f"Bundle:{bundle_type}",
-            patient_ref=patient_ref,
-            detail={
-                "resources": sorted(
-                    f"{r.resource_type}/{r.resource_id}" for r in stored if r.patient_ref == patient_ref
-                )
-            },
-        )
-
-
-def store_bundle(runtime: Runtime, raw: bytes, *, principal: Principal) -> tuple[str, list[EntryResult]]:
-    """Store a FHIR transaction (all or nothing) or batch (entry by entry) Bundle.
-
-    Returns:
-        (bundle type, one result per entry in entry order).
-
-    Raises:
-        InvalidInput: the Bundle is malformed, or a transaction entry is invalid (nothing stored).
-    """
-    parsed = fhir.parse_bundle(raw, collect_errors=True)
-    if parsed.bundle_type == "transaction" and parsed.errors:
-        index, message = parsed.errors[0]
-        raise InvalidInput(message)
-    if parsed.bundle_type == "transaction":
-        with runtime.sessions.begin() as session:
-            results = _store_entries(session, parsed, [r.entry_index for r in parsed.resources])
-            _audit_bundle(session, principal, "transaction", results)
-    else:
-        results = [EntryResult(index, None, None, "400 Bad Request", message) for index, message in parsed.errors]
-        for resource in parsed.resources:
-            try:
-                with runtime.sessions.begin() as session:
-                    entry_results = _store_entries(session, parsed, [resource.entry_index])
-                    _audit_bundle(session, principal, "batch", entry_results)
-                results.extend(entry_results)
-            except InvalidInput as e:
-                results.append(
-                    EntryResult(
-                        resource.entry_index, resource.resource_type, resource.resource_id, "400 Bad Request", e.message
-                    )
-                )
-        results.sort(key=lambda r: r.index)
-    for result in results:
-        metrics.FHIR_RESOURCES.labels(
-            result.resource_type or "unknown", "stored" if result.error is None else "rejected"
-        ).inc()
-    return parsed.bundle_type, results
-
-
-__all__ = [
-    "EntryResult",
-    "FailedInstance",
-    "PatientIdentifier",
-    "StoreOutcome",
-    "StoredInstance",
-    "store_bundle",
-    "store_instance",
-    "store_instances",
-]

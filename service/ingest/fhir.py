@@ -26,19 +26,23 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle, BundleEntry
 from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.medicationstatement import MedicationStatement
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import ValidationError
 
 from service import ucum
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PreconditionFailed, ServiceError
 from service.schemas import ConditionFact, ObservationFact, PatientFacts, PatientIdentifier
 from service.ucum import UcumError
 
@@ -51,9 +55,17 @@ DIASTOLIC_BLOOD_PRESSURE_LOINC = "8462-4"
 MAX_UNIT_LENGTH = 32
 
 ACCEPTED_BUNDLE_TYPES = ("transaction", "batch")
-ACCEPTED_RESOURCE_TYPES = ("Patient", "Observation", "Condition")
-# Only entries that carry a resource to store: create (POST) and update (PUT).
-ACCEPTED_METHODS = ("POST", "PUT")
+ACCEPTED_RESOURCE_TYPES = (
+    "Patient",
+    "Observation",
+    "Condition",
+    "MedicationStatement",
+    "ImagingStudy",
+    "ServiceRequest",
+)
+# create (POST, conditional with ifNoneExist), update (PUT Type/id with ifMatch, or conditional PUT Type?query), delete
+ACCEPTED_METHODS = ("POST", "PUT", "DELETE")
+FHIR_R4 = "FHIR R4 (4.0.1)"
 
 # Required bindings that fhir.resources does not enforce.
 _OBSERVATION_STATUSES = frozenset(
@@ -61,15 +73,28 @@ _OBSERVATION_STATUSES = frozenset(
 )
 _ADMINISTRATIVE_GENDERS = frozenset({"male", "female", "other", "unknown"})
 
-_MODELS: dict[str, type[Patient] | type[Observation] | type[Condition]] = {
+_MODELS: dict[str, Any] = {
     "Patient": Patient,
     "Observation": Observation,
     "Condition": Condition,
+    "MedicationStatement": MedicationStatement,
+    "ImagingStudy": ImagingStudy,
+    "ServiceRequest": ServiceRequest,
+}
+# Required bindings of the other types that fhir.resources does not enforce.
+_STATUSES = {
+    "MedicationStatement": frozenset(
+        {"active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown", "not-taken"}
+    ),
+    "ImagingStudy": frozenset({"registered", "available", "cancelled", "entered-in-error", "unknown"}),
+    "ServiceRequest": frozenset({"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}),
 }
 
 _FHIR_ID = r"[A-Za-z0-9\-.]{1,64}"
 _PATIENT_REFERENCE = re.compile(rf"Patient/({_FHIR_ID})(?:/_history/{_FHIR_ID})?")
 _RESOURCE_URL = re.compile(rf"([A-Za-z]+)/({_FHIR_ID})")
+_CONDITIONAL_URL = re.compile(r"([A-Za-z]+)\?(.+)")
+_ETAG = re.compile(r'^(?:W/)?"?(\d+)"?$')
 
 
 # The canonical UCUM unit of each LOINC code we know, for ObservationFact.value/ucum_unit (search, comparison).
@@ -114,8 +139,19 @@ class ParsedResource:
     resource_id: str
     full_url: str | None
     method: str
-    json: dict[str, Any]
+    json: dict[str, Any] | None
     entry_index: int
+    if_match: int | None = None
+    existing: bool = False
+
+
+@dataclass(frozen=True)
+class SubjectFact:
+    """A resource kept as sent (MedicationStatement, ImagingStudy, ServiceRequest), with its Patient."""
+
+    resource_type: str
+    resource_id: str
+    patient_ref: str
 
 
 @dataclass
@@ -130,8 +166,10 @@ class ParsedBundle:
         components: The further component values of panels, by the Observation's id (for a blood-pressure panel:
             its diastolic component), each with the id ``<id>#<LOINC>`` ("#" never occurs in a FHIR id).
         conditions: One per accepted Condition.
-        resources: Every accepted entry, in Bundle order.
-        errors: ``(entry_index, message)`` for each entry skipped; only filled with ``collect_errors=True``
+        others: One per accepted MedicationStatement, ImagingStudy or ServiceRequest.
+        resources: Every accepted entry, in Bundle order (a DELETE has no json; a conditional create that
+            matched an existing resource is ``existing``, with that resource's id).
+        errors: ``(entry_index, error)`` for each entry skipped; only filled with ``collect_errors=True``
             on a batch.
     """
 
@@ -140,8 +178,9 @@ class ParsedBundle:
     observations: list[ObservationFact] = field(default_factory=list)
     components: dict[str, list[ObservationFact]] = field(default_factory=dict)
     conditions: list[ConditionFact] = field(default_factory=list)
+    others: list[SubjectFact] = field(default_factory=list)
     resources: list[ParsedResource] = field(default_factory=list)
-    errors: list[tuple[int, str]] = field(default_factory=list)
+    errors: list[tuple[int, ServiceError]] = field(default_factory=list)
 
 
 @dataclass
@@ -151,8 +190,12 @@ class _CheckedEntry:
     resource_id: str
     full_url: str | None
     method: str
-    raw: dict[str, Any]
-    model: Patient | Observation | Condition
+    raw: dict[str, Any] | None
+    model: Any
+    if_match: int | None = None
+    if_none_exist: str | None = None
+    conditional_query: str | None = None
+    existing: bool = False
 
 
 def canonical_ucum_unit(loinc: str) -> str | None:
@@ -186,54 +229,75 @@ def describe_validation_error(error: ValidationError, *, limit: int = 3) -> str:
     return "; ".join(parts)
 
 
-def parse_bundle(raw: bytes | dict[str, Any], *, collect_errors: bool = False) -> ParsedBundle:
+Resolve = Callable[[str, str], list[str]]
+
+
+def parse_bundle(
+    raw: bytes | dict[str, Any], *, collect_errors: bool = False, resolve: Resolve | None = None
+) -> ParsedBundle:
     """Validate a FHIR transaction or batch Bundle and reduce its entries to facts.
 
     Args:
         raw: The request body (JSON bytes) or the already decoded JSON object.
-        collect_errors: For a batch, skip bad entries and report them in ``ParsedBundle.errors`` instead of
-            raising. Ignored for a transaction, which is all-or-nothing.
+        collect_errors: Skip bad entries and report them in ``ParsedBundle.errors`` instead of raising (for a
+            transaction, the caller then refuses the whole Bundle).
+        resolve: ``(resource type, search query) -> ids of current matches``, for conditional creates
+            (``ifNoneExist``) and conditional updates (``PUT Type?query``); without it they are refused.
 
     Returns:
         The accepted entries as facts and as resources to store.
 
     Raises:
         InvalidInput: The body is not JSON, not a Bundle, not a transaction or batch, or an entry is invalid
-            (unless collected). Entry messages start with ``entry[<index>] (<resourceType>): <field>:``.
+            (unless collected). Entry messages start with ``entry[<index>] (<resourceType>): <field>:`` and
+            carry the expression ``Bundle.entry[<index>]``.
+        PreconditionFailed: a conditional create or update matches more than one resource (unless collected).
     """
     document = _load_json(raw)
     bundle_type = _check_envelope(document)
-    collect = collect_errors and bundle_type == "batch"
     parsed = ParsedBundle(bundle_type=bundle_type)
 
-    def reject(index: int, error: InvalidInput) -> None:
-        if not collect:
+    def reject(index: int, error: ServiceError) -> None:
+        if error.expression is None:
+            error.expression = [f"Bundle.entry[{index}]"]
+        if not collect_errors:
             raise error
-        parsed.errors.append((index, error.message))
+        parsed.errors.append((index, error))
 
     checked: list[_CheckedEntry] = []
-    seen_ids: set[tuple[str, str]] = set()
-    url_map: dict[str, str] = {}
     for index, entry in enumerate(document.get("entry") or []):
         try:
             item = _check_entry(index, entry)
+            _resolve_conditional(item, resolve)
+        except ServiceError as error:
+            reject(index, error)
+            continue
+        checked.append(item)
+
+    seen_ids: set[tuple[str, str]] = set()
+    url_map: dict[str, str] = {}
+    unique: list[_CheckedEntry] = []
+    for item in checked:
+        try:
             _check_unique(item, seen_ids, url_map)
         except InvalidInput as error:
-            reject(index, error)
+            reject(item.index, error)
             continue
         seen_ids.add((item.resource_type, item.resource_id))
         if item.full_url is not None:
             url_map[item.full_url] = f"{item.resource_type}/{item.resource_id}"
-        checked.append(item)
+        unique.append(item)
 
-    for item in checked:
-        try:
-            _reduce(item, url_map, parsed)
-        except InvalidInput as error:
-            reject(item.index, error)
-            continue
-        resource_json = _rewrite_references(copy.deepcopy(item.raw), url_map)
-        resource_json["id"] = item.resource_id
+    for item in unique:
+        resource_json = None
+        if item.raw is not None and not item.existing:
+            try:
+                _reduce(item, url_map, parsed)
+            except InvalidInput as error:
+                reject(item.index, error)
+                continue
+            resource_json = _rewrite_references(copy.deepcopy(item.raw), url_map)
+            resource_json["id"] = item.resource_id
         parsed.resources.append(
             ParsedResource(
                 resource_type=item.resource_type,
@@ -242,9 +306,36 @@ def parse_bundle(raw: bytes | dict[str, Any], *, collect_errors: bool = False) -
                 method=item.method,
                 json=resource_json,
                 entry_index=item.index,
+                if_match=item.if_match,
+                existing=item.existing,
             )
         )
+    parsed.errors.sort(key=lambda pair: pair[0])
     return parsed
+
+
+def _resolve_conditional(item: _CheckedEntry, resolve: Resolve | None) -> None:
+    query = item.if_none_exist or item.conditional_query
+    if query is None:
+        return
+    where = f"entry[{item.index}] ({item.resource_type})"
+    if resolve is None:
+        raise InvalidInput(f"{where}: conditional requests are not supported here")
+    found = resolve(item.resource_type, query)
+    if len(found) > 1:
+        raise PreconditionFailed(
+            f"{where}: the condition {query!r} matches {len(found)} {item.resource_type} resources; it must match"
+            " at most one"
+        )
+    if not found:
+        return
+    if item.if_none_exist is not None:
+        item.resource_id, item.existing = found[0], True
+        return
+    declared = (item.raw or {}).get("id")
+    if declared is not None and declared != found[0]:
+        raise InvalidInput(f"{where}: resource.id {declared} differs from the resource the condition matches")
+    item.resource_id = found[0]
 
 
 def _load_json(raw: bytes | dict[str, Any]) -> dict[str, Any]:
@@ -282,13 +373,41 @@ def _check_envelope(document: dict[str, Any]) -> str:
     return str(bundle_type)
 
 
+def _r5_hint(resource_type: str, error: ValidationError) -> str:
+    unknown = sorted({_location(e["loc"]) for e in error.errors() if e["type"] == "extra_forbidden"})
+    if not unknown:
+        return ""
+    return (
+        f" (unknown element{'s' if len(unknown) > 1 else ''} {', '.join(unknown[:5])}: not {FHIR_R4}; content of"
+        f" FHIR R5 or later, such as R5's {resource_type}, is not accepted — send {FHIR_R4})"
+    )
+
+
 def _check_entry(index: int, entry: Any) -> _CheckedEntry:
     where = f"entry[{index}]"
     if not isinstance(entry, dict):
         raise InvalidInput(f"{where}: must be a JSON object")
+    try:
+        shell = BundleEntry.model_validate({key: value for key, value in entry.items() if key != "resource"})
+    except ValidationError as e:
+        raise InvalidInput(f"{where}: {describe_validation_error(e)}") from e
+    if shell.request is None:
+        raise InvalidInput(f"{where}: request: required in a transaction or batch Bundle")
+    method = str(shell.request.method).upper()
+    url = str(shell.request.url)
+    if method not in ACCEPTED_METHODS:
+        raise InvalidInput(f"{where}: request.method: {method} is not accepted (accepted: POST, PUT, DELETE)")
+    if method == "DELETE":
+        target = _RESOURCE_URL.fullmatch(url)
+        if target is None or target.group(1) not in ACCEPTED_RESOURCE_TYPES:
+            raise InvalidInput(
+                f"{where}: request.url: a DELETE must name <Type>/<id> of {', '.join(ACCEPTED_RESOURCE_TYPES)}"
+            )
+        return _CheckedEntry(index, target.group(1), target.group(2), None, method, None, None)
+
     resource = entry.get("resource")
     if not isinstance(resource, dict):
-        raise InvalidInput(f"{where}: resource: required (only POST and PUT entries with a resource are accepted)")
+        raise InvalidInput(f"{where}: resource: required for a {method}")
     resource_type = resource.get("resourceType")
     if not isinstance(resource_type, str):
         raise InvalidInput(f"{where}: resource.resourceType: required")
@@ -297,35 +416,41 @@ def _check_entry(index: int, entry: Any) -> _CheckedEntry:
         raise InvalidInput(
             f"{where}: resourceType: {resource_type} is not accepted (accepted: {', '.join(ACCEPTED_RESOURCE_TYPES)})"
         )
-
-    try:
-        shell = BundleEntry.model_validate({key: value for key, value in entry.items() if key != "resource"})
-    except ValidationError as e:
-        raise InvalidInput(f"{where}: {describe_validation_error(e)}") from e
-    if shell.request is None:
-        raise InvalidInput(f"{where}: request: required in a transaction or batch Bundle")
-    method = str(shell.request.method).upper()
-    if method not in ACCEPTED_METHODS:
-        raise InvalidInput(f"{where}: request.method: {method} is not accepted (accepted: POST, PUT)")
-
     try:
         model = _MODELS[resource_type].model_validate(resource)
     except ValidationError as e:
-        raise InvalidInput(f"{where}: {describe_validation_error(e)}") from e
+        raise InvalidInput(f"{where}: {describe_validation_error(e)}{_r5_hint(resource_type, e)}") from e
     if isinstance(model, Observation) and model.status not in _OBSERVATION_STATUSES:
         raise InvalidInput(f"{where}: status: {model.status!r} is not an ObservationStatus code")
     if isinstance(model, Patient) and model.gender is not None and model.gender not in _ADMINISTRATIVE_GENDERS:
         raise InvalidInput(f"{where}: gender: {model.gender!r} is not an AdministrativeGender code")
+    statuses = _STATUSES.get(resource_type)
+    if statuses is not None and getattr(model, "status", None) not in statuses:
+        hint = " (R5 codes such as 'recorded' are not R4)" if resource_type == "MedicationStatement" else ""
+        raise InvalidInput(f"{where}: status: {getattr(model, 'status', None)!r} is not an R4 status code{hint}")
 
     resource_id = model.id
+    if_match = None
+    conditional_query = None
     if method == "PUT":
-        target = _RESOURCE_URL.fullmatch(str(shell.request.url))
-        if target is None or target.group(1) != resource_type:
-            raise InvalidInput(f"{where}: request.url: a PUT must name {resource_type}/<id>")
-        if resource_id is None:
-            resource_id = target.group(2)
-        elif resource_id != target.group(2):
-            raise InvalidInput(f"{where}: request.url: the id in the URL differs from resource.id")
+        target = _RESOURCE_URL.fullmatch(url)
+        conditional = _CONDITIONAL_URL.fullmatch(url)
+        if target is not None and target.group(1) == resource_type:
+            if resource_id is None:
+                resource_id = target.group(2)
+            elif resource_id != target.group(2):
+                raise InvalidInput(f"{where}: request.url: the id in the URL differs from resource.id")
+        elif conditional is not None and conditional.group(1) == resource_type:
+            conditional_query = conditional.group(2)
+        else:
+            raise InvalidInput(f"{where}: request.url: a PUT must name {resource_type}/<id> or {resource_type}?<query>")
+        if shell.request.ifMatch:
+            etag = _ETAG.match(str(shell.request.ifMatch).strip())
+            if etag is None:
+                raise InvalidInput(f'{where}: request.ifMatch: expected a version ETag such as W/"3"')
+            if_match = int(etag.group(1))
+    elif url.split("?")[0] != resource_type:
+        raise InvalidInput(f"{where}: request.url: a POST must name {resource_type}")
     full_url = str(shell.fullUrl) if shell.fullUrl is not None else None
     return _CheckedEntry(
         index=index,
@@ -335,6 +460,9 @@ def _check_entry(index: int, entry: Any) -> _CheckedEntry:
         method=method,
         raw=resource,
         model=model,
+        if_match=if_match,
+        if_none_exist=str(shell.request.ifNoneExist) if method == "POST" and shell.request.ifNoneExist else None,
+        conditional_query=conditional_query,
     )
 
 
@@ -348,6 +476,7 @@ def _check_unique(item: _CheckedEntry, seen_ids: set[tuple[str, str]], url_map: 
 
 def _reduce(item: _CheckedEntry, url_map: dict[str, str], parsed: ParsedBundle) -> None:
     where = f"entry[{item.index}] ({item.resource_type})"
+    assert item.raw is not None
     if isinstance(item.model, Patient):
         parsed.patients.append(_patient_facts(item.model, item.resource_id))
     elif isinstance(item.model, Observation):
@@ -355,8 +484,11 @@ def _reduce(item: _CheckedEntry, url_map: dict[str, str], parsed: ParsedBundle) 
         parsed.observations.append(fact)
         if components:
             parsed.components[item.resource_id] = components
-    else:
+    elif isinstance(item.model, Condition):
         parsed.conditions.append(_condition_fact(item.model, item.resource_id, url_map, where))
+    else:
+        patient_ref = _patient_reference(item.model.subject, url_map, where)
+        parsed.others.append(SubjectFact(item.resource_type, item.resource_id, patient_ref))
 
 
 def _patient_facts(patient: Patient, resource_id: str) -> PatientFacts:

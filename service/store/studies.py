@@ -156,20 +156,22 @@ def count_instances(*, session: Session, study: Study) -> int:
     )
 
 
-def stable_unanalyzed(*, session: Session, stable_before: dt.datetime, limit: int = 100) -> list[Study]:
+def stable_unanalyzed(
+    *, session: Session, stable_before: dt.datetime, ordered_only: bool = False, limit: int = 100
+) -> list[Study]:
     """Studies whose last received instance arrived before ``stable_before`` and after their last analysis
-    request (or that were never analyzed)."""
-    return list(
-        session.scalars(
-            select(Study)
-            .where(
-                Study.last_instance_at < stable_before,
-                or_(Study.analysis_requested_at.is_(None), Study.analysis_requested_at < Study.last_instance_at),
-            )
-            .order_by(Study.last_instance_at)
-            .limit(limit)
-        )
+    request (or that were never analyzed); with ``ordered_only``, only those with a linked AI-read order."""
+    query = select(Study).where(
+        Study.last_instance_at < stable_before,
+        or_(Study.analysis_requested_at.is_(None), Study.analysis_requested_at < Study.last_instance_at),
     )
+    if ordered_only:
+        query = query.where(Study.order_resource_id.is_not(None))
+    return list(session.scalars(query.order_by(Study.last_instance_at).limit(limit)))
+
+
+def by_accession(*, session: Session, accession_number: str) -> list[Study]:
+    return list(session.scalars(select(Study).where(Study.accession_number == accession_number)))
 
 
 def unlinked_for_patient_id(*, session: Session, dicom_patient_id: str) -> list[Study]:

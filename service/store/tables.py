@@ -205,7 +205,7 @@ class Observation(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
-    resource_id: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(80), comment="Observation id, or <id>#<LOINC> for a component")
     loinc: Mapped[str] = mapped_column(String(16), index=True)
     value: Mapped[float] = mapped_column(Float)
     ucum_unit: Mapped[str] = mapped_column(String(32))

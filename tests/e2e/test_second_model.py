@@ -112,8 +112,7 @@ def ct_patient_bundle() -> dict[str, Any]:
             _observation(
                 patient_url, "8480-6", "Systolic blood pressure", SYSTOLIC_BP, "mm[Hg]", "2026-11-20T09:30:00Z"
             ),
-            # GCS has no conversion table in the FHIR ingest: the unit is kept as sent, and {score} is the
-            # manifest's unit.
+            # GCS in {score}: an annotation, dimensionless in UCUM, the same unit as the manifest's.
             _observation(
                 patient_url, "9269-2", "Glasgow coma score total", GCS, "{score}", "2026-11-20T09:40:00+00:00"
             ),
@@ -201,7 +200,8 @@ def test_head_ct_and_chest_radiograph_each_go_to_their_own_model(
     used = {value["feature"]: value for value in ct_report["clinical_inputs"]}
     assert list(used) == ["age", "systolic_bp", "inr", "gcs"]
     assert not used["age"]["missing"] and abs(used["age"]["value"] - age_in_years(BIRTH_DATE, STUDY_DATE)) < 1e-6
-    assert used["systolic_bp"] | {"effective_at": None} == {
+    assert used["systolic_bp"]["source"].startswith("Observation/"), "the report names the Observation used"
+    assert used["systolic_bp"] | {"effective_at": None, "source": None} == {
         "feature": "systolic_bp",
         "loinc": "8480-6",
         "value": SYSTOLIC_BP,
@@ -209,6 +209,9 @@ def test_head_ct_and_chest_radiograph_each_go_to_their_own_model(
         "effective_at": None,
         "missing": False,
         "reason": None,
+        "source": None,
+        "original_value": SYSTOLIC_BP,
+        "original_unit": "mm[Hg]",
     }
     assert used["gcs"]["loinc"] == "9269-2" and used["gcs"]["value"] == GCS and used["gcs"]["unit"] == "{score}"
     assert not used["gcs"]["missing"]

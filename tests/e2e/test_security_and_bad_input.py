@@ -56,7 +56,7 @@ def test_wrong_role_is_403_and_audited(client: TestClient, tokens: Tokens, runti
     assert [(d.actor_role, d.entity_ref) for d in denials] == [
         ("clinician", "POST /dicomweb/studies"),
         ("ingest", "GET /v1/studies/{study_instance_uid}/report"),
-        ("ingest", "GET /fhir/DiagnosticReport/{report_id}"),
+        ("ingest", "GET /fhir/{resource_type}/{resource_id}"),
         ("clinician", "GET /v1/audit"),
     ]
     with runtime.sessions() as session:

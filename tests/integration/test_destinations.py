@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import uvicorn
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import select
 
 from service.api.auth import mint_token
-from service.api.main import create_app
 from service.destinations import DeliveryRejected, Destination, RefusedInstance
 from service.destinations.dimse import DimseDestination, TlsClientConfig
 from service.destinations.stow import StowDestination
@@ -30,7 +28,7 @@ from service.dimse import scp
 from service.errors import TransientError
 from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.store.tables import Instance
-from tests.conftest import dcmtk_tool, free_port, make_settings
+from tests.conftest import dcmtk_tool, free_port, make_settings, serve_over_http
 from tests.factories import dx_instance
 from tests.integration.test_dimse_tls import Pki, make_pki
 
@@ -280,30 +278,10 @@ def test_failure_statuses_from_our_listener_are_classified(our_listener: Runtime
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Runtime]]:
-    settings = make_settings(tmp_path, port=free_port())
-    runtime = build_runtime(settings)
+    runtime = build_runtime(make_settings(tmp_path))
     set_runtime(runtime)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(runtime),
-            host="127.0.0.1",
-            port=settings.port,
-            log_level="warning",
-            access_log=False,
-            log_config=None,
-        )
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{settings.port}/dicomweb", runtime
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+    with serve_over_http(runtime) as base:
+        yield f"{base}/dicomweb", runtime
 
 
 def _stored_sop_uids(runtime: Runtime) -> set[str]:

@@ -38,7 +38,12 @@ def observation(resource_id: str, *, code: str, when: str, patient: str = "p1", 
 
 def put(session: Session, body: dict, **kwargs: object) -> tuple:
     return fhir_store.put(
-        session=session, resource_type=body["resourceType"], resource_id=body["id"], body=body, patient_id=None, **kwargs
+        session=session,
+        resource_type=body["resourceType"],
+        resource_id=body["id"],
+        body=body,
+        patient_id=None,
+        **kwargs,
     )
 
 
@@ -54,9 +59,10 @@ def test_versions_vread_delete_and_if_match(session: Session) -> None:
     assert not created and row.version == 2
     with pytest.raises(PreconditionFailed):
         put(session, observation("o1", code="1988-5", when="2026-11-20T10:00:00Z"), if_match=1)
-    assert fhir_store.vread(session=session, resource_type="Observation", resource_id="o1", version=1)[
-        "effectiveDateTime"
-    ] == "2026-11-20T08:00:00Z"
+    assert (
+        fhir_store.vread(session=session, resource_type="Observation", resource_id="o1", version=1)["effectiveDateTime"]
+        == "2026-11-20T08:00:00Z"
+    )
     fhir_store.delete_resource(session=session, resource_type="Observation", resource_id="o1")
     with pytest.raises(Gone):
         fhir_store.read(session=session, resource_type="Observation", resource_id="o1")

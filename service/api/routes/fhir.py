@@ -1,178 +1,542 @@
-"""FHIR R4 endpoint: Bundle ingest, DiagnosticReport read and search, Patient read, CapabilityStatement."""
+"""FHIR R4 server: CapabilityStatement, Bundles (transaction, batch), and REST on each resource type — read, vread,
+history, search with paging, create (conditional), update (If-Match, conditional), delete. The resources we
+produce (DiagnosticReport, result Observations, Provenance, Device) are read and searched the same way; AuditEvent
+is read from the audit log, for administrators.
+
+Every error is an OperationOutcome (service/api/errors.py). Every access is audited; a search never returns a
+resource type the caller's scopes do not cover, and a SMART patient-level token only ever sees its patient.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.api.deps import AuthenticatedDep, RuntimeDep, check, require
+from service.api.auth import patient_compartment
+from service.api.deps import AuthenticatedDep, RuntimeDep, check
 from service.api.errors import FHIR_JSON
-from service.errors import InvalidInput, NotFound, PayloadTooLarge
-from service.flows import ingest as ingest_flow
-from service.results import reports as report_results
-from service.results.fhir import diagnostic_report_searchset, operation_outcome
+from service.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service.flows import fhir as fhir_flow
+from service.flows.runtime import Runtime
+from service.results import fhir as fhir_results
 from service.schemas import Principal
-from service.store import audit, clinical
-from service.store import reports as report_store
-from service.store.tables import Study
+from service.store import audit, clinical, fhir_store
+from service.store.tables import AuditEvent as AuditRow
 
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"])
 
-ReportReadDep = Annotated[Principal, Depends(require("DiagnosticReport", "r"))]
-ReportSearchDep = Annotated[Principal, Depends(require("DiagnosticReport", "s"))]
-PatientReadDep = Annotated[Principal, Depends(require("Patient", "r"))]
+WRITABLE_TYPES = fhir_flow.WRITABLE_TYPES
+PRODUCED_TYPES = ("DiagnosticReport", "Provenance", "Device")
+SEARCHABLE_TYPES = tuple(fhir_store.SEARCH_PARAMETERS)
+FHIR_VERSION = "4.0.1"
 
-ACCEPTED_TYPES = ("Patient", "Observation", "Condition")
+
+def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
-def fhir_response(body: dict[str, Any], status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/fhir"
+
+
+def _resource_headers(body: dict[str, Any]) -> dict[str, str]:
+    meta = body.get("meta") or {}
+    headers = {}
+    if meta.get("versionId"):
+        headers["ETag"] = f'W/"{meta["versionId"]}"'
+    if meta.get("lastUpdated"):
+        headers["Last-Modified"] = meta["lastUpdated"]
+    return headers
+
+
+def _check_type(resource_type: str) -> None:
+    if resource_type not in SEARCHABLE_TYPES and resource_type != "AuditEvent":
+        supported = ", ".join(sorted([*SEARCHABLE_TYPES, "AuditEvent"]))
+        raise NotFound(f"clinfer does not serve {resource_type} resources (supported: {supported})")
+
+
+def _compartment(
+    request: Request, runtime: Runtime, principal: Principal, resource_type: str, permission: str
+) -> str | None:
+    try:
+        return patient_compartment(principal, resource_type, permission)
+    except Forbidden:
+        check(request, runtime, principal, resource_type, permission)  # audits the denial and raises
+        raise
+
+
+def _patient_pk(session: Any, patient_resource_id: str | None) -> int | None:
+    if patient_resource_id is None:
+        return None
+    patient = clinical.get_patient(session=session, resource_id=patient_resource_id)
+    return patient.id if patient is not None else -1  # an unknown launch patient sees nothing
+
+
+def _check_fhir_version(request: Request) -> None:
+    content_type = request.headers.get("content-type", "")
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.strip().partition("=")
+        if name.strip().lower() == "fhirversion" and not value.strip().strip('"').startswith("4.0"):
+            raise InvalidInput(f"fhirVersion={value.strip()} is not served: clinfer speaks FHIR R4 ({FHIR_VERSION})")
+    accept = request.headers.get("accept", "")
+    if "fhirversion=" in accept.lower() and "fhirversion=4.0" not in accept.lower().replace(" ", ""):
+        raise InvalidInput(f"only FHIR R4 ({FHIR_VERSION}) can be returned; see the Accept header's fhirVersion")
+
+
+async def _json_body(request: Request, runtime: Runtime) -> dict[str, Any]:
+    _check_fhir_version(request)
+    media = request.headers.get("content-type", "application/fhir+json").split(";")[0].strip().lower()
+    if media not in ("application/fhir+json", "application/json", "application/json+fhir"):
+        raise UnsupportedMediaType(f"send application/fhir+json, not {media}")
+    raw = await request.body()
+    if len(raw) > runtime.settings.max_fhir_bundle_bytes:
+        raise PayloadTooLarge(f"the body exceeds the limit of {runtime.settings.max_fhir_bundle_bytes} bytes")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInput(f"the body is not JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object (a FHIR resource)")
+    return body
+
+
+# --- CapabilityStatement ----------------------------------------------------------------------------------
+
+
+def capability_statement(base: str) -> dict[str, Any]:
+    resources = []
+    for resource_type in sorted([*SEARCHABLE_TYPES, "AuditEvent"]):
+        interactions = ["read", "search-type"]
+        if resource_type in SEARCHABLE_TYPES:
+            interactions += ["vread", "history-instance"]
+        if resource_type in WRITABLE_TYPES:
+            interactions += ["create", "update", "delete"]
+        params = [
+            {"name": "_id", "type": "token"},
+            {"name": "_lastUpdated", "type": "date"},
+        ]
+        params += [
+            {"name": p.name, "type": p.type, **({"documentation": p.description} if p.description else {})}
+            for p in fhir_store.SEARCH_PARAMETERS.get(resource_type, ())
+        ]
+        if resource_type == "AuditEvent":
+            params += [
+                {"name": "type", "type": "token"},
+                {"name": "patient", "type": "reference"},
+                {"name": "outcome", "type": "token"},
+            ]
+        entry: dict[str, Any] = {
+            "type": resource_type,
+            "interaction": [{"code": code} for code in interactions],
+            "searchParam": params,
+        }
+        if resource_type in SEARCHABLE_TYPES:
+            entry["versioning"] = "versioned-update"
+            entry["readHistory"] = True
+        if resource_type in WRITABLE_TYPES:
+            entry |= {
+                "updateCreate": True,
+                "conditionalCreate": True,
+                "conditionalUpdate": True,
+                "conditionalDelete": "not-supported",
+            }
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-22",
+        "publisher": "clinfer",
+        "kind": "instance",
+        "software": {"name": "clinfer"},
+        "implementation": {"description": "clinfer clinical inference service", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["json"],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "cors": False,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "Bearer JWT with SMART v2 scopes; patient/ scopes need the patient claim",
+                },
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+                "resource": resources,
+            }
+        ],
+    }
 
 
 @router.get("/metadata", summary="CapabilityStatement")
 def metadata(request: Request, principal: AuthenticatedDep) -> JSONResponse:
-    base = str(request.base_url).rstrip("/") + "/fhir"
+    return fhir_response(capability_statement(_base(request)))
+
+
+# --- Bundles --------------------------------------------------------------------------------------------------
+
+
+@router.post("", summary="Bundle: transaction (all or nothing) or batch (entry by entry)")
+async def post_bundle(request: Request, runtime: RuntimeDep, principal: AuthenticatedDep) -> JSONResponse:
+    body = await _json_body(request, runtime)
+    if body.get("resourceType") != "Bundle":
+        raise InvalidInput("POST /fhir takes a Bundle of type transaction or batch")
+    for resource_type, permission in sorted(fhir_flow.bundle_permissions(body)):
+        check(request, runtime, principal, resource_type, permission)
+    response = await run_in_threadpool(fhir_flow.process_bundle, runtime, body, principal=principal)
+    return fhir_response(response)
+
+
+# --- AuditEvent (from the audit log) ----------------------------------------------------------------------
+
+
+def _audit_search(request: Request, runtime: Runtime, principal: Principal) -> JSONResponse:
+    check(request, runtime, principal, "AuditEvent", "s")
+    params = list(request.query_params.multi_items())
+    count, offset, event_type, patient, outcome = fhir_store.DEFAULT_COUNT, 0, None, None, None
+    for name, value in params:
+        if name == "_count":
+            count = min(max(int(value), 0), fhir_store.MAX_COUNT) if value.isdigit() else 50
+        elif name == "_offset":
+            offset = int(value) if value.isdigit() else 0
+        elif name == "type":
+            event_type = value
+        elif name == "patient":
+            patient = value if "/" in value else f"Patient/{value}"
+        elif name == "outcome":
+            outcome = value
+        elif name not in ("_format", "_pretty", "_total"):
+            raise InvalidInput(f"AuditEvent cannot be searched by {name!r}; supported: type, patient, outcome, _count")
+    with runtime.sessions.begin() as session:
+        rows = audit.list_events(
+            session=session,
+            after_id=0,
+            limit=count + offset + 1,
+            event_type=event_type,
+            patient_ref=patient,
+            outcome=outcome,
+        )
+        page = rows[offset : offset + count]
+        resources = [fhir_results.audit_event(row) for row in page]
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="auditevent.search",
+            action="E",
+            entity_type="AuditEvent",
+            entity_ref="AuditEvent?" + urlencode(params)[:200],
+            patient_ref=patient,
+            detail={"results": len(resources)},
+        )
+    more = len(rows) > offset + count
+    return fhir_response(_searchset(request, resources, total=None, count=count, offset=offset, more=more))
+
+
+def _searchset(
+    request: Request,
+    resources: list[dict[str, Any]],
+    *,
+    total: int | None,
+    count: int,
+    offset: int,
+    more: bool,
+) -> dict[str, Any]:
+    base = _base(request)
+    path = request.url.path.removeprefix("/fhir")
+    kept = [(k, v) for k, v in request.query_params.multi_items() if k not in ("_offset", "_count")]
+
+    def page_url(page_offset: int) -> str:
+        return f"{base}{path}?" + urlencode([*kept, ("_count", str(count)), ("_offset", str(page_offset))])
+
+    links = {"self": page_url(offset)}
+    if more:
+        links["next"] = page_url(offset + count)
+    if offset > 0:
+        links["previous"] = page_url(max(0, offset - count))
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": [{"relation": relation, "url": url} for relation, url in links.items()],
+        "entry": [
+            {
+                "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
+                "resource": resource,
+                "search": {"mode": "match"},
+            }
+            for resource in resources
+        ],
+    }
+    if total is not None:
+        bundle["total"] = total
+    if not bundle["entry"]:
+        del bundle["entry"]
+    return bundle
+
+
+# --- REST on each type ------------------------------------------------------------------------------------
+
+
+@router.get("/{resource_type}", summary="search")
+def search(resource_type: str, request: Request, runtime: RuntimeDep, principal: AuthenticatedDep) -> JSONResponse:
+    _check_type(resource_type)
+    if resource_type == "AuditEvent":
+        return _audit_search(request, runtime, principal)
+    compartment = _compartment(request, runtime, principal, resource_type, "s")
+    search_request = fhir_store.parse_search(resource_type, request.query_params.multi_items())
+    with runtime.sessions.begin() as session:
+        rows, total = fhir_store.search(
+            session=session, request=search_request, patient_id=_patient_pk(session, compartment)
+        )
+        resources = [fhir_store.body_of(row) for row in rows]
+        patients = sorted(
+            {p for row in rows if (p := clinical.patient_reference(session=session, patient_id=row.patient_id))}
+        )
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="fhir.search",
+            action="E",
+            entity_type=resource_type,
+            entity_ref=f"{resource_type}?" + urlencode(search_request.filters)[:200],
+            patient_ref=patients[0] if len(patients) == 1 else None,
+            detail={"results": len(resources), "total": total, "patients": patients[:50]},
+        )
+    more = search_request.offset + len(resources) < total
     return fhir_response(
-        {
-            "resourceType": "CapabilityStatement",
-            "status": "active",
-            "date": "2026-11-22",
-            "kind": "instance",
-            "software": {"name": "clinfer"},
-            "implementation": {"description": "clinfer clinical inference service", "url": base},
-            "fhirVersion": "4.0.1",
-            "format": ["application/fhir+json"],
-            "rest": [
-                {
-                    "mode": "server",
-                    "security": {
-                        "service": [
-                            {
-                                "coding": [
-                                    {
-                                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                        "code": "SMART-on-FHIR",
-                                    }
-                                ]
-                            }
-                        ]
-                    },
-                    "interaction": [{"code": "transaction"}, {"code": "batch"}],
-                    "resource": [
-                        {"type": "Patient", "interaction": [{"code": "read"}]},
-                        {"type": "Observation", "interaction": []},
-                        {"type": "Condition", "interaction": []},
-                        {
-                            "type": "DiagnosticReport",
-                            "interaction": [{"code": "read"}, {"code": "search-type"}],
-                            "searchParam": [{"name": "subject", "type": "reference"}],
-                        },
-                    ],
-                }
-            ],
-        }
+        _searchset(
+            request,
+            resources,
+            total=total,
+            count=search_request.count,
+            offset=search_request.offset,
+            more=more and not search_request.summary_count,
+        )
     )
 
 
-@router.post("", summary="Bundle: transaction or batch of Patient, Observation, Condition")
-async def post_bundle(request: Request, runtime: RuntimeDep, principal: AuthenticatedDep) -> JSONResponse:
-    raw = await request.body()
-    if len(raw) > runtime.settings.max_fhir_bundle_bytes:
-        raise PayloadTooLarge(f"the Bundle exceeds the limit of {runtime.settings.max_fhir_bundle_bytes} bytes")
-    try:
-        peek = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInput(f"the body is not JSON: {e}") from e
-    if not isinstance(peek, dict) or peek.get("resourceType") != "Bundle":
-        raise InvalidInput("POST /fhir takes a Bundle of type transaction or batch")
-    types = {e.get("resource", {}).get("resourceType") for e in peek.get("entry") or [] if isinstance(e, dict)}
-    for resource_type in sorted(t for t in types if t in ACCEPTED_TYPES) or ["Patient"]:
-        check(request, runtime, principal, resource_type, "c")
-    bundle_type, results = await run_in_threadpool(ingest_flow.store_bundle, runtime, raw, principal=principal)
-    entries = []
-    for result in results:
-        response: dict[str, Any] = {"status": result.status}
-        if result.error is None:
-            response["location"] = f"{result.resource_type}/{result.resource_id}/_history/1"
-        else:
-            response["outcome"] = operation_outcome(severity="error", code="invalid", diagnostics=result.error)
-        entries.append({"response": response})
-    return fhir_response({"resourceType": "Bundle", "type": f"{bundle_type}-response", "entry": entries})
+def _audit_read(session: Any, principal: Principal, resource_type: str, row: Any, version: int | None = None) -> None:
+    audit.append(
+        session=session,
+        principal=principal,
+        event_type="report.read" if resource_type == "DiagnosticReport" else "fhir.read",
+        action="R",
+        entity_type=resource_type,
+        entity_ref=f"{resource_type}/{row.resource_id}" + (f"/_history/{version}" if version else ""),
+        patient_ref=clinical.patient_reference(session=session, patient_id=row.patient_id),
+        detail={"format": "fhir"},
+    )
 
 
-@router.get("/Patient/{resource_id}")
-def read_patient(resource_id: str, runtime: RuntimeDep, principal: PatientReadDep) -> JSONResponse:
+def _visible(session: Any, row: Any, compartment: str | None) -> None:
+    if compartment is not None and row.patient_id != _patient_pk(session, compartment):
+        raise NotFound(f"{row.resource_type}/{row.resource_id} is not known")  # never confirm what is hidden
+
+
+@router.get("/{resource_type}/{resource_id}", summary="read")
+def read(
+    resource_type: str, resource_id: str, request: Request, runtime: RuntimeDep, principal: AuthenticatedDep
+) -> JSONResponse:
+    _check_type(resource_type)
+    if resource_type == "AuditEvent":
+        check(request, runtime, principal, "AuditEvent", "r")
+        with runtime.sessions.begin() as session:
+            event = session.get(AuditRow, int(resource_id)) if resource_id.isdigit() else None
+            if event is None:
+                raise NotFound(f"AuditEvent/{resource_id} is not known")
+            return fhir_response(fhir_results.audit_event(event))
+    compartment = _compartment(request, runtime, principal, resource_type, "r")
     with runtime.sessions.begin() as session:
-        row = clinical.get_resource(session=session, resource_type="Patient", resource_id=resource_id)
-        if row is None:
-            raise NotFound(f"Patient/{resource_id} not found")
-        audit.append(
-            session=session,
-            principal=principal,
-            event_type="patient.read",
-            action="R",
-            entity_type="Patient",
-            entity_ref=f"Patient/{resource_id}",
-            patient_ref=f"Patient/{resource_id}",
-        )
-        body = dict(row.body)
-    body["meta"] = {"versionId": str(row.version), "lastUpdated": row.updated_at.isoformat()}
-    return fhir_response(body)
+        row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)
+        if row is not None:
+            _visible(session, row, compartment)
+        row = fhir_store.read(session=session, resource_type=resource_type, resource_id=resource_id)
+        body = fhir_store.body_of(row)
+        _audit_read(session, principal, resource_type, row)
+    return fhir_response(body, headers=_resource_headers(body))
 
 
-def _report_resource(session: Any, report: Any) -> dict[str, Any]:
-    study = session.get(Study, report.study_id)
-    patient_id = clinical.patient_resource_id(session=session, patient_id=report.patient_id)
-    return report_results.report_fhir(report, study=study, patient_resource_id=patient_id)
-
-
-@router.get("/DiagnosticReport/{report_id}")
-def read_diagnostic_report(report_id: str, runtime: RuntimeDep, principal: ReportReadDep) -> JSONResponse:
-    with runtime.sessions.begin() as session:
-        report = report_store.get_or_raise(session=session, report_id=report_id)
-        resource = _report_resource(session, report)
-        audit.append(
-            session=session,
-            principal=principal,
-            event_type="report.read",
-            action="R",
-            entity_type="DiagnosticReport",
-            entity_ref=f"report:{report.id}",
-            patient_ref=resource.get("subject", {}).get("reference"),
-            detail={"format": "fhir"},
-        )
-    return fhir_response(resource)
-
-
-@router.get("/DiagnosticReport")
-def search_diagnostic_reports(
+@router.get("/{resource_type}/{resource_id}/_history/{version_id}", summary="vread")
+def vread(
+    resource_type: str,
+    resource_id: str,
+    version_id: str,
     request: Request,
     runtime: RuntimeDep,
-    principal: ReportSearchDep,
-    subject: str | None = None,
-    _count: int = 50,
+    principal: AuthenticatedDep,
 ) -> JSONResponse:
-    if not subject:
-        raise InvalidInput("search DiagnosticReport by subject=Patient/{id}")
-    patient_id = subject.removeprefix("Patient/")
-    count = max(1, min(_count, 200))
+    _check_type(resource_type)
+    compartment = _compartment(request, runtime, principal, resource_type, "r")
+    if not version_id.isdigit():
+        raise NotFound(f"{resource_type}/{resource_id} has no version {version_id}")
     with runtime.sessions.begin() as session:
-        patient = clinical.get_patient(session=session, resource_id=patient_id)
-        found = report_store.for_patient(session=session, patient_id=patient.id, limit=count) if patient else []
-        resources = [_report_resource(session, report) for report in found]
-        audit.append(
-            session=session,
-            principal=principal,
-            event_type="report.search",
-            action="E",
-            entity_type="DiagnosticReport",
-            entity_ref=f"subject=Patient/{patient_id}",
-            patient_ref=f"Patient/{patient_id}",
-            detail={"results": len(resources)},
+        row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} is not known")
+        _visible(session, row, compartment)
+        body = fhir_store.vread(
+            session=session, resource_type=resource_type, resource_id=resource_id, version=int(version_id)
         )
-    base = str(request.base_url).rstrip("/") + "/fhir"
-    return fhir_response(diagnostic_report_searchset(resources, base_url=base, total=len(resources)))
+        _audit_read(session, principal, resource_type, row, int(version_id))
+    return fhir_response(body, headers=_resource_headers(body))
+
+
+@router.get("/{resource_type}/{resource_id}/_history", summary="history of one resource")
+def instance_history(
+    resource_type: str, resource_id: str, request: Request, runtime: RuntimeDep, principal: AuthenticatedDep
+) -> JSONResponse:
+    _check_type(resource_type)
+    compartment = _compartment(request, runtime, principal, resource_type, "r")
+    base = _base(request)
+    with runtime.sessions.begin() as session:
+        row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} is not known")
+        _visible(session, row, compartment)
+        versions = fhir_store.history(session=session, resource_type=resource_type, resource_id=resource_id)
+        _audit_read(session, principal, resource_type, row)
+    entries = []
+    for version in versions:
+        url = f"{base}/{resource_type}/{resource_id}"
+        entry: dict[str, Any] = {"fullUrl": url}
+        if version.body is not None:
+            entry["resource"] = version.body
+            entry["request"] = {"method": "POST" if version.version == 1 else "PUT", "url": f"{resource_type}"}
+        else:
+            entry["request"] = {"method": "DELETE", "url": f"{resource_type}/{resource_id}"}
+        entry["response"] = {
+            "status": "201 Created"
+            if version.version == 1
+            else ("204 No Content" if version.body is None else "200 OK"),
+            "etag": f'W/"{version.version}"',
+            "lastModified": version.updated_at.isoformat(),
+        }
+        entries.append(entry)
+    return fhir_response({"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries})
+
+
+def _write_allowed(resource_type: str) -> None:
+    if resource_type not in WRITABLE_TYPES:
+        raise fhir_flow.MethodNotAllowed(
+            f"{resource_type} resources are produced by clinfer and cannot be written"
+            if resource_type in (*PRODUCED_TYPES, "AuditEvent")
+            else f"{resource_type} cannot be written"
+        )
+
+
+def _if_match(header: str | None) -> int | None:
+    if header is None:
+        return None
+    text = header.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise InvalidInput(f'If-Match must be a version ETag such as W/"3", not {header!r}')
+    return int(text)
+
+
+def _write_response(request: Request, outcome: fhir_flow.WriteOutcome, prefer: str | None) -> Response:
+    headers = {
+        "Location": f"{_base(request)}/{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.version}",
+        "ETag": f'W/"{outcome.version}"',
+        "Last-Modified": outcome.last_modified,
+    }
+    if (prefer or "").strip() == "return=minimal":
+        return Response(status_code=outcome.status, headers=headers)
+    return fhir_response(outcome.resource, status=outcome.status, headers=headers)
+
+
+@router.post("/{resource_type}", summary="create (conditional with If-None-Exist)")
+async def create(
+    resource_type: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: AuthenticatedDep,
+    if_none_exist: Annotated[str | None, Header()] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    _check_type(resource_type)
+    _write_allowed(resource_type)
+    check(request, runtime, principal, resource_type, "c")
+    body = await _json_body(request, runtime)
+    outcome = await run_in_threadpool(
+        fhir_flow.write_one,
+        runtime,
+        principal=principal,
+        method="POST",
+        url=resource_type,
+        resource=body,
+        if_none_exist=if_none_exist,
+    )
+    return _write_response(request, outcome, prefer)
+
+
+@router.put("/{resource_type}/{resource_id}", summary="update or create with this id (If-Match)")
+async def update(
+    resource_type: str,
+    resource_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: AuthenticatedDep,
+    if_match: Annotated[str | None, Header()] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    _check_type(resource_type)
+    _write_allowed(resource_type)
+    check(request, runtime, principal, resource_type, "u")
+    body = await _json_body(request, runtime)
+    outcome = await run_in_threadpool(
+        fhir_flow.write_one,
+        runtime,
+        principal=principal,
+        method="PUT",
+        url=f"{resource_type}/{resource_id}",
+        resource=body,
+        if_match=_if_match(if_match),
+    )
+    return _write_response(request, outcome, prefer)
+
+
+@router.put("/{resource_type}", summary="conditional update (PUT Type?identifier=...)")
+async def conditional_update(
+    resource_type: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: AuthenticatedDep,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    _check_type(resource_type)
+    _write_allowed(resource_type)
+    check(request, runtime, principal, resource_type, "u")
+    if not request.url.query:
+        raise InvalidInput(f"PUT /fhir/{resource_type} needs search criteria (a conditional update) or an id")
+    body = await _json_body(request, runtime)
+    outcome = await run_in_threadpool(
+        fhir_flow.write_one,
+        runtime,
+        principal=principal,
+        method="PUT",
+        url=f"{resource_type}?{request.url.query}",
+        resource=body,
+    )
+    return _write_response(request, outcome, prefer)
+
+
+@router.delete("/{resource_type}/{resource_id}", summary="delete (a later read answers 410 Gone)")
+def delete(
+    resource_type: str, resource_id: str, request: Request, runtime: RuntimeDep, principal: AuthenticatedDep
+) -> Response:
+    _check_type(resource_type)
+    _write_allowed(resource_type)
+    check(request, runtime, principal, resource_type, "d")
+    fhir_flow.write_one(runtime, principal=principal, method="DELETE", url=f"{resource_type}/{resource_id}")
+    return Response(status_code=204)

@@ -244,7 +244,9 @@ def test_batch_keeps_the_entries_whose_units_are_valid() -> None:
 
     parsed = parse_bundle(bundle, collect_errors=True)
 
-    [(index, message)] = parsed.errors
+    [(index, error)] = parsed.errors
+    message = error.message
+    assert error.expression == ["Bundle.entry[1]"]
     assert index == 1 and '"degF" is not valid UCUM' in message and '(UCUM writes "[degF]")' in message
     (temperature,) = parsed.observations
     assert temperature.value == pytest.approx(38.5, rel=1e-12) and temperature.ucum_unit == "Cel"
@@ -320,16 +322,19 @@ def test_batch_collects_entry_errors_and_keeps_the_good_entries() -> None:
     parsed = parse_bundle(bundle, collect_errors=True)
 
     assert [index for index, _ in parsed.errors] == [1, 3]
-    assert parsed.errors[0][1].startswith("entry[1] (Observation): valueQuantity.value")
-    assert "MedicationRequest is not accepted" in parsed.errors[1][1]
+    assert parsed.errors[0][1].message.startswith("entry[1] (Observation): valueQuantity.value")
+    assert "MedicationRequest is not accepted" in parsed.errors[1][1].message
     assert [resource.entry_index for resource in parsed.resources] == [0, 2]
     assert parsed.patients[0].resource_id == "p-1"
     (spo2,) = parsed.observations
     assert (spo2.patient_ref, spo2.value, spo2.ucum_unit) == ("Patient/p-1", 93.0, "%")
 
 
-def test_transaction_ignores_collect_errors_and_fails_whole() -> None:
+def test_a_transaction_fails_at_its_first_bad_entry_unless_the_caller_collects_them() -> None:
     bundle = _bundle([_entry(_patient(), PATIENT_URL), _entry(_observation("1988-5", "high", "mg/L"))])
 
-    with pytest.raises(InvalidInput, match=r"entry\[1\]"):
-        parse_bundle(bundle, collect_errors=True)
+    with pytest.raises(InvalidInput, match=r"entry\[1\]") as raised:
+        parse_bundle(bundle)
+    assert raised.value.expression == ["Bundle.entry[1]"]
+    collected = parse_bundle(bundle, collect_errors=True)
+    assert [index for index, _ in collected.errors] == [1], "the flow then refuses the whole transaction"

@@ -34,6 +34,14 @@ def upgrade() -> None:
                 comment="received | result (ours: read-only)",
             )
         )
+    with op.batch_alter_table("observations") as batch_op:
+        batch_op.alter_column(
+            "resource_id",
+            existing_type=sa.String(length=64),
+            type_=sa.String(length=80),
+            existing_nullable=False,
+            comment="Observation id, or <id>#<LOINC> for a component",
+        )
     with op.batch_alter_table("studies") as batch_op:
         batch_op.add_column(
             sa.Column(
@@ -116,6 +124,10 @@ def downgrade() -> None:
     op.drop_table("fhir_resource_versions")
     with op.batch_alter_table("studies") as batch_op:
         batch_op.drop_column("order_resource_id")
+    with op.batch_alter_table("observations") as batch_op:
+        batch_op.alter_column(
+            "resource_id", existing_type=sa.String(length=80), type_=sa.String(length=64), existing_nullable=False
+        )
     with op.batch_alter_table("fhir_resources") as batch_op:
         batch_op.drop_column("origin")
         batch_op.drop_column("deleted")

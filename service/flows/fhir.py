@@ -1,0 +1,305 @@
+"""FHIR writes with a FHIR server's semantics: Bundles (transaction all-or-nothing, batch entry by entry), single
+creates and updates (conditional create with If-None-Exist, conditional update, If-Match), deletes; clinical facts
+normalized for the models in the same transaction; AI-read orders (ServiceRequest) linked to their studies.
+
+A single REST write runs as a one-entry transaction, so both paths share every rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service import metrics
+from service.errors import (
+    Conflict,
+    InvalidInput,
+    MethodNotAllowed,
+    PreconditionFailed,
+    ServiceError,
+    Unprocessable,
+)
+from service.flows import ingest as ingest_flow
+from service.flows import orders, report_fhir
+from service.flows.runtime import Runtime
+from service.ingest import fhir
+from service.results.fhir import operation_outcome
+from service.schemas import ConditionFact, ObservationFact, Principal
+from service.store import audit, clinical, fhir_store
+from service.store.tables import Patient
+
+log = logging.getLogger(__name__)
+
+WRITABLE_TYPES = fhir.ACCEPTED_RESOURCE_TYPES
+__all__ = ["MethodNotAllowed", "WRITABLE_TYPES", "WriteOutcome", "bundle_permissions", "process_bundle", "write_one"]
+
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    412: "Precondition Failed",
+    422: "Unprocessable Entity",
+}
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    status: int
+    resource_type: str
+    resource_id: str
+    version: int
+    last_modified: str
+    resource: dict[str, Any]
+
+
+def bundle_permissions(body: dict[str, Any]) -> set[tuple[str, str]]:
+    """The SMART (resource type, permission) pairs a Bundle needs: c for POST, u (and c) for PUT, d for DELETE."""
+    needed: set[tuple[str, str]] = set()
+    for entry in body.get("entry") or []:
+        if not isinstance(entry, dict):
+            continue
+        request: dict[str, Any] = entry["request"] if isinstance(entry.get("request"), dict) else {}
+        method = str(request.get("method", "")).upper()
+        resource: dict[str, Any] = entry["resource"] if isinstance(entry.get("resource"), dict) else {}
+        resource_type = resource.get("resourceType") or str(request.get("url", "")).split("/")[0].split("?")[0]
+        if resource_type not in WRITABLE_TYPES:
+            continue  # refused per entry by the parser, with a message
+        needed |= {(resource_type, p) for p in {"POST": "c", "PUT": "cu", "DELETE": "d"}.get(method, "c")}
+    return needed or {("Patient", "c")}
+
+
+def _status_text(status: int) -> str:
+    return f"{status} {_REASONS.get(status, '')}".strip()
+
+
+def _patient_of_subject(session: Session, ref: str | None, in_bundle: dict[str, Patient], where: str) -> Patient:
+    if ref is None:
+        raise Unprocessable(f"{where}: subject: a reference to the Patient is required", expression=[where])
+    try:
+        return ingest_flow.resolve_patient(session, ref, in_bundle)
+    except InvalidInput as e:
+        raise Unprocessable(f"{where}: {e.message}", expression=[f"{where}.subject"]) from e
+
+
+def _outcome(row: Any, status: int) -> WriteOutcome:
+    body = fhir_store.body_of(row)
+    return WriteOutcome(
+        status=status,
+        resource_type=row.resource_type,
+        resource_id=row.resource_id,
+        version=row.version,
+        last_modified=body.get("meta", {}).get("lastUpdated", ""),
+        resource=body,
+    )
+
+
+def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> dict[int, WriteOutcome]:
+    """Write the chosen entries in one transaction: Patients first, so that references to them resolve."""
+    in_bundle: dict[str, Patient] = {}
+    outcomes: dict[int, WriteOutcome] = {}
+    resources = [r for r in parsed.resources if r.entry_index in indexes]
+    facts: dict[tuple[str, str], Any] = {("Patient", f.resource_id): f for f in parsed.patients}
+    facts |= {("Observation", f.resource_id): f for f in parsed.observations}
+    facts |= {("Condition", f.resource_id): f for f in parsed.conditions}
+    facts |= {(f.resource_type, f.resource_id): f for f in parsed.others}
+    ordered = sorted(resources, key=lambda r: (r.resource_type != "Patient", r.entry_index))
+    for resource in ordered:
+        where = f"Bundle.entry[{resource.entry_index}]"
+        if resource.method == "DELETE":
+            row = fhir_store.delete_resource(
+                session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
+            )
+            clinical.remove_facts(
+                session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
+            )
+            outcomes[resource.entry_index] = _outcome(row, 204)
+            continue
+        if resource.existing:  # a conditional create that matched: nothing is written
+            row = fhir_store.read(
+                session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
+            )
+            outcomes[resource.entry_index] = _outcome(row, 200)
+            if resource.resource_type == "Patient":
+                patient = clinical.get_patient(session=session, resource_id=resource.resource_id)
+                if patient is not None and resource.full_url:
+                    in_bundle[f"Patient/{resource.resource_id}"] = patient
+            continue
+        assert resource.json is not None
+        fact = facts.get((resource.resource_type, resource.resource_id))
+        if resource.resource_type == "Patient":
+            patient = ingest_flow.upsert_patient(session, fact)
+            in_bundle[f"Patient/{resource.resource_id}"] = patient
+            body = {**resource.json, "id": patient.resource_id}
+        else:
+            patient = _patient_of_subject(session, getattr(fact, "patient_ref", None), in_bundle, where)
+            body = {
+                **resource.json,
+                "subject": {**(resource.json.get("subject") or {}), "reference": f"Patient/{patient.resource_id}"},
+            }
+            if isinstance(fact, ObservationFact):
+                clinical.remove_facts(session=session, resource_type="Observation", resource_id=resource.resource_id)
+                for component in [fact, *parsed.components.get(resource.resource_id, [])]:
+                    clinical.put_observation(session=session, patient=patient, fact=component)
+            elif isinstance(fact, ConditionFact):
+                clinical.put_condition(session=session, patient=patient, fact=fact)
+        try:
+            row, created = fhir_store.put(
+                session=session,
+                resource_type=resource.resource_type,
+                resource_id=resource.resource_id if resource.resource_type != "Patient" else patient.resource_id,
+                body=body,
+                patient_id=patient.id,
+                if_match=resource.if_match,
+            )
+        except (PreconditionFailed, Conflict) as e:
+            raise type(e)(f"{where}: {e.message}", expression=[where]) from e
+        outcomes[resource.entry_index] = _outcome(row, 201 if created else 200)
+        if resource.resource_type in ("ServiceRequest", "ImagingStudy"):
+            for study in orders.link_orders(session, row.body):
+                report_fhir.republish_for_study(session, study)  # basedOn the order
+    return outcomes
+
+
+def _audit(
+    session: Session,
+    principal: Principal,
+    bundle_type: str,
+    parsed: fhir.ParsedBundle,
+    outcomes: dict[int, WriteOutcome],
+) -> None:
+    by_patient: dict[str | None, list[str]] = {}
+    for outcome in outcomes.values():
+        ref = None
+        if outcome.resource_type == "Patient":
+            ref = f"Patient/{outcome.resource_id}"
+        else:
+            subject = outcome.resource.get("subject") or {}
+            ref = subject.get("reference") if isinstance(subject, dict) else None
+        by_patient.setdefault(ref, []).append(
+            f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.version}"
+        )
+    for patient_ref, resources in sorted(by_patient.items(), key=lambda item: item[0] or ""):
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="fhir.bundle" if bundle_type != "single" else "fhir.write",
+            action="C",
+            entity_type="Bundle" if bundle_type != "single" else resources[0].split("/")[0],
+            entity_ref=f"Bundle:{bundle_type}",
+            patient_ref=patient_ref,
+            detail={"resources": sorted(resources)},
+        )
+
+
+def _parse(runtime: Runtime, body: dict[str, Any]) -> fhir.ParsedBundle:
+    with runtime.sessions() as session:
+        return fhir.parse_bundle(body, collect_errors=True, resolve=orders.resolver(session))
+
+
+def _error_entry(error: ServiceError) -> dict[str, Any]:
+    return {
+        "response": {
+            "status": _status_text(error.http_status),
+            "outcome": operation_outcome(
+                severity="error",
+                code=_issue_code(error),
+                diagnostics=error.message,
+                expression=error.expression,
+            ),
+        }
+    }
+
+
+def _issue_code(error: ServiceError) -> str:
+    return {
+        400: "invalid",
+        404: "not-found",
+        405: "not-supported",
+        409: "conflict",
+        410: "deleted",
+        412: "conflict",
+        422: "processing",
+    }.get(error.http_status, "exception")
+
+
+def _entry(outcome: WriteOutcome) -> dict[str, Any]:
+    response: dict[str, Any] = {"status": _status_text(outcome.status), "etag": f'W/"{outcome.version}"'}
+    if outcome.status != 204:
+        response["location"] = f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.version}"
+        response["lastModified"] = outcome.last_modified
+    return {"response": response}
+
+
+def process_bundle(runtime: Runtime, body: dict[str, Any], *, principal: Principal) -> dict[str, Any]:
+    """Process a transaction (all or nothing: the first failing entry fails the whole Bundle and nothing is
+    written) or a batch (each entry on its own; failures answered per entry with an OperationOutcome).
+
+    Returns:
+        The transaction-response or batch-response Bundle.
+
+    Raises:
+        ServiceError: the Bundle is malformed, or a transaction entry failed (with that entry's status).
+    """
+    parsed = _parse(runtime, body)
+    total = len(body.get("entry") or [])
+    if parsed.bundle_type == "transaction":
+        if parsed.errors:
+            index, error = parsed.errors[0]
+            raise error
+        with runtime.sessions.begin() as session:
+            outcomes = _apply(session, parsed, {r.entry_index for r in parsed.resources})
+            _audit(session, principal, "transaction", parsed, outcomes)
+        entries = [_entry(outcomes[i]) for i in range(total)]
+    else:
+        results: dict[int, dict[str, Any]] = {index: _error_entry(error) for index, error in parsed.errors}
+        for resource in parsed.resources:
+            try:
+                with runtime.sessions.begin() as session:
+                    outcomes = _apply(session, parsed, {resource.entry_index})
+                    _audit(session, principal, "batch", parsed, outcomes)
+                results[resource.entry_index] = _entry(outcomes[resource.entry_index])
+            except ServiceError as e:
+                results[resource.entry_index] = _error_entry(e)
+        entries = [results[i] for i in range(total)]
+    for entry in entries:
+        status = entry["response"]["status"]
+        metrics.FHIR_RESOURCES.labels(parsed.bundle_type, "stored" if status[0] == "2" else "rejected").inc()
+    return {"resourceType": "Bundle", "type": f"{parsed.bundle_type}-response", "entry": entries}
+
+
+def write_one(
+    runtime: Runtime,
+    *,
+    principal: Principal,
+    method: str,
+    url: str,
+    resource: dict[str, Any] | None = None,
+    if_none_exist: str | None = None,
+    if_match: int | None = None,
+) -> WriteOutcome:
+    """One REST write (POST Type, PUT Type/id, PUT Type?query, DELETE Type/id) as a one-entry transaction."""
+    request: dict[str, Any] = {"method": method, "url": url}
+    if if_none_exist:
+        request["ifNoneExist"] = if_none_exist
+    if if_match is not None:
+        request["ifMatch"] = f'W/"{if_match}"'
+    entry: dict[str, Any] = {"request": request}
+    if resource is not None:
+        entry["resource"] = resource
+    parsed = _parse(runtime, {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    if parsed.errors:
+        raise parsed.errors[0][1]
+    with runtime.sessions.begin() as session:
+        outcomes = _apply(session, parsed, {0})
+        _audit(session, principal, "single", parsed, outcomes)
+    metrics.FHIR_RESOURCES.labels(outcomes[0].resource_type, "stored").inc()
+    return outcomes[0]

@@ -1,0 +1,83 @@
+"""The FHIR resources of a report — DiagnosticReport, result Observations, Provenance, Device — written to the FHIR
+store in the transaction that stores (or amends) the report, so FHIR read, search, versions and ETags work on them
+as on any resource. Clients cannot write them (origin "result")."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.store import clinical, fhir_store
+from service.store.tables import Report, Study
+
+_HISTORY = re.compile(r"^([A-Za-z]+/[A-Za-z0-9\-.]{1,64})/_history/\d+$")
+
+
+def _imaging_study_id(session: Session, study: Study) -> str | None:
+    from service.flows.orders import DICOM_UID_SYSTEM, resolver
+
+    found = resolver(session)("ImagingStudy", f"identifier={DICOM_UID_SYSTEM}|urn:oid:{study.study_instance_uid}")
+    return found[0] if found else None
+
+
+def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]:
+    """Write the report's current version as FHIR resources; returns their store versions by reference."""
+    from service.results import reports as report_results
+
+    patient_resource_id = clinical.patient_resource_id(session=session, patient_id=report.patient_id)
+    based_on = [f"ServiceRequest/{study.order_resource_id}"] if study.order_resource_id else []
+    resources = report_results.report_resources(
+        report,
+        study=study,
+        patient_resource_id=patient_resource_id,
+        based_on=based_on,
+        imaging_study_id=_imaging_study_id(session, study),
+    )
+    versions: dict[str, int] = {}
+    provenance: dict[str, Any] | None = None
+    for resource in resources:
+        resource_type, resource_id = resource["resourceType"], resource["id"]
+        if resource_type == "Provenance":
+            provenance = resource
+            continue
+        if resource_type == "Device":
+            existing = fhir_store.current(session=session, resource_type="Device", resource_id=resource_id)
+            if existing is not None:
+                versions[f"Device/{resource_id}"] = existing.version
+                continue
+        row, _ = fhir_store.put(
+            session=session,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            body=resource,
+            patient_id=None if resource_type == "Device" else report.patient_id,
+            origin="result",
+        )
+        versions[f"{resource_type}/{resource_id}"] = row.version
+    if provenance is not None:
+        for target in provenance.get("target", []):  # point at the versions actually stored
+            match = _HISTORY.match(target.get("reference", ""))
+            if match and match.group(1) in versions:
+                target["reference"] = f"{match.group(1)}/_history/{versions[match.group(1)]}"
+        row, _ = fhir_store.put(
+            session=session,
+            resource_type="Provenance",
+            resource_id=provenance["id"],
+            body=provenance,
+            patient_id=report.patient_id,
+            origin="result",
+        )
+        versions[f"Provenance/{provenance['id']}"] = row.version
+    return versions
+
+
+def republish_for_study(session: Session, study: Study) -> int:
+    """Re-write the FHIR resources of a study's reports (an order was linked after the report: basedOn)."""
+    from service.store import reports
+
+    found = reports.for_study(session=session, study=study)
+    for report in found:
+        publish(session, report=report, study=study)
+    return len(found)
