@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -114,6 +116,8 @@ def request_analysis(
             all_jobs.append(job)
             if new:
                 created.append(job)
+                job.enqueued_at = now
+                _stamp(job, enqueued_preprocess=time.time())
                 metrics.JOBS.labels(route.model_name, JobState.queued.value).inc()
         reason = routing.reason()
         previous_status = study.status
@@ -164,10 +168,11 @@ def _enqueue(runtime: Runtime, job_id: str, stage: JobStage, priority: int) -> N
         queue.send(task, job_id, queue=target, priority=priority)
     except Exception as e:  # the broker is down: the job row stays queued and the reconciler sends it later
         log.warning("enqueue of job %s failed, the reconciler will retry: %s", job_id, e)
-        return
-    with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id)
-        job.enqueued_at = utcnow()
+
+
+def _stamp(job: Job, **values: float | int | str) -> None:
+    """Record stage timestamps (epoch seconds) and durations on the job, in the transaction at hand."""
+    job.timings = {**(job.timings or {}), **values}
 
 
 def _inputs_key(job_id: str) -> str:
@@ -259,6 +264,7 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
             return  # a duplicate delivery: the infer stage has what it needs (the reconciler re-sends infer if lost)
         job.attempts += 1
         _set_state(session, job, JobState.preprocessing, JobStage.preprocess)
+        _stamp(job, preprocess_started=time.time())
         study = session.get(Study, job.study_id)
         assert study is not None
         model = runtime.registry.models.get(job.model_name)
@@ -303,12 +309,14 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
         f"jobs/{job_id}/clinical.json",
         pipeline.clinical_used_json(prepared.clinical_used, prepared.source_sop_instance_uid).encode(),
     )
-    metrics.PREPROCESS_DURATION.labels(job.model_name).observe(time.perf_counter() - started)
+    preprocess_seconds = time.perf_counter() - started
+    metrics.PREPROCESS_DURATION.labels(job.model_name).observe(preprocess_seconds)
     with runtime.sessions.begin() as session:
         job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
         if job.state != JobState.preprocessing.value:
             return  # another delivery moved the job on meanwhile
         _set_state(session, job, JobState.inferring, JobStage.infer)
+        _stamp(job, preprocess_seconds=round(preprocess_seconds, 6), enqueued_infer=time.time())
     _enqueue(runtime, job_id, JobStage.infer, priority)
 
 
@@ -325,13 +333,52 @@ def _back_to_preprocess(runtime: Runtime, job_id: str) -> None:
     _enqueue(runtime, job_id, JobStage.preprocess, priority)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    logits: np.ndarray
+    batch_size: int
+    batch_wait_seconds: float
+    inference_seconds: float
+    provider: str
+
+
+def _predict(
+    runtime: Runtime, manifest: Any, runner: Any, prepared: pipeline.PreparedInputs, *, priority: int
+) -> Prediction:
+    """One study's logits: through the model's dynamic batcher when batching is on, else a batch of one."""
+    logits, seconds = pipeline.predict(manifest, runner, [prepared])
+    return Prediction(logits[0], 1, 0.0, seconds, runner.provider)
+
+
+class _ReportSignal:
+    """Wakes API requests waiting for a report (GET .../report?wait=) when this process stores one."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._generation = 0
+
+    def notify(self) -> None:
+        with self._condition:
+            self._generation += 1
+            self._condition.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._condition:
+            generation = self._generation
+            self._condition.wait_for(lambda: self._generation != generation, timeout=timeout)
+
+
+REPORT_STORED = _ReportSignal()
+
+
 def infer_job(runtime: Runtime, job_id: str) -> None:
     """Stage 2 (GPU): run the model on the prepared inputs and store exactly one report per study x model version."""
     with runtime.sessions.begin() as session:
         job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
         if job.state in FINAL_STATES:
             return
-        model_name, model_version = job.model_name, job.model_version
+        model_name, model_version, priority = job.model_name, job.model_version, job.priority
+        infer_started = time.time()
     try:
         model, version = runtime.registry.version_or_raise(model_name, model_version)
         try:
@@ -350,10 +397,13 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
                 source_sop_instance_uid=source_uid,
             )
         runner = runtime.registry.runner(model_name, model_version)
-        logits, seconds = pipeline.predict(model.manifest, runner, [prepared])
-        metrics.INFERENCE_DURATION.labels(model_name, model_version, runner.provider).observe(seconds)
+        batched = _predict(runtime, model.manifest, runner, prepared, priority=priority)
+        metrics.INFERENCE_DURATION.labels(model_name, model_version, batched.provider).observe(
+            batched.inference_seconds
+        )
+        postprocess_started = time.perf_counter()
         findings = pipeline.post_process(
-            model.manifest, version, provider=runner.provider, logits=logits[0], inputs=prepared
+            model.manifest, version, provider=batched.provider, logits=batched.logits, inputs=prepared
         )
         if runtime.settings.dicom_results:
             finding_index = pipeline.heatmap_finding(findings)
@@ -361,12 +411,14 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             buffer = io.BytesIO()
             np.savez(buffer, heatmap=heatmap, finding_index=np.array(finding_index))
             runtime.blobs.put_bytes(heatmap_key(job_id), buffer.getvalue())
+        postprocess_seconds = time.perf_counter() - postprocess_started
     except TransientError:
         raise
     except ServiceError as e:
         _fail(runtime, job_id, JobStage.infer, e)
         return
     with runtime.sessions.begin() as session:
+        store_started = time.time()
         job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
         study = session.get(Study, job.study_id)
         assert study is not None
@@ -399,8 +451,19 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
                     "positive": [f.code for f in findings.findings if f.positive],
                 },
             )
-        priority = job.priority
+        _stamp(
+            job,
+            infer_started=infer_started,
+            batch_size=batched.batch_size,
+            batch_wait_seconds=round(batched.batch_wait_seconds, 6),
+            inference_seconds=round(batched.inference_seconds, 6),
+            postprocess_seconds=round(postprocess_seconds, 6),
+            provider=batched.provider,
+            store_started=store_started,
+            report_stored=time.time(),
+        )
     if created:
+        REPORT_STORED.notify()
         metrics.REPORTS.labels(model_name, model_version).inc()
         if amended:
             metrics.REPORT_AMENDMENTS.labels(model_name).inc()

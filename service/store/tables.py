@@ -257,6 +257,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     priority: Mapped[int] = mapped_column(Integer, default=5)
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, comment="per-stage timestamps (epoch seconds) and durations, for latency breakdowns"
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 

@@ -169,3 +169,22 @@ def test_chunked_stow_body_is_streamed_and_each_instance_referenced(client: Test
     assert retrieve.status_code == 200
     assert retrieve.headers["content-type"].startswith("multipart/related")
     assert b"DICM" in retrieve.content
+
+
+def test_a_client_can_wait_for_the_report_and_read_where_the_time_went(client: TestClient, tokens: Tokens) -> None:
+    study_uid = generate_uid()
+    assert post_study(client, tokens, [dx_instance(study_uid=study_uid)]).status_code == 200
+    clinician = tokens.header("clinician")
+    assert client.get(f"/v1/studies/{study_uid}/report", headers=clinician).status_code == 404
+    assert client.post(f"/v1/studies/{study_uid}/analyze", headers=clinician).status_code == 202
+    waited = client.get(f"/v1/studies/{study_uid}/report", params={"wait": 60}, headers=clinician)
+    assert waited.status_code == 200, "answered as soon as the report was stored"
+    [job] = client.get(f"/v1/studies/{study_uid}", headers=clinician).json()["jobs"]
+    timings = job["timings"]
+    order = ["enqueued_preprocess", "preprocess_started", "enqueued_infer", "infer_started", "store_started"]
+    assert [timings[k] for k in order] == sorted(timings[k] for k in order)
+    assert timings["report_stored"] >= timings["store_started"]
+    assert timings["batch_size"] >= 1 and timings["provider"] == "CPUExecutionProvider"
+    assert timings["preprocess_seconds"] > 0 and timings["inference_seconds"] > 0
+    outcome = client.get(f"/v1/studies/{study_uid}/report", params={"wait": 500}, headers=clinician)
+    assert outcome.status_code == 400, "the wait is bounded"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
@@ -41,6 +42,7 @@ def job_json(job: Job, study_instance_uid: str | None = None) -> dict[str, Any]:
         "stage": job.stage,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
         "attempts": job.attempts,
+        "timings": job.timings,
         "created_at": job.created_at.isoformat(),
         "updated_at": job.updated_at.isoformat(),
     }
@@ -108,8 +110,30 @@ async def analyze_study(study_instance_uid: str, runtime: RuntimeDep, principal:
     }
 
 
+def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> None:
+    """Return once the study has a report and no job still running, or when ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with runtime.sessions() as session:
+            study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+            states = [j.state for j in jobs.for_study(session=session, study=study)]
+            ready = bool(states) and not any(s in jobs.ACTIVE_STATES for s in states)
+        remaining = deadline - time.monotonic()
+        if ready or remaining <= 0:
+            return
+        # woken at once by a report stored in this process (embedded worker); else polled
+        analysis.REPORT_STORED.wait(min(remaining, 0.05 if runtime.settings.embedded_worker else 0.02))
+
+
 @router.get("/studies/{study_instance_uid}/report")
-def get_report(study_instance_uid: str, runtime: RuntimeDep, principal: ReportReadDep) -> dict[str, Any]:
+def get_report(
+    study_instance_uid: str,
+    runtime: RuntimeDep,
+    principal: ReportReadDep,
+    wait: Annotated[float, Query(ge=0, le=120, description="seconds to wait for the analysis to finish")] = 0,
+) -> dict[str, Any]:
+    if wait:
+        _wait_for_reports(runtime, study_instance_uid, wait)
     with runtime.sessions.begin() as session:
         study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
         found = reports.for_study(session=session, study=study)
