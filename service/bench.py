@@ -1,96 +1,472 @@
-"""`clinfer bench`: figures for the inference path, as ratios against a baseline measured in the same run.
+"""`clinfer bench`: the service's throughput and latency against the hardware's limits, measured in one run.
 
-Baseline: batch size 1. Measured: pre-processing per study (2048x2048 12-bit image), and model throughput at the
-manifest's preferred and maximum batch sizes. Prints a table and writes JSON; asserts nothing about time.
+Three measurements on the same studies (synthetic chest radiographs from the cohort generator, with their FHIR
+Bundles), in this order:
+
+1. **model limit**: the model alone in this process, at each batch size; the best studies/s.
+2. **pipeline limit**: decode + pre-process + model, in this process, with one thread per core for the CPU work and
+   the model at its best batch size; studies/s, and the single-study latency (decode + pre-process + model at
+   batch 1).
+3. **end to end**: the real path — FHIR Bundle, STOW-RS, analyze, wait for the report — against a service started
+   for the run (the embedded default, or PostgreSQL + Redis with separate workers), at the chosen concurrency;
+   studies/s, latency percentiles, per-stage seconds from the jobs' timings, batch sizes; and, when asked, the same
+   with dynamic batching off.
+
+Figures are printed and written as JSON, with the ratios of end-to-end throughput to both limits. Nothing here
+asserts on time.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime as dt
 import json
+import os
 import platform
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from service.config import Settings
 from service.inference import pipeline
 from service.inference.registry import ModelRegistry
+from service.ingest import dicom
 from service.schemas import ClinicalContext
-from service.training.synthetic import render_chest_radiograph, sample_findings
+
+STAGES = ("ingest", "queue_wait", "preprocess", "batch_wait", "inference", "postprocess", "report", "response")
 
 
-def _timed(fn: Any, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
+@dataclass(frozen=True)
+class Study:
+    study_instance_uid: str
+    part10: bytes
+    bundle: dict[str, Any]
+
+
+def make_studies(n: int, *, size: int, seed: int = 7) -> list[Study]:
+    """``n`` synthetic patients (chest radiograph + clinical Bundle) from the cohort generator."""
+    from service.training.cohort_files import make_patient_case
+
+    cases = [make_patient_case(seed, index=i, size=size) for i in range(n)]
+    return [Study(c.study_instance_uid, c.dicom, c.bundle) for c in cases]
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self._lock = threading.Lock()
+        self._started = time.perf_counter()
+        self._draw()
+
+    def step(self) -> None:
+        with self._lock:
+            self.done += 1
+            self._draw()
+
+    def _draw(self) -> None:
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        rate = self.done / max(time.perf_counter() - self._started, 1e-9)
+        sys.stderr.write(
+            f"\r{self.label:<14} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:6.1f}/s"
+        )
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+# --- 1 and 2: in-process limits ---------------------------------------------------------------------------
+
+
+def _prepare(manifest: Any, study: Study, max_pixels: int) -> pipeline.PreparedInputs:
+    decoded = dicom.decode_image(study.part10, max_pixels=max_pixels)
+    return pipeline.pre_process(
+        manifest,
+        pixels=decoded.pixels,
+        photometric_interpretation=decoded.photometric_interpretation,
+        window=decoded.window,
+        context=ClinicalContext(),
+        study_at=dt.datetime(2026, 11, 20, tzinfo=dt.UTC),
+        source_sop_instance_uid=study.study_instance_uid,
+    )
+
+
+def model_limit(manifest: Any, runner: Any, prepared: list[pipeline.PreparedInputs]) -> dict[str, Any]:
+    rows = []
+    for batch_size in (1, 2, 4, 8, 16, 32):
+        if batch_size > manifest.batching.max_batch_size:
+            break
+        batch = (prepared * (batch_size // len(prepared) + 1))[:batch_size]
+        pipeline.predict(manifest, runner, batch)
+        calls = max(8, 256 // batch_size)
         started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
+        for _ in range(calls):
+            pipeline.predict(manifest, runner, batch)
+        seconds = time.perf_counter() - started
+        rows.append({"batch_size": batch_size, "studies_per_second": round(batch_size * calls / seconds, 1)})
+    best = max(rows, key=lambda r: r["studies_per_second"])
+    return {
+        "by_batch_size": rows,
+        "best_batch_size": best["batch_size"],
+        "studies_per_second": best["studies_per_second"],
+    }
 
 
-def run(settings: Settings, *, out_dir: Path, model: str, repeats: int = 20, size: int = 2048) -> dict[str, Any]:
+def pipeline_limit(
+    manifest: Any, runner: Any, studies: list[Study], *, best_batch: int, max_pixels: int
+) -> dict[str, Any]:
+    """Decode + pre-process on one thread per core, the model at its best batch size: the work clinfer must do."""
+    single = []
+    for study in studies[:10]:
+        started = time.perf_counter()
+        prepared = _prepare(manifest, study, max_pixels)
+        pipeline.predict(manifest, runner, [prepared])
+        single.append(time.perf_counter() - started)
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        batch: list[pipeline.PreparedInputs] = []
+        for prepared in pool.map(lambda s: _prepare(manifest, s, max_pixels), studies):
+            batch.append(prepared)
+            if len(batch) == best_batch:
+                pipeline.predict(manifest, runner, batch)
+                batch = []
+        if batch:
+            pipeline.predict(manifest, runner, batch)
+    seconds = time.perf_counter() - started
+    return {
+        "threads": workers,
+        "studies_per_second": round(len(studies) / seconds, 1),
+        "single_study_latency_ms": round(statistics.median(single) * 1000, 1),
+    }
+
+
+# --- 3: end to end ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _clinfer() -> list[str]:
+    found = shutil.which("clinfer", path=str(Path(sys.executable).parent))
+    return [found] if found else [sys.executable, "-m", "service.cli"]
+
+
+@contextlib.contextmanager
+def running_service(
+    *, state_dir: Path, database_url: str | None, broker_url: str | None, batching: bool, workers: int
+) -> Iterator[tuple[str, Settings]]:
+    """`clinfer serve` (embedded worker) or `clinfer serve` + `clinfer worker` processes for the run."""
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CLINFER_")},
+        "CLINFER_STATE_DIR": str(state_dir),
+        "CLINFER_PORT": str(port),
+        "CLINFER_DIMSE_EMBEDDED": "false",
+        "CLINFER_DICOM_RESULTS": "false",
+        "CLINFER_STUDY_STABLE_SECONDS": "3600",
+        "CLINFER_BATCHING": "true" if batching else "false",
+        "CLINFER_WORKER_CONCURRENCY": str(workers),
+    }
+    if database_url:
+        env["CLINFER_DATABASE_URL"] = database_url
+    if broker_url:
+        env["CLINFER_BROKER_URL"] = broker_url
+        env["CLINFER_WORKER_METRICS_PORT"] = str(_free_port())
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = [
+        subprocess.Popen(
+            [*_clinfer(), "serve"], env=env, stdout=(logs / "serve.log").open("w"), stderr=subprocess.STDOUT
+        )
+    ]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or processes[0].poll() is not None:
+                raise RuntimeError(f"clinfer serve did not start; see {logs / 'serve.log'}")
+            time.sleep(0.2)
+        if broker_url:
+            for name in ("preprocess", "infer"):
+                processes.append(
+                    subprocess.Popen(
+                        [*_clinfer(), "worker", "--queues", name, "--concurrency", str(workers), "--pool", "threads"],
+                        env=env,
+                        stdout=(logs / f"worker-{name}.log").open("w"),
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        settings = Settings(state_dir=state_dir, database_url=database_url, broker_url=broker_url)
+        yield base, settings
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@dataclass
+class StudyRun:
+    latency: float
+    stages: dict[str, float]
+    batch_size: int
+
+
+@dataclass
+class EndToEnd:
+    concurrency: int
+    seconds: float = 0.0
+    runs: list[StudyRun] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinician: dict[str, str]) -> StudyRun:
+    started = time.time()
+    bundle = http.post("/fhir", json=study.bundle, headers=ingest)
+    bundle.raise_for_status()
+    boundary = "clinferbench"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + study.part10
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    stored = http.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={**ingest, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+    )
+    stored.raise_for_status()
+    analyze = http.post(f"/v1/studies/{study.study_instance_uid}/analyze", headers=clinician)
+    analyze.raise_for_status()
+    ingested = time.time()
+    report = http.get(f"/v1/studies/{study.study_instance_uid}/report", params={"wait": 120}, headers=clinician)
+    report.raise_for_status()
+    finished = time.time()
+    job = analyze.json()["jobs"][0]
+    timings = http.get(f"/v1/jobs/{job['id']}", headers=clinician).json()["timings"] or {}
+    stages = {
+        "ingest": ingested - started,
+        "queue_wait": (timings["preprocess_started"] - timings["enqueued_preprocess"])
+        + (timings["infer_started"] - timings["enqueued_infer"]),
+        "preprocess": timings["preprocess_seconds"],
+        "batch_wait": timings["batch_wait_seconds"],
+        "inference": timings["inference_seconds"],
+        "postprocess": timings["postprocess_seconds"],
+        "report": timings["report_stored"] - timings["store_started"],
+        "response": finished - timings["report_stored"],
+    }
+    return StudyRun(finished - started, stages, int(timings.get("batch_size", 1)))
+
+
+def end_to_end(base: str, settings: Settings, studies: list[Study], *, concurrency: int, label: str) -> EndToEnd:
+    from service.api.auth import mint_token
+
+    ingest = {"Authorization": f"Bearer {mint_token(settings, role='ingest')}"}
+    clinician = {"Authorization": f"Bearer {mint_token(settings, role='clinician')}"}
+    result = EndToEnd(concurrency=concurrency)
+    progress = Progress(label, len(studies))
+    pending = list(reversed(studies))
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=180) as http:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    study = pending.pop()
+                try:
+                    run = _one_study(http, study, ingest, clinician)
+                    with lock:
+                        result.runs.append(run)
+                except (httpx.HTTPError, KeyError) as e:
+                    with lock:
+                        result.errors.append(f"{type(e).__name__}: {e}")
+                progress.step()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def summarize(run: EndToEnd) -> dict[str, Any]:
+    latencies = sorted(r.latency for r in run.runs)
+    if not latencies:
+        return {"concurrency": run.concurrency, "studies": 0, "errors": run.errors[:5]}
+
+    def percentile(q: float) -> float:
+        return round(float(np.percentile(latencies, q)) * 1000, 1)
+
+    stages = {s: round(statistics.mean(r.stages[s] for r in run.runs) * 1000, 2) for s in STAGES}
+    stage_sum = sum(stages.values())
+    mean_latency = statistics.mean(latencies) * 1000
+    return {
+        "concurrency": run.concurrency,
+        "studies": len(run.runs),
+        "errors": len(run.errors),
+        "error_examples": run.errors[:3],
+        "studies_per_second": round(len(run.runs) / run.seconds, 2),
+        "latency_ms": {
+            "p50": percentile(50),
+            "p95": percentile(95),
+            "p99": percentile(99),
+            "mean": round(mean_latency, 1),
+        },
+        "stage_ms_mean": stages,
+        "stages_sum_vs_latency": round(stage_sum / mean_latency, 3),
+        "batch_size_histogram": dict(sorted(Counter(r.batch_size for r in run.runs).items())),
+    }
+
+
+def run(
+    *,
+    studies_n: int,
+    concurrency: int,
+    size: int,
+    out: Path | None,
+    database_url: str | None,
+    broker_url: str | None,
+    compare_batching: bool,
+    model: str,
+    settings: Settings,
+) -> dict[str, Any]:
+    studies = make_studies(studies_n, size=size)
     registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
     registry.load()
     registered = registry.get_or_raise(model)
-    manifest, version = registered.manifest, registered.manifest.latest()
-    runner = registry.runner(model, version.version)
-    rng = np.random.default_rng(0)
-    pixels = render_chest_radiograph(rng, sample_findings(rng), size=size).astype(np.float32)
-    study_at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-
-    def prepare() -> pipeline.PreparedInputs:
-        return pipeline.pre_process(
-            manifest,
-            pixels=pixels,
-            photometric_interpretation="MONOCHROME2",
-            window=None,
-            context=ClinicalContext(),
-            study_at=study_at,
-            source_sop_instance_uid="1.2.3",
-        )
-
-    prepared = prepare()
-    preprocess_s = _timed(prepare, max(3, repeats // 4))
+    manifest = registered.manifest
+    runner = registry.runner(model, manifest.latest().version)
+    prepared = [_prepare(manifest, s, settings.max_decoded_pixels) for s in studies[:8]]
+    model_figures = model_limit(manifest, runner, prepared)
+    pipeline_figures = pipeline_limit(
+        manifest, runner, studies, best_batch=model_figures["best_batch_size"], max_pixels=settings.max_decoded_pixels
+    )
     results: dict[str, Any] = {
-        "model": f"{manifest.name}:{version.version}",
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "model": f"{manifest.name}:{manifest.latest().version}",
         "provider": runner.provider,
-        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
-        "preprocess_ms_median": round(statistics.median(preprocess_s) * 1000, 2),
+        "studies": studies_n,
         "image_size": size,
-        "batches": [],
+        "deployment": "postgresql+redis, separate workers" if broker_url else "embedded (SQLite, in-process worker)",
+        "model_limit": model_figures,
+        "pipeline_limit": pipeline_figures,
+        "end_to_end": [],
     }
-    sizes = sorted({1, manifest.batching.preferred_batch_size, manifest.batching.max_batch_size})
-    baseline = None
-    for batch_size in sizes:
-        batch = [prepared] * batch_size
-        pipeline.predict(manifest, runner, batch)  # warm-up
-        seconds = [pipeline.predict(manifest, runner, batch)[1] for _ in range(repeats)]
-        median = statistics.median(seconds)
-        throughput = batch_size / median
-        baseline = baseline or throughput
-        results["batches"].append(
-            {
-                "batch_size": batch_size,
-                "latency_ms_median": round(median * 1000, 3),
-                "studies_per_second": round(throughput, 1),
-                "throughput_vs_batch_1": round(throughput / baseline, 2),
-            }
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    runs = [(concurrency, True)]
+    if concurrency != 1:
+        runs.insert(0, (1, True))
+    if compare_batching:
+        runs += [(16, True), (16, False)]
+    for clients, batching in runs:
+        with tempfile.TemporaryDirectory(prefix="clinfer-bench-") as state:
+            url = database_url
+            if database_url and database_url.startswith("postgresql"):
+                url = _fresh_postgres(database_url)
+            with running_service(
+                state_dir=Path(state),
+                database_url=url,
+                broker_url=broker_url,
+                batching=batching,
+                workers=max(2, clients),
+            ) as (base, service_settings):
+                subset = studies if clients > 1 else studies[: max(10, len(studies) // 4)]
+                measured = end_to_end(
+                    base,
+                    service_settings,
+                    subset,
+                    concurrency=clients,
+                    label=f"c={clients} batch={'on' if batching else 'off'}",
+                )
+            summary = summarize(measured) | {"batching": batching}
+            summary["ratio_to_pipeline_limit"] = round(
+                summary.get("studies_per_second", 0) / pipeline_figures["studies_per_second"], 3
+            )
+            summary["ratio_to_model_limit"] = round(
+                summary.get("studies_per_second", 0) / model_figures["studies_per_second"], 3
+            )
+            results["end_to_end"].append(summary)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
     return results
 
 
+def _fresh_postgres(url: str) -> str:
+    """A new, empty database beside ``url``'s, so each run starts alike."""
+    import uuid
+
+    import sqlalchemy
+
+    name = f"clinfer_bench_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
 def print_table(results: dict[str, Any]) -> None:
-    print(f"model {results['model']} on {results['provider']}")
-    print(f"pre-processing ({results['image_size']}x{results['image_size']}): {results['preprocess_ms_median']} ms")
-    print(f"{'batch':>6} {'latency ms':>11} {'studies/s':>10} {'vs batch 1':>11}")
-    for row in results["batches"]:
+    model, pipe = results["model_limit"], results["pipeline_limit"]
+    print(
+        f"model {results['model']} on {results['provider']}, {results['studies']} studies of {results['image_size']}²,"
+        f" {results['machine']['cpus']} CPUs; {results['deployment']}"
+    )
+    print(f"model limit     {model['studies_per_second']:>8} studies/s (best batch {model['best_batch_size']})")
+    print(
+        f"pipeline limit  {pipe['studies_per_second']:>8} studies/s ({pipe['threads']} threads);"
+        f" one study {pipe['single_study_latency_ms']} ms"
+    )
+    print(
+        f"{'clients':>7} {'batching':>8} {'studies/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+        f" {'vs pipeline':>11} {'vs model':>8} {'stages/latency':>14}"
+    )
+    for row in results["end_to_end"]:
+        if not row.get("studies"):
+            print(f"{row['concurrency']:>7} no study finished: {row.get('errors')}")
+            continue
+        latency = row["latency_ms"]
         print(
-            f"{row['batch_size']:>6} {row['latency_ms_median']:>11} {row['studies_per_second']:>10} "
-            f"{row['throughput_vs_batch_1']:>10}x"
+            f"{row['concurrency']:>7} {'on' if row['batching'] else 'off':>8} {row['studies_per_second']:>9}"
+            f" {latency['p50']:>8} {latency['p95']:>8} {latency['p99']:>8} {row['ratio_to_pipeline_limit']:>11}"
+            f" {row['ratio_to_model_limit']:>8} {row['stages_sum_vs_latency']:>14}"
         )
+        stages = ", ".join(f"{k} {v}" for k, v in row["stage_ms_mean"].items())
+        print(f"{'':>7} stages (mean ms): {stages}; batch sizes {row['batch_size_histogram']}")

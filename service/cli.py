@@ -70,7 +70,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sweeper = Sweeper(runtime)
         sweeper.start()
     try:
-        run_worker(queues=args.queues.split(","), concurrency=args.concurrency, pool=args.pool)
+        run_worker(
+            queues=args.queues.split(","), concurrency=args.concurrency or settings.worker_concurrency, pool=args.pool
+        )
     finally:
         if sweeper is not None:
             sweeper.stop()
@@ -320,9 +322,19 @@ def cmd_cohort_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from service import bench
 
-    results = bench.run(_settings(), out_dir=Path(args.out), model=args.model, repeats=args.repeats)
+    results = bench.run(
+        studies_n=args.studies,
+        concurrency=args.concurrency,
+        size=args.size,
+        out=Path(args.json),
+        database_url=args.database_url,
+        broker_url=args.broker_url,
+        compare_batching=not args.no_batching_comparison,
+        model=args.model,
+        settings=_settings(),
+    )
     bench.print_table(results)
-    print(f"written: {Path(args.out) / 'bench.json'}")
+    print(f"written: {args.json}")
     return 0
 
 
@@ -335,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="a Celery worker on CLINFER_BROKER_URL")
     worker.add_argument("--queues", default="preprocess,infer,results")
-    worker.add_argument("--concurrency", type=int, default=2)
+    worker.add_argument("--concurrency", type=int, default=None, help="default CLINFER_WORKER_CONCURRENCY")
     worker.add_argument(
         "--pool",
         default="threads",
@@ -410,10 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--size", type=int, default=1024, help="image rows and columns (at least 1024)")
     generate.set_defaults(func=cmd_cohort_generate)
 
-    bench_parser = sub.add_parser("bench", help="inference figures as ratios against batch size 1 (writes JSON)")
-    bench_parser.add_argument("--out", default="bench-results")
+    bench_parser = sub.add_parser(
+        "bench", help="end-to-end throughput and latency against the model and pipeline limits (writes JSON)"
+    )
+    bench_parser.add_argument("--studies", type=int, default=200)
+    bench_parser.add_argument("--concurrency", type=int, default=8)
+    bench_parser.add_argument("--json", default="bench-results/bench.json", help="where the figures are written")
+    bench_parser.add_argument("--size", type=int, default=1024, help="rows and columns of the synthetic images")
     bench_parser.add_argument("--model", default="cxr-fusion")
-    bench_parser.add_argument("--repeats", type=int, default=20)
+    bench_parser.add_argument(
+        "--database-url", help="PostgreSQL for the run (a fresh database is created beside it); default SQLite"
+    )
+    bench_parser.add_argument("--broker-url", help="Redis for the run: separate `clinfer worker` processes")
+    bench_parser.add_argument(
+        "--no-batching-comparison", action="store_true", help="skip the batching on/off runs at concurrency 16"
+    )
     bench_parser.set_defaults(func=cmd_bench)
     return parser
 

@@ -89,6 +89,15 @@ class Settings(BaseSettings):
     max_fhir_bundle_bytes: int = Field(default=32 * 1024**2, gt=0)
     max_decoded_pixels: int = Field(default=16384 * 16384, gt=0)
 
+    worker_concurrency: int = Field(
+        default=8, ge=1, description="task threads of the embedded worker (and `clinfer worker`'s default)"
+    )
+    batching: bool = Field(default=True, description="dynamic batching of inference requests in each worker")
+    batch_max_size: int | None = Field(default=None, ge=1, description="overrides the manifests' max_batch_size")
+    batch_max_delay_ms: float | None = Field(
+        default=None, ge=0, le=1000, description="overrides the manifests' max_delay_ms"
+    )
+
     execution_providers: list[str] = Field(
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime providers in order of preference; unavailable ones are skipped",

@@ -40,7 +40,7 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
         if run_embedded:
             from service.worker.app import EmbeddedWorker, Sweeper
 
-            worker, sweeper = EmbeddedWorker(), Sweeper(current)
+            worker, sweeper = EmbeddedWorker(concurrency=current.settings.worker_concurrency), Sweeper(current)
             worker.start()
             sweeper.start()
             log.info("embedded worker started (in-memory broker)")
