@@ -41,3 +41,15 @@ DELIVERIES = Counter(
     "clinfer_deliveries_total", "Result pushes to destinations, by outcome", ["destination", "outcome"]
 )
 RECONCILED_JOBS = Counter("clinfer_reconciled_jobs_total", "Lost jobs re-enqueued by the reconciler")
+BATCH_SIZE = Histogram(
+    "clinfer_batch_size",
+    "Requests per model call made by the dynamic batcher",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+BATCH_WAIT = Histogram(
+    "clinfer_batch_wait_seconds",
+    "Time a request waits in the dynamic batcher, from submission to the start of its model call",
+    ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

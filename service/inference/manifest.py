@@ -96,6 +96,12 @@ class Outputs(BaseModel):
 class Batching(BaseModel):
     preferred_batch_size: int = 8
     max_batch_size: int = 32
+    max_delay_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=1000.0,
+        description="longest a request waits in the GPU worker's dynamic batcher for others to join its batch",
+    )
 
 
 class ModelVersion(BaseModel):
