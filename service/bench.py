@@ -286,11 +286,19 @@ def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinici
     return StudyRun(finished - started, stages, int(timings.get("batch_size", 1)))
 
 
-def end_to_end(base: str, settings: Settings, studies: list[Study], *, concurrency: int, label: str) -> EndToEnd:
-    from service.api.auth import mint_token
+def _token(settings: Settings, role: str) -> str:
+    """A token from the service's own dev key (`clinfer token`), as an operator would mint one."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CLINFER_")},
+        "CLINFER_STATE_DIR": str(settings.state_dir),
+    }
+    made = subprocess.run([*_clinfer(), "token", "--role", role], env=env, capture_output=True, text=True, check=True)
+    return made.stdout.strip()
 
-    ingest = {"Authorization": f"Bearer {mint_token(settings, role='ingest')}"}
-    clinician = {"Authorization": f"Bearer {mint_token(settings, role='clinician')}"}
+
+def end_to_end(base: str, settings: Settings, studies: list[Study], *, concurrency: int, label: str) -> EndToEnd:
+    ingest = {"Authorization": f"Bearer {_token(settings, 'ingest')}"}
+    clinician = {"Authorization": f"Bearer {_token(settings, 'clinician')}"}
     result = EndToEnd(concurrency=concurrency)
     progress = Progress(label, len(studies))
     pending = list(reversed(studies))

@@ -76,6 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         if sweeper is not None:
             sweeper.stop()
+        runtime.batchers.close_all()
     return 0
 
 

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float | None = Field(
         default=None, ge=0, le=1000, description="overrides the manifests' max_delay_ms"
     )
+    batch_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="longest wait for a place in a batch before the infer task is retried"
+    )
 
     execution_providers: list[str] = Field(
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -53,6 +53,7 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
                 sweeper.stop()
             if worker is not None:
                 worker.stop()
+                current.batchers.close_all()
 
     app = FastAPI(
         title="clinfer",

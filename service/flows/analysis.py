@@ -18,6 +18,7 @@ from service.errors import InvalidInput, NotFound, ServiceError, TransientError
 from service.flows import queue, report_fhir
 from service.flows.runtime import Runtime
 from service.inference import pipeline
+from service.inference.batcher import DynamicBatcher
 from service.ingest import dicom
 from service.routing.rules import InstanceAttributes
 from service.schemas import SYSTEM_PRINCIPAL, JobStage, JobState, Principal, StudyStatus
@@ -343,11 +344,31 @@ class Prediction:
 
 
 def _predict(
-    runtime: Runtime, manifest: Any, runner: Any, prepared: pipeline.PreparedInputs, *, priority: int
+    runtime: Runtime, manifest: Any, runner: Any, prepared: pipeline.PreparedInputs, *, priority: int, version: str
 ) -> Prediction:
     """One study's logits: through the model's dynamic batcher when batching is on, else a batch of one."""
-    logits, seconds = pipeline.predict(manifest, runner, [prepared])
-    return Prediction(logits[0], 1, 0.0, seconds, runner.provider)
+    settings = runtime.settings
+    if not settings.batching:
+        logits, seconds = pipeline.predict(manifest, runner, [prepared])
+        metrics.INFERENCE_DURATION.labels(manifest.name, version, runner.provider).observe(seconds)
+        return Prediction(logits[0], 1, 0.0, seconds, runner.provider)
+    batcher = runtime.batchers.get(
+        manifest.name,
+        version,
+        lambda: DynamicBatcher(
+            manifest,
+            runner,
+            version=version,
+            max_batch=min(settings.batch_max_size, manifest.batching.max_batch_size)
+            if settings.batch_max_size
+            else None,
+            max_delay_ms=settings.batch_max_delay_ms,
+        ),
+    )
+    result = batcher.submit(prepared, priority=priority, timeout=settings.batch_timeout_seconds)
+    return Prediction(
+        result.logits, result.batch_size, result.batch_wait_seconds, result.inference_seconds, result.provider
+    )
 
 
 class _ReportSignal:
@@ -397,10 +418,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
                 source_sop_instance_uid=source_uid,
             )
         runner = runtime.registry.runner(model_name, model_version)
-        batched = _predict(runtime, model.manifest, runner, prepared, priority=priority)
-        metrics.INFERENCE_DURATION.labels(model_name, model_version, batched.provider).observe(
-            batched.inference_seconds
-        )
+        batched = _predict(runtime, model.manifest, runner, prepared, priority=priority, version=model_version)
         postprocess_started = time.perf_counter()
         findings = pipeline.post_process(
             model.manifest, version, provider=batched.provider, logits=batched.logits, inputs=prepared

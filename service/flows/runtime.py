@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings, get_settings
+from service.inference.batcher import BatcherPool
 from service.inference.manifest import Manifest
 from service.inference.registry import ModelRegistry
 from service.routing.rules import RoutingTable, build_table
@@ -27,6 +28,7 @@ class Runtime:
     blobs: LocalBlobStore
     registry: ModelRegistry
     routing: RoutingTable
+    batchers: BatcherPool = field(default_factory=BatcherPool)
 
     def manifests(self) -> dict[str, Manifest]:
         return {name: model.manifest for name, model in self.registry.models.items()}

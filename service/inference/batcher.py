@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 
@@ -27,7 +26,6 @@ from service import metrics
 from service.errors import ModelError, ServiceError, TransientError
 from service.inference import pipeline
 from service.inference.manifest import Manifest
-from service.inference.onnx_runner import OnnxRunner
 from service.inference.pipeline import PreparedInputs
 from service.inference.runner import Runner
 
@@ -276,7 +274,7 @@ class DynamicBatcher:
                 metrics.BATCH_WAIT.labels(self.name).observe(started - request.submitted)
             metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
             # pipeline.predict only calls runner.run, which every Runner has.
-            logits, seconds = pipeline.predict(self.manifest, cast(OnnxRunner, runner), [r.prepared for r in batch])
+            logits, seconds = pipeline.predict(self.manifest, runner, [r.prepared for r in batch])
             if logits.shape[0] != len(batch):
                 raise ModelError(f"{self.name} returned {logits.shape[0]} rows of logits for a batch of {len(batch)}")
         except Exception as e:  # the runtime's own errors are untyped; every waiting caller must hear of them
@@ -327,7 +325,7 @@ def warm_up(batcher: DynamicBatcher) -> float:
     started = time.perf_counter()
     for size in sorted({1, batcher.max_batch}):
         try:
-            logits, _ = pipeline.predict(manifest, cast(OnnxRunner, batcher.runner), [zeros] * size)
+            logits, _ = pipeline.predict(manifest, batcher.runner, [zeros] * size)
         except ServiceError:
             raise
         except Exception as e:  # the runtime's own errors are untyped

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.inference.manifest import Manifest, ModelVersion
-from service.inference.onnx_runner import OnnxRunner
 from service.inference.preprocess import clinical_vector, prepare_image
+from service.inference.runner import Runner
 from service.schemas import ClinicalContext, ClinicalValue, FindingResult, Findings, ModelIdentity
 
 
@@ -48,7 +48,7 @@ def pre_process(
     return PreparedInputs(image, values, mask, used, source_sop_instance_uid)
 
 
-def predict(manifest: Manifest, runner: OnnxRunner, batch: list[PreparedInputs]) -> tuple[np.ndarray, float]:
+def predict(manifest: Manifest, runner: Runner, batch: list[PreparedInputs]) -> tuple[np.ndarray, float]:
     """Run a batch through the model.
 
     Returns:
@@ -111,7 +111,7 @@ def heatmap_finding(findings: Findings) -> int:
 
 def occlusion_heatmap(
     manifest: Manifest,
-    runner: OnnxRunner,
+    runner: Runner,
     inputs: PreparedInputs,
     *,
     finding_index: int,
