@@ -372,7 +372,7 @@ def run(
     settings: Settings,
 ) -> dict[str, Any]:
     studies = make_studies(studies_n, size=size)
-    registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
+    registry = ModelRegistry(**settings.model_registry_options())
     registry.load()
     registered = registry.get_or_raise(model)
     manifest = registered.manifest

@@ -143,11 +143,30 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from service.inference.registry import ModelRegistry
 
     settings = _settings()
-    registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
+    registry = ModelRegistry(**settings.model_registry_options())
     registry.load()
     described = {name: _describe_model(m.manifest) for name, m in sorted(registry.models.items())}
     print(json.dumps({"models": described, "errors": registry.errors}, indent=2, ensure_ascii=False))
     return 1 if registry.errors else 0
+
+
+def cmd_models_build_trt(args: argparse.Namespace) -> int:
+    """Build (and cache) a native TensorRT plan of a model for this GPU, and report its parity with the CPU."""
+    from service.errors import ModelError, NotFound
+    from service.inference.registry import ModelRegistry
+    from service.inference.tensorrt_runner import build_trt, parity_with_cpu
+
+    settings = _settings()
+    registry = ModelRegistry(**settings.model_registry_options())
+    registry.load()
+    try:
+        version = args.version or registry.get_or_raise(args.name).manifest.latest().version
+        plan = build_trt(registry, args.name, version, fp16=args.fp16)
+        print(f"{plan}\nmax |Δlogit| vs CPU: {parity_with_cpu(registry, args.name, version, plan):.6f}")
+    except (ModelError, NotFound) as e:
+        print(e.message, file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
@@ -158,7 +177,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     from service.routing.rules import InstanceAttributes, build_table, explain
 
     settings = _settings()
-    registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
+    registry = ModelRegistry(**settings.model_registry_options())
     registry.load()
     manifests = {name: model.manifest for name, model in registry.models.items()}
     rules_path = Path(args.rules) if args.rules else settings.routing_rules
@@ -397,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate_parser.add_argument("--version", default=None)
     validate_parser.set_defaults(func=cmd_models_validate)
     models_sub.add_parser("schema", help="print the manifest's JSON Schema").set_defaults(func=cmd_models_schema)
+    build_trt_parser = models_sub.add_parser("build-trt", help="build a TensorRT plan for this GPU (extra [gpu])")
+    build_trt_parser.add_argument("name")
+    build_trt_parser.add_argument("--version", default=None)
+    build_trt_parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None)
+    build_trt_parser.set_defaults(func=cmd_models_build_trt)
     train = models_sub.add_parser("train", help="train a demonstration model and its baselines (extra [train])")
     train.add_argument("name", choices=TRAINABLE)
     train.add_argument("--seed", type=int, default=0)

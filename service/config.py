@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -103,8 +104,25 @@ class Settings(BaseSettings):
 
     execution_providers: list[str] = Field(
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-        description="ONNX Runtime providers in order of preference; unavailable ones are skipped",
+        description="ONNX Runtime providers in order of preference; unavailable ones are skipped. "
+        '"TensorRTNative" first: a plan from `clinfer models build-trt` for this GPU, when there is one',
     )
+    cpu_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime CPU threads; default: the CPUs")
+    trt_fp16: bool = Field(default=True, description="TensorRT engines and plans in FP16")
+    engine_cache_dir: Path | None = Field(
+        default=None, description="TensorRT engine caches when the model repository is read-only"
+    )
+
+    def model_registry_options(self) -> dict[str, Any]:
+        """The ModelRegistry arguments these settings choose."""
+        return {
+            "root": self.model_repository,
+            "providers": list(self.execution_providers),
+            "cpu_threads": self.cpu_threads,
+            "trt_fp16": self.trt_fp16,
+            "batch_max_size": self.batch_max_size,
+            "cache_root": self.engine_cache_dir,
+        }
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -146,7 +146,11 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
                 "subject": {**(resource.json.get("subject") or {}), "reference": f"Patient/{patient.resource_id}"},
             }
             if isinstance(fact, ObservationFact):
-                clinical.remove_facts(session=session, resource_type="Observation", resource_id=resource.resource_id)
+                if fhir_store.current(session=session, resource_type="Observation", resource_id=resource.resource_id):
+                    # an update: its components may differ from the earlier version's
+                    clinical.remove_facts(
+                        session=session, resource_type="Observation", resource_id=resource.resource_id
+                    )
                 for component in [fact, *parsed.components.get(resource.resource_id, [])]:
                     clinical.put_observation(session=session, patient=patient, fact=component)
             elif isinstance(fact, ConditionFact):

@@ -44,7 +44,7 @@ def build_runtime(settings: Settings, *, migrate: bool = True) -> Runtime:
     engine = db.make_engine(settings.effective_database_url)
     if migrate:
         db.upgrade(engine)
-    registry = ModelRegistry(root=settings.model_repository, providers=list(settings.execution_providers))
+    registry = ModelRegistry(**settings.model_registry_options())
     registry.load()
     log.info("models served: %s", ", ".join(sorted(registry.models)) or "none")
     routing = build_table(settings.routing_rules, {name: m.manifest for name, m in registry.models.items()})

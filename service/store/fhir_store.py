@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, delete, exists, false, func, not_, or_, select
+from sqlalchemy import ColumnElement, and_, delete, exists, false, func, insert, not_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -261,13 +261,24 @@ def search_values(resource_type: str, body: dict[str, Any]) -> list[FhirSearchVa
     return rows
 
 
-def _reindex(session: Session, row: FhirResource) -> None:
-    session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk == row.id))
+def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
+    if not new:
+        session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk == row.id))
     if row.deleted:
         return
-    for value in search_values(row.resource_type, row.body):
-        value.resource_pk = row.id
-        session.add(value)
+    values = [
+        {
+            "resource_pk": row.id,
+            "param": v.param,
+            "system": v.system,
+            "value": v.value,
+            "date_start": v.date_start,
+            "date_end": v.date_end,
+        }
+        for v in search_values(row.resource_type, row.body)
+    ]
+    if values:
+        session.execute(insert(FhirSearchValue), values)  # one executemany, not an ORM object per value
 
 
 # --- reads and writes ---------------------------------------------------------------------------------------
@@ -383,7 +394,7 @@ def put(
         )
     )
     session.flush()
-    _reindex(session, row)
+    _reindex(session, row, new=created)
     return row, created
 
 
