@@ -191,7 +191,6 @@ def running_service(
         env["CLINFER_DATABASE_URL"] = database_url
     if broker_url:
         env["CLINFER_BROKER_URL"] = broker_url
-        env["CLINFER_WORKER_METRICS_PORT"] = str(_free_port())
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     processes = [
@@ -216,11 +215,15 @@ def running_service(
                 processes.append(
                     subprocess.Popen(
                         [*_clinfer(), "worker", "--queues", name, "--concurrency", str(workers), "--pool", "threads"],
-                        env=env,
+                        env={**env, "CLINFER_WORKER_METRICS_PORT": str(_free_port())},
                         stdout=(logs / f"worker-{name}.log").open("w"),
                         stderr=subprocess.STDOUT,
                     )
                 )
+            time.sleep(3)
+            dead = [p.args for p in processes if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a clinfer process exited at start ({dead}); see the logs in {logs}")
         settings = Settings(state_dir=state_dir, database_url=database_url, broker_url=broker_url)
         yield base, settings
     finally:
@@ -423,6 +426,8 @@ def run(
                     concurrency=clients,
                     label=f"c={clients} batch={'on' if batching else 'off'}",
                 )
+            if url and url != database_url:
+                _drop_postgres(database_url or "", url)
             summary = summarize(measured) | {"batching": batching}
             summary["ratio_to_pipeline_limit"] = round(
                 summary.get("studies_per_second", 0) / pipeline_figures["studies_per_second"], 3
@@ -449,6 +454,15 @@ def _fresh_postgres(url: str) -> str:
         connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
     admin.dispose()
     return url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _drop_postgres(admin_url: str, url: str) -> None:
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    admin.dispose()
 
 
 def print_table(results: dict[str, Any]) -> None:

@@ -122,6 +122,21 @@ def serve_over_http(runtime: Runtime) -> Iterator[str]:
         thread.join(timeout=20)
 
 
+@contextlib.contextmanager
+def dimse_listener(settings: Settings) -> Iterator[Runtime]:
+    """Our DICOM listener (C-ECHO, C-STORE SCP) on ``settings.dimse_port``, with the process runtime installed."""
+    from service.dimse import scp
+
+    runtime = build_runtime(settings)
+    set_runtime(runtime)
+    server = scp.start(runtime, block=False)
+    assert server is not None
+    try:
+        yield runtime
+    finally:
+        server.shutdown()
+
+
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "state_dir": tmp_path / "var",

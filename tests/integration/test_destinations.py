@@ -24,11 +24,10 @@ from service.api.auth import mint_token
 from service.destinations import DeliveryRejected, Destination, RefusedInstance
 from service.destinations.dimse import DimseDestination, TlsClientConfig
 from service.destinations.stow import StowDestination
-from service.dimse import scp
 from service.errors import TransientError
 from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.store.tables import Instance
-from tests.conftest import dcmtk_tool, free_port, make_settings, serve_over_http
+from tests.conftest import dcmtk_tool, dimse_listener, free_port, make_settings, serve_over_http
 from tests.factories import dx_instance
 from tests.integration.test_dimse_tls import Pki, make_pki
 
@@ -249,14 +248,8 @@ def test_c_store_over_tls_to_storescp(storescp: StoreScp, pki: Pki) -> None:
 
 @pytest.fixture
 def our_listener(tmp_path: Path) -> Iterator[Runtime]:
-    runtime = build_runtime(make_settings(tmp_path, dimse_port=free_port()))
-    set_runtime(runtime)
-    server = scp.start(runtime, block=False)
-    assert server is not None
-    try:
+    with dimse_listener(make_settings(tmp_path, dimse_port=free_port())) as runtime:
         yield runtime
-    finally:
-        server.shutdown()
 
 
 def test_failure_statuses_from_our_listener_are_classified(our_listener: Runtime) -> None:

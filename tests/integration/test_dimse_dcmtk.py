@@ -12,10 +12,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from service.config import Settings
-from service.dimse import scp
-from service.flows.runtime import Runtime, build_runtime, set_runtime
+from service.flows.runtime import Runtime
 from service.store.tables import AuditEvent, Instance
-from tests.conftest import dcmtk_tool, free_port, make_settings
+from tests.conftest import dcmtk_tool, dimse_listener, free_port, make_settings
 from tests.factories import dx_instance
 
 
@@ -28,14 +27,8 @@ def _dcmtk(tool: str, port: int, *args: str, calling: str = "MODALITY1") -> subp
 @pytest.fixture
 def listener(tmp_path: Path) -> Iterator[Runtime]:
     settings: Settings = make_settings(tmp_path, dimse_port=free_port(), dimse_allowed_calling_ae_titles=["MODALITY1"])
-    runtime = build_runtime(settings)
-    set_runtime(runtime)
-    server = scp.start(runtime, block=False)
-    assert server is not None
-    try:
+    with dimse_listener(settings) as runtime:
         yield runtime
-    finally:
-        server.shutdown()
 
 
 def test_echoscu_and_storescu_store_a_multi_instance_study(listener: Runtime, tmp_path: Path) -> None:

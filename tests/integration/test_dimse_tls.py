@@ -23,9 +23,9 @@ from service.config import Settings
 from service.destinations.dimse import DimseDestination, TlsClientConfig
 from service.dimse import scp
 from service.errors import ConfigurationError, TransientError
-from service.flows.runtime import Runtime, build_runtime, set_runtime
+from service.flows.runtime import Runtime, build_runtime
 from service.store.tables import AuditEvent, Instance
-from tests.conftest import dcmtk_tool, free_port, make_settings
+from tests.conftest import dcmtk_tool, dimse_listener, free_port, make_settings
 from tests.factories import dx_instance
 
 
@@ -132,14 +132,8 @@ def _tls_listener(tmp_path: Path, pki: Pki, *, require_client_certificate: bool)
         dimse_tls_key=pki.server.key,
         dimse_tls_ca=pki.ca if require_client_certificate else None,
     )
-    runtime = build_runtime(settings)
-    set_runtime(runtime)
-    server = scp.start(runtime, block=False)
-    assert server is not None
-    try:
+    with dimse_listener(settings) as runtime:
         yield runtime
-    finally:
-        server.shutdown()
 
 
 @pytest.fixture

@@ -455,6 +455,29 @@ def _write_response(request: Request, outcome: fhir_flow.WriteOutcome, prefer: s
     return fhir_response(outcome.resource, status=outcome.status, headers=headers)
 
 
+async def _write(
+    request: Request,
+    runtime: Runtime,
+    principal: Principal,
+    *,
+    resource_type: str,
+    permission: str,
+    method: str,
+    url: str,
+    prefer: str | None,
+    **conditions: Any,
+) -> Response:
+    """One REST write: the type is served and writable, the scope allows it, the body is R4 JSON."""
+    _check_type(resource_type)
+    _write_allowed(resource_type)
+    check(request, runtime, principal, resource_type, permission)
+    body = await _json_body(request, runtime)
+    outcome = await run_in_threadpool(
+        fhir_flow.write_one, runtime, principal=principal, method=method, url=url, resource=body, **conditions
+    )
+    return _write_response(request, outcome, prefer)
+
+
 @router.post("/{resource_type}", summary="create (conditional with If-None-Exist)")
 async def create(
     resource_type: str,
@@ -464,20 +487,17 @@ async def create(
     if_none_exist: Annotated[str | None, Header()] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response:
-    _check_type(resource_type)
-    _write_allowed(resource_type)
-    check(request, runtime, principal, resource_type, "c")
-    body = await _json_body(request, runtime)
-    outcome = await run_in_threadpool(
-        fhir_flow.write_one,
+    return await _write(
+        request,
         runtime,
-        principal=principal,
+        principal,
+        resource_type=resource_type,
+        permission="c",
         method="POST",
         url=resource_type,
-        resource=body,
+        prefer=prefer,
         if_none_exist=if_none_exist,
     )
-    return _write_response(request, outcome, prefer)
 
 
 @router.put("/{resource_type}/{resource_id}", summary="update or create with this id (If-Match)")
@@ -490,20 +510,17 @@ async def update(
     if_match: Annotated[str | None, Header()] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response:
-    _check_type(resource_type)
-    _write_allowed(resource_type)
-    check(request, runtime, principal, resource_type, "u")
-    body = await _json_body(request, runtime)
-    outcome = await run_in_threadpool(
-        fhir_flow.write_one,
+    return await _write(
+        request,
         runtime,
-        principal=principal,
+        principal,
+        resource_type=resource_type,
+        permission="u",
         method="PUT",
         url=f"{resource_type}/{resource_id}",
-        resource=body,
+        prefer=prefer,
         if_match=_if_match(if_match),
     )
-    return _write_response(request, outcome, prefer)
 
 
 @router.put("/{resource_type}", summary="conditional update (PUT Type?identifier=...)")
@@ -514,21 +531,18 @@ async def conditional_update(
     principal: AuthenticatedDep,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response:
-    _check_type(resource_type)
-    _write_allowed(resource_type)
-    check(request, runtime, principal, resource_type, "u")
     if not request.url.query:
         raise InvalidInput(f"PUT /fhir/{resource_type} needs search criteria (a conditional update) or an id")
-    body = await _json_body(request, runtime)
-    outcome = await run_in_threadpool(
-        fhir_flow.write_one,
+    return await _write(
+        request,
         runtime,
-        principal=principal,
+        principal,
+        resource_type=resource_type,
+        permission="u",
         method="PUT",
         url=f"{resource_type}?{request.url.query}",
-        resource=body,
+        prefer=prefer,
     )
-    return _write_response(request, outcome, prefer)
 
 
 @router.delete("/{resource_type}/{resource_id}", summary="delete (a later read answers 410 Gone)")
