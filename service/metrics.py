@@ -32,6 +32,13 @@ PREPROCESS_DURATION = Histogram(
 REPORTS = Counter("clinfer_reports_total", "Reports produced", ["model", "version"])
 AUDIT_EVENTS = Counter("clinfer_audit_events_total", "Audit events appended", ["event_type", "outcome"])
 AUTH_DENIALS = Counter("clinfer_auth_denials_total", "Requests refused by authentication or authorization", ["reason"])
+QUEUE_WAIT = Histogram(
+    "clinfer_queue_wait_seconds",
+    "Time a job waited in a queue before its stage started",
+    ["queue"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+QUEUE_DEPTH = Gauge("clinfer_queue_depth", "Messages waiting in each queue (sampled; Redis only)", ["queue"])
 NO_ROUTE = Counter("clinfer_studies_no_route_total", "Studies that no routing rule sends to a model")
 REPORT_AMENDMENTS = Counter("clinfer_report_amendments_total", "Reports amended by a later analysis", ["model"])
 DICOM_RESULTS = Counter(

@@ -171,6 +171,12 @@ def _enqueue(runtime: Runtime, job_id: str, stage: JobStage, priority: int) -> N
         log.warning("enqueue of job %s failed, the reconciler will retry: %s", job_id, e)
 
 
+def _observe_wait(job: Job, queue_name: str, enqueued_key: str, now: float) -> None:
+    enqueued = (job.timings or {}).get(enqueued_key)
+    if isinstance(enqueued, int | float):
+        metrics.QUEUE_WAIT.labels(queue_name).observe(max(0.0, now - enqueued))
+
+
 def _stamp(job: Job, **values: float | int | str) -> None:
     """Record stage timestamps (epoch seconds) and durations on the job, in the transaction at hand."""
     job.timings = {**(job.timings or {}), **values}
@@ -265,7 +271,9 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
             return  # a duplicate delivery: the infer stage has what it needs (the reconciler re-sends infer if lost)
         job.attempts += 1
         _set_state(session, job, JobState.preprocessing, JobStage.preprocess)
-        _stamp(job, preprocess_started=time.time())
+        preprocess_started = time.time()
+        _observe_wait(job, queue.PREPROCESS_QUEUE, "enqueued_preprocess", preprocess_started)
+        _stamp(job, preprocess_started=preprocess_started)
         study = session.get(Study, job.study_id)
         assert study is not None
         model = runtime.registry.models.get(job.model_name)
@@ -400,6 +408,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             return
         model_name, model_version, priority = job.model_name, job.model_version, job.priority
         infer_started = time.time()
+        _observe_wait(job, queue.INFER_QUEUE, "enqueued_infer", infer_started)
     try:
         model, version = runtime.registry.version_or_raise(model_name, model_version)
         try:
@@ -535,3 +544,7 @@ def sample_job_gauges(runtime: Runtime) -> None:
         counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
     for state in JobState:
         metrics.JOBS_IN_STATE.labels(state.value).set(counts.get(state.value, 0))
+    if not runtime.settings.embedded_worker:
+        for name, depth in queue.queue_depths().items():
+            if depth is not None:
+                metrics.QUEUE_DEPTH.labels(name).set(depth)
