@@ -173,7 +173,13 @@ def _clinfer() -> list[str]:
 
 @contextlib.contextmanager
 def running_service(
-    *, state_dir: Path, database_url: str | None, broker_url: str | None, batching: bool, workers: int
+    *,
+    state_dir: Path,
+    database_url: str | None,
+    broker_url: str | None,
+    batching: bool,
+    workers: int,
+    api_workers: int = 1,
 ) -> Iterator[tuple[str, Settings]]:
     """`clinfer serve` (embedded worker) or `clinfer serve` + `clinfer worker` processes for the run."""
     port = _free_port()
@@ -191,6 +197,7 @@ def running_service(
         env["CLINFER_DATABASE_URL"] = database_url
     if broker_url:
         env["CLINFER_BROKER_URL"] = broker_url
+        env["CLINFER_API_WORKERS"] = str(api_workers)
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     processes = [
@@ -373,6 +380,7 @@ def run(
     compare_batching: bool,
     model: str,
     settings: Settings,
+    api_workers: int = 1,
 ) -> dict[str, Any]:
     studies = make_studies(studies_n, size=size)
     registry = ModelRegistry(**settings.model_registry_options())
@@ -396,7 +404,11 @@ def run(
         "provider": runner.provider,
         "studies": studies_n,
         "image_size": size,
-        "deployment": "postgresql+redis, separate workers" if broker_url else "embedded (SQLite, in-process worker)",
+        "deployment": (
+            f"postgresql+redis, separate workers, {api_workers} API process(es)"
+            if broker_url
+            else "embedded (SQLite, in-process worker)"
+        ),
         "model_limit": model_figures,
         "pipeline_limit": pipeline_figures,
         "end_to_end": [],

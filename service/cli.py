@@ -35,8 +35,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logging(args.log_level)
     # no uvicorn access log (it prints concrete paths, which carry study UIDs): service.access logs route templates
+    # several processes share the port (each its own runtime); uvicorn then needs the app's factory by name
+    app: Any = create_app() if settings.api_workers == 1 else "service.api.main:create_app"
     uvicorn.run(
-        create_app(),
+        app,
+        factory=settings.api_workers > 1,
+        workers=settings.api_workers,
         host=settings.host,
         port=settings.port,
         log_level=args.log_level.lower(),
@@ -352,6 +356,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compare_batching=not args.no_batching_comparison,
         model=args.model,
         settings=_settings(),
+        api_workers=args.api_workers,
     )
     bench.print_table(results)
     print(f"written: {args.json}")
@@ -459,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--database-url", help="PostgreSQL for the run (a fresh database is created beside it); default SQLite"
     )
     bench_parser.add_argument("--broker-url", help="Redis for the run: separate `clinfer worker` processes")
+    bench_parser.add_argument("--api-workers", type=int, default=1, help="`clinfer serve` processes (with Redis)")
     bench_parser.add_argument(
         "--no-batching-comparison", action="store_true", help="skip the batching on/off runs at concurrency 16"
     )

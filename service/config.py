@@ -45,6 +45,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    api_workers: int = Field(
+        default=1, ge=1, le=64, description="`clinfer serve` processes (more than one needs CLINFER_BROKER_URL)"
+    )
     dimse_port: int = Field(default=11112, ge=1, le=65535)
     dimse_ae_title: str = "CLINFER"
     dimse_host: str = "127.0.0.1"
@@ -126,6 +129,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
+        if self.api_workers > 1 and not self.broker_url:
+            raise ValueError(
+                "CLINFER_API_WORKERS above 1 needs CLINFER_BROKER_URL: the embedded worker lives in one process"
+            )
         if (self.dimse_tls_cert is None) != (self.dimse_tls_key is None):
             raise ValueError("CLINFER_DIMSE_TLS_CERT and CLINFER_DIMSE_TLS_KEY are set together or not at all")
         if self.dimse_tls_ca is not None and self.dimse_tls_cert is None:

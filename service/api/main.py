@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from fastapi import FastAPI, Request, Response
 from service import metrics
 from service.api import errors
 from service.api.routes import dicomweb, dicomweb_query, fhir, health, v1
+from service.flows import analysis, queue
 from service.flows.runtime import Runtime, build_runtime, get_runtime, set_runtime
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,12 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
             worker.start()
             sweeper.start()
             log.info("embedded worker started (in-memory broker)")
+        events_stop = threading.Event()
+        queue.subscribe_report_events(analysis.REPORT_STORED.notify, events_stop)  # reports stored by workers
         try:
             yield
         finally:
+            events_stop.set()
             if listener is not None:
                 listener.shutdown()
             if sweeper is not None:

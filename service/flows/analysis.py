@@ -491,6 +491,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         )
     if created:
         REPORT_STORED.notify()
+        queue.publish_report_event()
         metrics.REPORTS.labels(model_name, model_version).inc()
         if amended:
             metrics.REPORT_AMENDMENTS.labels(model_name).inc()

@@ -104,3 +104,53 @@ def queue_depths() -> dict[str, int | None]:
     except Exception as e:
         log.warning("cannot read queue depths: %s", e)
     return depths
+
+
+REPORTS_CHANNEL = "clinfer:reports"
+
+
+def publish_report_event() -> None:
+    """Tell API processes that a report was stored (Redis pub/sub), so that waiting requests look at once."""
+    settings = get_settings()
+    if not settings.broker_url or not settings.broker_url.startswith(("redis://", "rediss://")):
+        return
+    try:
+        client = _redis_client(settings.broker_url)
+        client.publish(REPORTS_CHANNEL, b"1")
+    except Exception as e:  # waiting requests then find the report by polling, a little later
+        log.warning("cannot publish the report event: %s", e)
+
+
+_redis_clients: dict[str, Any] = {}
+
+
+def _redis_client(url: str) -> Any:
+    import redis
+
+    with _lock:
+        if url not in _redis_clients:
+            _redis_clients[url] = redis.Redis.from_url(url)
+        return _redis_clients[url]
+
+
+def subscribe_report_events(on_event: Any, stop: threading.Event) -> threading.Thread | None:
+    """A daemon thread calling ``on_event()`` for each report stored by any worker; None without Redis."""
+    settings = get_settings()
+    if not settings.broker_url or not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                pubsub = _redis_client(settings.broker_url or "").pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(REPORTS_CHANNEL)
+                while not stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        on_event()
+            except Exception as e:  # Redis restarted: subscribe again after a pause
+                log.warning("report events: %s; subscribing again", e)
+                stop.wait(1.0)
+
+    thread = threading.Thread(target=listen, name="clinfer-report-events", daemon=True)
+    thread.start()
+    return thread

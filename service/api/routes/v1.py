@@ -121,8 +121,9 @@ def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> 
         remaining = deadline - time.monotonic()
         if ready or remaining <= 0:
             return
-        # woken at once by a report stored in this process (embedded worker); else polled
-        analysis.REPORT_STORED.wait(min(remaining, 0.05 if runtime.settings.embedded_worker else 0.02))
+        # woken at once by a report stored in this process (embedded worker) or announced by a worker (Redis
+        # pub/sub); the timeout is only the fallback
+        analysis.REPORT_STORED.wait(min(remaining, 0.5))
 
 
 @router.get("/studies/{study_instance_uid}/report")
