@@ -1062,13 +1062,14 @@ def _is_resource_type(name: str) -> bool:
 
 
 def _validated(model_class: Any, resource: dict[str, Any]) -> dict[str, Any]:
+    """Validate a resource we built (R4B model, reference targets, required codes) and return it as built: the
+    builders write JSON-ready values, so a round trip through the model would only cost time."""
     try:
         model = model_class.model_validate(resource)
     except ValidationError as e:
         raise InvalidInput(f"{resource['resourceType']}: {describe_validation_error(e)}") from e
     _check_bindings(model, resource["resourceType"])
-    dumped: dict[str, Any] = model.model_dump(mode="json", exclude_none=True)
-    return dumped
+    return resource
 
 
 def _check_bindings(model: BaseModel, path: str) -> None:

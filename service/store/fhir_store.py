@@ -358,13 +358,27 @@ def put(
     """
     row = current(session=session, resource_type=resource_type, resource_id=resource_id, for_update=True)
     now = utcnow()
+    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+
+    def stored(version: int) -> dict[str, Any]:
+        return {**body, "id": resource_id, "meta": {**meta, "versionId": str(version), "lastUpdated": _instant(now)}}
+
     created = row is None
     if row is None:
         if if_match is not None:
             raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
-        row = FhirResource(resource_type=resource_type, resource_id=resource_id, version=1, origin=origin, body={})
+        row = FhirResource(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            version=1,
+            origin=origin,
+            body=stored(1),
+            patient_id=patient_id,
+            deleted=False,
+            updated_at=now,
+        )
         try:
-            with session.begin_nested():
+            with session.begin_nested():  # one INSERT, complete
                 session.add(row)
                 session.flush()
         except IntegrityError:  # created meanwhile by another request: update it instead
@@ -385,15 +399,21 @@ def put(
                 f"{resource_type}/{resource_id} is at version {row.version}, not {if_match} (If-Match)"
             )
         row.version += 1
-    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
-    stored = {**body, "id": resource_id, "meta": {**meta, "versionId": str(row.version), "lastUpdated": _instant(now)}}
-    row.body, row.patient_id, row.deleted, row.updated_at = stored, patient_id, False, now
-    session.add(
-        FhirResourceVersion(
-            resource_type=resource_type, resource_id=resource_id, version=row.version, body=stored, updated_at=now
-        )
+        row.body, row.patient_id, row.deleted, row.updated_at = stored(row.version), patient_id, False, now
+    session.execute(
+        insert(FhirResourceVersion),
+        [
+            {
+                "resource_type": resource_type,
+                "resource_id": resource_id,
+                "version": row.version,
+                "body": row.body,
+                "updated_at": now,
+            }
+        ],
     )
-    session.flush()
+    if not created:
+        session.flush()
     _reindex(session, row, new=created)
     return row, created
 
