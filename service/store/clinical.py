@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
 from service.schemas import ClinicalContext, ConditionFact, ObservationFact, PatientIdentifier
-from service.store import fhir_store
-from service.store.tables import Condition, FhirResource, Observation, Patient
+from service.store.tables import Condition, Observation, Patient
 from service.store.tables import PatientIdentifier as IdentifierRow
 
 
@@ -71,22 +68,6 @@ def add_identifier(*, session: Session, patient: Patient, identifier: PatientIde
     )
     if exists is None:
         session.add(IdentifierRow(patient_id=patient.id, system=identifier.system, value=identifier.value))
-
-
-def put_resource(
-    *, session: Session, resource_type: str, resource_id: str, body: dict[str, Any], patient_id: int | None
-) -> FhirResource:
-    """Create or replace (new version) a stored FHIR resource."""
-    row, _ = fhir_store.put(
-        session=session, resource_type=resource_type, resource_id=resource_id, body=body, patient_id=patient_id
-    )
-    return row
-
-
-def get_resource(*, session: Session, resource_type: str, resource_id: str) -> FhirResource | None:
-    return session.scalar(
-        select(FhirResource).where(FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id)
-    )
 
 
 def remove_facts(*, session: Session, resource_type: str, resource_id: str) -> None:

@@ -630,12 +630,3 @@ def search(
         .offset(request.offset)
     )
     return list(rows), total
-
-
-def reindex_all(session: Session) -> int:
-    """Re-extract the search values of every current resource (after a change of search parameters)."""
-    count = 0
-    for row in session.scalars(select(FhirResource)):
-        _reindex(session, row)
-        count += 1
-    return count

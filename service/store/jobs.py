@@ -111,10 +111,6 @@ def list_jobs(*, session: Session, state: str | None = None, limit: int = 100) -
     return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
 __all__ = [
     "ACTIVE_STATES",
     "for_study",
@@ -124,5 +120,4 @@ __all__ = [
     "latest",
     "list_jobs",
     "lost",
-    "new_id",
 ]

@@ -137,17 +137,3 @@ def create_once(*, session: Session, job: Job, study: Study, findings: Findings)
     session.flush()
     session.expire(existing, ["findings"])
     return existing, True
-
-
-def versions(*, session: Session, report: Report) -> list[ReportVersion]:
-    return list(
-        session.scalars(
-            select(ReportVersion).where(ReportVersion.report_id == report.id).order_by(ReportVersion.version)
-        )
-    )
-
-
-def get_version(*, session: Session, report_id: str, version: int) -> ReportVersion | None:
-    return session.scalar(
-        select(ReportVersion).where(ReportVersion.report_id == report_id, ReportVersion.version == version)
-    )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import logging
 import math
 import time
@@ -42,6 +41,7 @@ from service.inference.manifest import (
     load_manifest,
 )
 from service.inference.preprocess import clinical_vector, prepare_image
+from service.inference.registry import sha256_of
 from service.schemas import ClinicalContext, ObservationFact
 from service.training.cohort_arrays import features_from_table
 from service.training.ct_synthetic import render_head_ct_slice, sample_case
@@ -320,14 +320,6 @@ def _check_serving_preprocessing(seed: int, cohort: Cohort, spec: ImagePreproces
             raise ModelError(f"training images differ from the service's pre-processing by {difference:.3g}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest(
     *,
     sha256: str,
@@ -555,7 +547,7 @@ def build_ct_head_ich(
     example = (val_tensors[0][:16], val_tensors[1][:16], val_tensors[2][:16])
     export_onnx(model, onnx_path, example, output_names=("logits",))
     parity = _check_parity(model, onnx_path, example)
-    sha256 = _sha256(onnx_path)
+    sha256 = sha256_of(onnx_path)
     model_bytes = onnx_path.stat().st_size
 
     manifest = _manifest(

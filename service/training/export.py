@@ -8,7 +8,6 @@ else the validation figures, and says which.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -22,6 +21,7 @@ from torch import nn
 
 from service.errors import ModelError
 from service.inference.manifest import ClinicalFeature, ImagePreprocessing, Manifest, load_manifest
+from service.inference.registry import sha256_of
 from service.training.cohort_arrays import CLINICAL_FEATURES, FINDING_CODES
 from service.training.measures import fit_calibration, macro, per_finding_auroc, sigmoid
 from service.training.synthetic import FINDINGS
@@ -124,14 +124,6 @@ def check_parity(
     return differences
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest(
     *,
     sha256: str,
@@ -224,7 +216,7 @@ def export(name: str, *, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     example = tuple(torch.from_numpy(array[:2]) for array in parity_inputs)
     export_onnx(model, onnx_path, example)  # type: ignore[arg-type]
     parity = check_parity(model, onnx_path, parity_inputs, temperatures)
-    sha256 = _sha256(onnx_path)
+    sha256 = sha256_of(onnx_path)
     model_bytes = onnx_path.stat().st_size
 
     image_size = int(run.config["cohort"]["image_size"])

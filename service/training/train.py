@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional
 
 from service.errors import InvalidInput
+from service.inference.registry import sha256_of
 from service.training.cohort_arrays import IMAGE_SIZE, RENDER_SIZE, fit_normalizer, load_or_render
 from service.training.evaluate import evaluate
 from service.training.export import export
@@ -187,10 +188,6 @@ def _log_epoch(
     )
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def train(
     name: str,
     *,
@@ -280,7 +277,7 @@ def train(
             seconds[variant] = time.perf_counter() - variant_started
             variants[variant] = {
                 "weights": str(path.relative_to(work_dir)),
-                "sha256": _sha256(path),
+                "sha256": sha256_of(path),
                 "seed": variant_seed,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "validation_macro_auroc": float(macro(validation_aurocs)),
