@@ -10,26 +10,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import ServiceError
-from service.results.fhir import operation_outcome
+from service.results.fhir import issue_code_for_status, operation_outcome
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 
-_ISSUE_CODES = {
-    400: "invalid",
-    401: "login",
-    403: "forbidden",
-    404: "not-found",
-    405: "not-supported",
-    409: "conflict",
-    410: "deleted",
-    412: "conflict",
-    413: "too-costly",
-    415: "not-supported",
-    422: "processing",
-    503: "transient",
-}
 
 
 def error_response(
@@ -39,7 +25,7 @@ def error_response(
     if request.url.path.startswith("/fhir"):
         body = operation_outcome(
             severity="error" if status < 500 else "fatal",
-            code=_ISSUE_CODES.get(status, "processing" if status < 500 else "exception"),
+            code=issue_code_for_status(status),
             diagnostics=message,
             expression=expression,
         )
@@ -61,7 +47,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(request, exc.status_code, _ISSUE_CODES.get(exc.status_code, "error"), str(exc.detail))
+        return error_response(request, exc.status_code, issue_code_for_status(exc.status_code), str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

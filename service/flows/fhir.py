@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -26,7 +27,7 @@ from service.flows import ingest as ingest_flow
 from service.flows import orders, report_fhir
 from service.flows.runtime import Runtime
 from service.ingest import fhir
-from service.results.fhir import operation_outcome
+from service.results.fhir import issue_code_for_status, operation_outcome
 from service.schemas import ConditionFact, ObservationFact, Principal
 from service.store import audit, clinical, fhir_store
 from service.store.tables import Patient
@@ -36,19 +37,6 @@ log = logging.getLogger(__name__)
 WRITABLE_TYPES = fhir.ACCEPTED_RESOURCE_TYPES
 __all__ = ["MethodNotAllowed", "WRITABLE_TYPES", "WriteOutcome", "bundle_permissions", "process_bundle", "write_one"]
 
-_REASONS = {
-    200: "OK",
-    201: "Created",
-    204: "No Content",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    410: "Gone",
-    412: "Precondition Failed",
-    422: "Unprocessable Entity",
-}
 
 
 @dataclass(frozen=True)
@@ -78,7 +66,7 @@ def bundle_permissions(body: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def _status_text(status: int) -> str:
-    return f"{status} {_REASONS.get(status, '')}".strip()
+    return f"{status} {HTTPStatus(status).phrase}"
 
 
 def _patient_of_subject(session: Session, ref: str | None, in_bundle: dict[str, Patient], where: str) -> Patient:
@@ -215,24 +203,12 @@ def _error_entry(error: ServiceError) -> dict[str, Any]:
             "status": _status_text(error.http_status),
             "outcome": operation_outcome(
                 severity="error",
-                code=_issue_code(error),
+                code=issue_code_for_status(error.http_status),
                 diagnostics=error.message,
                 expression=error.expression,
             ),
         }
     }
-
-
-def _issue_code(error: ServiceError) -> str:
-    return {
-        400: "invalid",
-        404: "not-found",
-        405: "not-supported",
-        409: "conflict",
-        410: "deleted",
-        412: "conflict",
-        422: "processing",
-    }.get(error.http_status, "exception")
 
 
 def _entry(outcome: WriteOutcome) -> dict[str, Any]:

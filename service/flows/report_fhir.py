@@ -9,23 +9,21 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.store import clinical, fhir_store
+from service.flows.orders import DICOM_UID_SYSTEM, resolver
+from service.results import reports as report_results
+from service.store import clinical, fhir_store, reports
 from service.store.tables import Report, Study
 
 _HISTORY = re.compile(r"^([A-Za-z]+/[A-Za-z0-9\-.]{1,64})/_history/\d+$")
 
 
 def _imaging_study_id(session: Session, study: Study) -> str | None:
-    from service.flows.orders import DICOM_UID_SYSTEM, resolver
-
     found = resolver(session)("ImagingStudy", f"identifier={DICOM_UID_SYSTEM}|urn:oid:{study.study_instance_uid}")
     return found[0] if found else None
 
 
 def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]:
     """Write the report's current version as FHIR resources; returns their store versions by reference."""
-    from service.results import reports as report_results
-
     patient_resource_id = clinical.patient_resource_id(session=session, patient_id=report.patient_id)
     based_on = [f"ServiceRequest/{study.order_resource_id}"] if study.order_resource_id else []
     resources = report_results.report_resources(
@@ -75,8 +73,6 @@ def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]
 
 def republish_for_study(session: Session, study: Study) -> int:
     """Re-write the FHIR resources of a study's reports (an order was linked after the report: basedOn)."""
-    from service.store import reports
-
     found = reports.for_study(session=session, study=study)
     for report in found:
         publish(session, report=report, study=study)

@@ -671,6 +671,27 @@ def diagnostic_report_searchset(reports: list[dict[str, Any]], *, base_url: str,
     )
 
 
+# HTTP status -> OperationOutcome.issue.code (R4 IssueType), for every error answer: the API's and a batch entry's.
+ISSUE_CODE_BY_STATUS = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "processing",
+    503: "transient",
+}
+
+
+def issue_code_for_status(status: int) -> str:
+    return ISSUE_CODE_BY_STATUS.get(status, "processing" if status < 500 else "exception")
+
+
 def operation_outcome(
     *, severity: str, code: str, diagnostics: str, expression: list[str] | None = None
 ) -> dict[str, Any]:

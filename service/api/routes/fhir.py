@@ -265,24 +265,7 @@ def _searchset(
         links["next"] = page_url(offset + count)
     if offset > 0:
         links["previous"] = page_url(max(0, offset - count))
-    bundle: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "link": [{"relation": relation, "url": url} for relation, url in links.items()],
-        "entry": [
-            {
-                "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
-                "resource": resource,
-                "search": {"mode": "match"},
-            }
-            for resource in resources
-        ],
-    }
-    if total is not None:
-        bundle["total"] = total
-    if not bundle["entry"]:
-        del bundle["entry"]
-    return bundle
+    return fhir_results.searchset(resources, base_url=base, total=total, links=links)
 
 
 # --- REST on each type ------------------------------------------------------------------------------------
