@@ -69,6 +69,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         # the task threads share this process's collectors; prefork children would not (see README)
         start_http_server(settings.worker_metrics_port)
+        from service import metrics
+
+        metrics.register_gpu_metrics()  # clinfer_gpu_* where NVML sees a GPU
     sweeper = None
     if not args.no_sweep:
         sweeper = Sweeper(runtime)
@@ -346,6 +349,10 @@ def cmd_cohort_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from service import bench
 
+    settings = _settings()
+    if args.providers:
+        providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+        settings = settings.model_copy(update={"execution_providers": providers})
     results = bench.run(
         studies_n=args.studies,
         concurrency=args.concurrency,
@@ -355,7 +362,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         broker_url=args.broker_url,
         compare_batching=not args.no_batching_comparison,
         model=args.model,
-        settings=_settings(),
+        settings=settings,
         api_workers=args.api_workers,
     )
     bench.print_table(results)
@@ -467,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--api-workers", type=int, default=1, help="`clinfer serve` processes (with Redis)")
     bench_parser.add_argument(
         "--no-batching-comparison", action="store_true", help="skip the batching on/off runs at concurrency 16"
+    )
+    bench_parser.add_argument(
+        "--providers",
+        help="execution providers for this run, in order of preference (comma-separated, e.g."
+        " CUDAExecutionProvider,CPUExecutionProvider); default CLINFER_EXECUTION_PROVIDERS",
     )
     bench_parser.set_defaults(func=cmd_bench)
     return parser

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 HTTP_REQUESTS = Counter("clinfer_http_requests_total", "HTTP requests answered", ["route", "method", "status"])
 HTTP_DURATION = Histogram(
@@ -60,3 +70,107 @@ BATCH_WAIT = Histogram(
     ["model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+
+# --- GPU utilization and memory, read from NVML at each scrape ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    name: str
+    utilization: float  # fraction of the last sample period in which a kernel ran (0..1)
+    memory_used_bytes: int
+    memory_total_bytes: int
+    process_memory_bytes: int | None  # what this process holds on the GPU; None where the driver does not say
+
+
+def gpu_readings(nvml: Any) -> list[GpuReading]:
+    """One reading per GPU from an initialized NVML binding (``pynvml`` of nvidia-ml-py)."""
+    readings = []
+    pid = os.getpid()
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        name = nvml.nvmlDeviceGetName(handle)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
+        try:
+            processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            own: int | None = sum(int(p.usedGpuMemory or 0) for p in processes if p.pid == pid)
+        except nvml.NVMLError:
+            own = None
+        readings.append(
+            GpuReading(
+                index=index,
+                name=name.decode() if isinstance(name, bytes) else str(name),
+                utilization=float(utilization.gpu) / 100.0,
+                memory_used_bytes=int(memory.used),
+                memory_total_bytes=int(memory.total),
+                process_memory_bytes=own,
+            )
+        )
+    return readings
+
+
+class GpuCollector(Collector):
+    """``clinfer_gpu_*`` gauges, read from NVML when Prometheus scrapes (nothing is sampled in between)."""
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["gpu", "name"]
+        utilization = GaugeMetricFamily(
+            "clinfer_gpu_utilization_ratio", "Fraction of time a kernel ran on the GPU (NVML sample)", labels=labels
+        )
+        used = GaugeMetricFamily("clinfer_gpu_memory_used_bytes", "GPU memory in use, all processes", labels=labels)
+        total = GaugeMetricFamily("clinfer_gpu_memory_total_bytes", "GPU memory", labels=labels)
+        own = GaugeMetricFamily("clinfer_gpu_process_memory_bytes", "GPU memory this process holds", labels=labels)
+        try:
+            readings = gpu_readings(self._nvml)
+        except self._nvml.NVMLError as e:  # a GPU fell off the bus, a driver reload: the scrape still answers
+            log.warning("NVML read failed: %s", e)
+            readings = []
+        for reading in readings:
+            values = [str(reading.index), reading.name]
+            utilization.add_metric(values, reading.utilization)
+            used.add_metric(values, reading.memory_used_bytes)
+            total.add_metric(values, reading.memory_total_bytes)
+            if reading.process_memory_bytes is not None:
+                own.add_metric(values, reading.process_memory_bytes)
+        yield from (utilization, used, total, own)
+
+
+def load_nvml() -> Any | None:
+    """The initialized NVML binding, or None where there is no nvidia-ml-py, driver or GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return None
+    except pynvml.NVMLError as e:
+        log.info("no GPU metrics: NVML is not usable here (%s)", e)
+        return None
+    return pynvml
+
+
+_gpu_collector: GpuCollector | None = None
+
+
+def register_gpu_metrics(registry: CollectorRegistry = REGISTRY) -> int:
+    """Expose the GPUs' utilization and memory where NVML works (GPU workers); the number of GPUs seen.
+
+    Called once per process by the processes that run models; a process without a GPU exports nothing of these.
+    """
+    global _gpu_collector
+    if _gpu_collector is not None:
+        return len(gpu_readings(_gpu_collector._nvml))
+    nvml = load_nvml()
+    if nvml is None:
+        return 0
+    _gpu_collector = GpuCollector(nvml)
+    registry.register(_gpu_collector)
+    return len(gpu_readings(nvml))

@@ -45,6 +45,7 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
             worker, sweeper = EmbeddedWorker(concurrency=current.settings.worker_concurrency), Sweeper(current)
             worker.start()
             sweeper.start()
+            metrics.register_gpu_metrics()  # the models run in this process: its GPUs are on this /metrics
             log.info("embedded worker started (in-memory broker)")
         events_stop = threading.Event()
         queue.subscribe_report_events(analysis.REPORT_STORED.notify, events_stop)  # reports stored by workers
