@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from service import metrics
 from service.config import Settings
 from service.inference import pipeline
 from service.inference.registry import ModelRegistry
@@ -66,10 +67,11 @@ def make_studies(n: int, *, size: int, seed: int = 7) -> list[Study]:
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """A one-line progress bar on stderr; where stderr is not a terminal (a log, CI), only the final line."""
 
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total, self.done = label, total, 0
+        self._live = sys.stderr.isatty()
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         self._draw()
@@ -80,6 +82,8 @@ class Progress:
             self._draw()
 
     def _draw(self) -> None:
+        if not self._live and self.done < self.total:
+            return
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         rate = self.done / max(time.perf_counter() - self._started, 1e-9)
@@ -160,6 +164,47 @@ def pipeline_limit(
 # --- 3: end to end ---------------------------------------------------------------------------------------------
 
 
+class GpuSampler:
+    """GPU utilization and memory sampled from NVML every ``period`` seconds while a run lasts (none without a GPU)."""
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.period = period
+        self.samples: list[list[metrics.GpuReading]] = []
+        self._nvml = metrics.load_nvml()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-gpu-sampler", daemon=True)
+
+    def __enter__(self) -> GpuSampler:
+        if self._nvml is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append(metrics.gpu_readings(self._nvml))
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per GPU: mean and peak utilization, peak memory in use (MiB), over the samples."""
+        out = []
+        for index in range(len(self.samples[0])):
+            readings = [sample[index] for sample in self.samples if len(sample) > index]
+            out.append(
+                {
+                    "gpu": readings[0].name,
+                    "samples": len(readings),
+                    "utilization_mean": round(statistics.mean(r.utilization for r in readings), 3),
+                    "utilization_max": round(max(r.utilization for r in readings), 3),
+                    "memory_used_max_mib": round(max(r.memory_used_bytes for r in readings) / 2**20, 1),
+                }
+            )
+        return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,6 +224,7 @@ def running_service(
     broker_url: str | None,
     batching: bool,
     workers: int,
+    providers: list[str],
     api_workers: int = 1,
 ) -> Iterator[tuple[str, Settings]]:
     """`clinfer serve` (embedded worker) or `clinfer serve` + `clinfer worker` processes for the run."""
@@ -192,6 +238,7 @@ def running_service(
         "CLINFER_STUDY_STABLE_SECONDS": "3600",
         "CLINFER_BATCHING": "true" if batching else "false",
         "CLINFER_WORKER_CONCURRENCY": str(workers),
+        "CLINFER_EXECUTION_PROVIDERS": json.dumps(providers),
     }
     if database_url:
         env["CLINFER_DATABASE_URL"] = database_url
@@ -248,6 +295,7 @@ class StudyRun:
     latency: float
     stages: dict[str, float]
     batch_size: int
+    provider: str
 
 
 @dataclass
@@ -293,7 +341,7 @@ def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinici
         "report": timings["report_stored"] - timings["store_started"],
         "response": finished - timings["report_stored"],
     }
-    return StudyRun(finished - started, stages, int(timings.get("batch_size", 1)))
+    return StudyRun(finished - started, stages, int(timings.get("batch_size", 1)), str(timings.get("provider", "")))
 
 
 def _token(settings: Settings, role: str) -> str:
@@ -366,6 +414,7 @@ def summarize(run: EndToEnd) -> dict[str, Any]:
         "stage_ms_mean": stages,
         "stages_sum_vs_latency": round(stage_sum / mean_latency, 3),
         "batch_size_histogram": dict(sorted(Counter(r.batch_size for r in run.runs).items())),
+        "providers": dict(Counter(r.provider for r in run.runs)),
     }
 
 
@@ -402,6 +451,8 @@ def run(
         },
         "model": f"{manifest.name}:{manifest.latest().version}",
         "provider": runner.provider,
+        "provider_fallback_reason": getattr(runner, "fallback_reason", None),
+        "gpus": [reading.name for reading in metrics.gpu_readings(nvml)] if (nvml := metrics.load_nvml()) else [],
         "studies": studies_n,
         "image_size": size,
         "deployment": (
@@ -429,7 +480,8 @@ def run(
                 broker_url=broker_url,
                 batching=batching,
                 workers=max(2, clients),
-            ) as (base, service_settings):
+                providers=list(settings.execution_providers),
+            ) as (base, service_settings), GpuSampler() as gpu:
                 subset = studies if clients > 1 else studies[: max(10, len(studies) // 4)]
                 measured = end_to_end(
                     base,
@@ -441,6 +493,8 @@ def run(
             if url and url != database_url:
                 _drop_postgres(database_url or "", url)
             summary = summarize(measured) | {"batching": batching}
+            if gpu.samples:
+                summary["gpu"] = gpu.summary()
             summary["ratio_to_pipeline_limit"] = round(
                 summary.get("studies_per_second", 0) / pipeline_figures["studies_per_second"], 3
             )
@@ -483,7 +537,13 @@ def print_table(results: dict[str, Any]) -> None:
         f"model {results['model']} on {results['provider']}, {results['studies']} studies of {results['image_size']}²,"
         f" {results['machine']['cpus']} CPUs; {results['deployment']}"
     )
-    print(f"model limit     {model['studies_per_second']:>8} studies/s (best batch {model['best_batch_size']})")
+    if results.get("gpus"):
+        print(f"GPU(s): {', '.join(results['gpus'])}")
+    if results.get("provider_fallback_reason"):
+        print(f"provider fallback: {results['provider_fallback_reason']}")
+    by_batch = ", ".join(f"b{r['batch_size']} {r['studies_per_second']}" for r in model["by_batch_size"])
+    best = model["best_batch_size"]
+    print(f"model limit     {model['studies_per_second']:>8} studies/s (best batch {best}; {by_batch})")
     print(
         f"pipeline limit  {pipe['studies_per_second']:>8} studies/s ({pipe['threads']} threads);"
         f" one study {pipe['single_study_latency_ms']} ms"
@@ -504,3 +564,9 @@ def print_table(results: dict[str, Any]) -> None:
         )
         stages = ", ".join(f"{k} {v}" for k, v in row["stage_ms_mean"].items())
         print(f"{'':>7} stages (mean ms): {stages}; batch sizes {row['batch_size_histogram']}")
+        print(f"{'':>7} provider(s) used by the service: {row['providers']}")
+        for gpu in row.get("gpu", []):
+            print(
+                f"{'':>7} {gpu['gpu']}: utilization mean {gpu['utilization_mean']:.0%},"
+                f" peak {gpu['utilization_max']:.0%}; memory in use at most {gpu['memory_used_max_mib']} MiB"
+            )

@@ -1,0 +1,53 @@
+"""`clinfer bench` end to end on a few studies: the figures it writes are complete and consistent.
+
+Nothing here asserts how fast anything is; it checks that the bench measured what it says it measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from service import bench, metrics
+from tests.conftest import make_settings
+
+
+def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
+    # a provider no onnxruntime build has comes first: the bench must say the service fell back to CPU, and why
+    settings = make_settings(tmp_path, execution_providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    out = tmp_path / "bench.json"
+    results = bench.run(
+        studies_n=4,
+        concurrency=2,
+        size=1024,
+        out=out,
+        database_url=None,
+        broker_url=None,
+        compare_batching=False,
+        model="cxr-fusion",
+        settings=settings,
+    )
+    written = json.loads(out.read_text())
+    assert written["model_limit"] == results["model_limit"]
+    assert len(written["end_to_end"]) == len(results["end_to_end"])
+    model = results["model_limit"]
+    assert [row["batch_size"] for row in model["by_batch_size"]] == [1, 2, 4, 8, 16, 32]
+    assert model["studies_per_second"] == max(row["studies_per_second"] for row in model["by_batch_size"])
+    assert results["pipeline_limit"]["studies_per_second"] > 0
+    assert results["provider"] == "CPUExecutionProvider"
+    assert "NoSuchExecutionProvider: not in this onnxruntime build" in results["provider_fallback_reason"]
+    assert [(row["concurrency"], row["studies"], row["errors"]) for row in results["end_to_end"]] == [
+        (1, 4, 0),
+        (2, 4, 0),
+    ]
+    for row in results["end_to_end"]:
+        # every study went through the model on the provider the service really used, in batches that add up
+        assert row["providers"] == {"CPUExecutionProvider": 4}
+        assert sum(size * count for size, count in row["batch_size_histogram"].items()) >= 4
+        assert set(row["stage_ms_mean"]) == set(bench.STAGES)
+        # the stages are parts of one latency: their sum cannot exceed it by much nor miss much of it
+        assert 0.7 <= row["stages_sum_vs_latency"] <= 1.15, row
+        assert row["ratio_to_pipeline_limit"] > 0
+        if metrics.load_nvml() is None:
+            assert "gpu" not in row  # no GPU: no made-up utilization
+    bench.print_table(results)
