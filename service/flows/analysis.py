@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import logging
@@ -18,7 +19,7 @@ from service.errors import InvalidInput, NotFound, ServiceError, TransientError
 from service.flows import queue, report_fhir
 from service.flows.runtime import Runtime
 from service.inference import pipeline
-from service.inference.batcher import DynamicBatcher
+from service.inference.batcher import Arrival, DynamicBatcher
 from service.ingest import dicom
 from service.routing.rules import InstanceAttributes
 from service.schemas import SYSTEM_PRINCIPAL, JobStage, JobState, Principal, StudyStatus
@@ -351,16 +352,12 @@ class Prediction:
     provider: str
 
 
-def _predict(
-    runtime: Runtime, manifest: Any, runner: Any, prepared: pipeline.PreparedInputs, *, priority: int, version: str
-) -> Prediction:
-    """One study's logits: through the model's dynamic batcher when batching is on, else a batch of one."""
+def _batcher(runtime: Runtime, manifest: Any, runner: Any, version: str) -> DynamicBatcher | None:
+    """The model version's dynamic batcher in this process (made on first use); None when batching is off."""
     settings = runtime.settings
     if not settings.batching:
-        logits, seconds = pipeline.predict(manifest, runner, [prepared])
-        metrics.INFERENCE_DURATION.labels(manifest.name, version, runner.provider).observe(seconds)
-        return Prediction(logits[0], 1, 0.0, seconds, runner.provider)
-    batcher = runtime.batchers.get(
+        return None
+    return runtime.batchers.get(
         manifest.name,
         version,
         lambda: DynamicBatcher(
@@ -371,9 +368,30 @@ def _predict(
             if settings.batch_max_size
             else None,
             max_delay_ms=settings.batch_max_delay_ms,
+            wait_only_for_announced=True,
         ),
     )
-    result = batcher.submit(prepared, priority=priority, timeout=settings.batch_timeout_seconds)
+
+
+def _predict(
+    runtime: Runtime,
+    manifest: Any,
+    runner: Any,
+    prepared: pipeline.PreparedInputs,
+    *,
+    priority: int,
+    version: str,
+    batcher: DynamicBatcher | None,
+    arrival: Arrival | None,
+) -> Prediction:
+    """One study's logits: through the model's dynamic batcher when there is one, else a batch of one."""
+    if batcher is None:
+        logits, seconds = pipeline.predict(manifest, runner, [prepared])
+        metrics.INFERENCE_DURATION.labels(manifest.name, version, runner.provider).observe(seconds)
+        return Prediction(logits[0], 1, 0.0, seconds, runner.provider)
+    result = batcher.submit(
+        prepared, priority=priority, timeout=runtime.settings.batch_timeout_seconds, arrival=arrival
+    )
     return Prediction(
         result.logits, result.batch_size, result.batch_wait_seconds, result.inference_seconds, result.provider
     )
@@ -411,23 +429,35 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         _observe_wait(job, queue.INFER_QUEUE, "enqueued_infer", infer_started)
     try:
         model, version = runtime.registry.version_or_raise(model_name, model_version)
-        try:
-            inputs = runtime.blobs.read_bytes(_inputs_key(job_id))
-            clinical_json = runtime.blobs.read_bytes(f"jobs/{job_id}/clinical.json").decode()
-        except FileNotFoundError:
-            _back_to_preprocess(runtime, job_id)
-            return
-        with np.load(io.BytesIO(inputs)) as arrays:
-            clinical_used, source_uid = pipeline.clinical_used_from_json(clinical_json)
-            prepared = pipeline.PreparedInputs(
-                image=arrays["image"],
-                clinical=arrays["clinical"] if "clinical" in arrays else None,
-                clinical_mask=arrays["clinical_mask"] if "clinical_mask" in arrays else None,
-                clinical_used=clinical_used,
-                source_sop_instance_uid=source_uid,
-            )
         runner = runtime.registry.runner(model_name, model_version)
-        batched = _predict(runtime, model.manifest, runner, prepared, priority=priority, version=model_version)
+        batcher = _batcher(runtime, model.manifest, runner, model_version)
+        # announced while its inputs load, so that a batch being formed waits for this study and no other does
+        with batcher.arriving() if batcher is not None else contextlib.nullcontext() as arrival:
+            try:
+                inputs = runtime.blobs.read_bytes(_inputs_key(job_id))
+                clinical_json = runtime.blobs.read_bytes(f"jobs/{job_id}/clinical.json").decode()
+            except FileNotFoundError:
+                _back_to_preprocess(runtime, job_id)
+                return
+            with np.load(io.BytesIO(inputs)) as arrays:
+                clinical_used, source_uid = pipeline.clinical_used_from_json(clinical_json)
+                prepared = pipeline.PreparedInputs(
+                    image=arrays["image"],
+                    clinical=arrays["clinical"] if "clinical" in arrays else None,
+                    clinical_mask=arrays["clinical_mask"] if "clinical_mask" in arrays else None,
+                    clinical_used=clinical_used,
+                    source_sop_instance_uid=source_uid,
+                )
+            batched = _predict(
+                runtime,
+                model.manifest,
+                runner,
+                prepared,
+                priority=priority,
+                version=model_version,
+                batcher=batcher,
+                arrival=arrival,
+            )
         postprocess_started = time.perf_counter()
         findings = pipeline.post_process(
             model.manifest, version, provider=batched.provider, logits=batched.logits, inputs=prepared

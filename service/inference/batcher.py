@@ -5,7 +5,8 @@ waits. The batcher's thread waits for a first request, then gathers more until `
 ``max_delay_ms`` has passed since the oldest queued one arrived, and makes one ``pipeline.predict`` call for the
 most urgent ``max_batch`` of them (lower priority number first, as in our Celery priorities; FIFO among equals).
 A lone request therefore waits at most ``max_delay_ms``; under load, requests queued during a model call go into
-the next call at once.
+the next call at once. With ``wait_only_for_announced`` (as the worker runs it), queued requests wait only while
+other requests are announced as on their way (their tasks are loading inputs): a lone study goes at once.
 
 ``BatcherPool`` keeps one batcher, so one loaded and warmed-up session, per model version in the process (a worker
 process owns one device).
@@ -74,6 +75,10 @@ class DynamicBatcher:
         max_delay_ms: longest the oldest queued request waits for others; default the manifest's
             ``batching.max_delay_ms``.
         name: the model label of the batcher's metrics; default the manifest's name.
+        wait_only_for_announced: queued requests wait for companions (up to ``max_delay_ms``) only while other
+            requests are announced (``arriving``) and not yet submitted; with none on the way, a batch goes at once.
+            The worker's infer tasks announce themselves when they start reading their inputs, so a lone study
+            does not pay ``max_delay_ms`` for companions no one is bringing, while under load batches still form.
 
     Raises:
         ValueError: ``max_batch`` is not a positive int or exceeds the manifest's ``max_batch_size``, or
@@ -89,6 +94,7 @@ class DynamicBatcher:
         max_batch: int | None = None,
         max_delay_ms: float | None = None,
         name: str | None = None,
+        wait_only_for_announced: bool = False,
     ) -> None:
         max_batch = manifest.batching.max_batch_size if max_batch is None else max_batch
         max_delay_ms = manifest.batching.max_delay_ms if max_delay_ms is None else max_delay_ms
@@ -112,6 +118,8 @@ class DynamicBatcher:
         self._pending: list[_Request] = []
         self._sequence = 0
         self._closed = False
+        self.wait_only_for_announced = wait_only_for_announced
+        self._arriving = 0
         self._thread = threading.Thread(target=self._serve, name=f"batcher-{self.name}-{version}", daemon=True)
         self._thread.start()
 
@@ -131,8 +139,30 @@ class DynamicBatcher:
     def closed(self) -> bool:
         return self._closed
 
+    def arriving(self) -> Arrival:
+        """Announce a request that will be submitted soon (its task is loading its inputs): a context manager.
+
+        Submit inside the block with ``arrival=``; leaving the block without submitting (an error) withdraws the
+        announcement. See ``wait_only_for_announced``.
+        """
+        with self._condition:
+            self._arriving += 1
+        return Arrival(self)
+
+    def _arrived(self, arrival: Arrival) -> None:
+        """Count ``arrival`` off (once); the caller holds the condition."""
+        if not arrival.done:
+            arrival.done = True
+            self._arriving -= 1
+            self._condition.notify()
+
     def submit_async(
-        self, prepared: PreparedInputs, *, priority: int = 6, timeout: float | None = None
+        self,
+        prepared: PreparedInputs,
+        *,
+        priority: int = 6,
+        timeout: float | None = None,
+        arrival: Arrival | None = None,
     ) -> Future[BatchResult]:
         """Queue one study for the next batch.
 
@@ -142,6 +172,7 @@ class DynamicBatcher:
             timeout: seconds the request may wait to be put in a batch; None: no limit. An expired request is never
                 put in a batch: its future fails with TransientError when the batcher next forms a batch. Use
                 ``submit`` (or cancel the future) to be told as soon as the timeout passes.
+            arrival: this request's announcement (``arriving``), if it made one.
 
         Returns:
             A future of this request's ``BatchResult``; it fails with the batch's ServiceError when the model call
@@ -160,6 +191,8 @@ class DynamicBatcher:
         future: Future[BatchResult] = Future()
         now = time.monotonic()
         with self._condition:
+            if arrival is not None:
+                self._arrived(arrival)
             if self._closed:
                 raise TransientError(f"the batcher of {self.name} {self.version} is closed")
             self._sequence += 1
@@ -176,7 +209,14 @@ class DynamicBatcher:
             self._condition.notify()
         return future
 
-    def submit(self, prepared: PreparedInputs, *, priority: int = 6, timeout: float | None = None) -> BatchResult:
+    def submit(
+        self,
+        prepared: PreparedInputs,
+        *,
+        priority: int = 6,
+        timeout: float | None = None,
+        arrival: Arrival | None = None,
+    ) -> BatchResult:
         """Queue one study and wait for its row of the batch's logits (for worker threads).
 
         Args:
@@ -184,6 +224,7 @@ class DynamicBatcher:
             priority: 0 (STAT) to 9; lower goes first, equal priorities in submission order.
             timeout: seconds the request may wait to be put in a batch; None: no limit. Once in a batch, the call
                 waits for the model call to end.
+            arrival: this request's announcement (``arriving``), if it made one.
 
         Returns:
             This request's logits and timings.
@@ -193,7 +234,7 @@ class DynamicBatcher:
             ServiceError: the model call failed (the original ServiceError, else one with code "inference").
             ValueError: a bad priority or timeout.
         """
-        future = self.submit_async(prepared, priority=priority, timeout=timeout)
+        future = self.submit_async(prepared, priority=priority, timeout=timeout, arrival=arrival)
         try:
             return future.result(timeout=timeout)
         except TimeoutError:
@@ -240,7 +281,8 @@ class DynamicBatcher:
                     self._condition.wait()
                     continue
                 due = min(request.submitted for request in self._pending) + self.max_delay_seconds
-                if len(self._pending) >= self.max_batch or now >= due:
+                nobody_coming = self.wait_only_for_announced and self._arriving == 0
+                if len(self._pending) >= self.max_batch or now >= due or nobody_coming:
                     self._pending.sort(key=_Request.order)
                     taken, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                     # set_running_or_notify_cancel: from here on the caller can no longer withdraw the request.
@@ -296,6 +338,21 @@ class DynamicBatcher:
                     provider=runner.provider,
                 )
             )
+
+
+class Arrival:
+    """A request announced to a batcher (``DynamicBatcher.arriving``) and not yet submitted."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self.batcher = batcher
+        self.done = False
+
+    def __enter__(self) -> Arrival:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.batcher._condition:
+            self.batcher._arrived(self)
 
 
 def _wait_exceeded(timeout: float | None) -> str:

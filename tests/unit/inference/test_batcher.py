@@ -169,6 +169,49 @@ def test_a_lone_request_is_answered_after_max_delay_in_a_batch_of_one(
     np.testing.assert_allclose(result.logits, expected, atol=1e-5, rtol=0)
 
 
+def test_with_nobody_announced_a_lone_request_goes_at_once(
+    shipped: tuple[Manifest, Runner], make_batcher: MakeBatcher
+) -> None:
+    manifest, runner = shipped
+    # a minute of max delay: waiting for it would time the test out
+    batcher = make_batcher(manifest, runner, max_batch=8, max_delay_ms=60_000, wait_only_for_announced=True)
+    with batcher.arriving() as arrival:
+        result = batcher.submit(_study(manifest, 1), arrival=arrival, timeout=120)
+    assert result.batch_size == 1
+    assert result.batch_wait_seconds < 30  # not the minute of max delay
+
+
+def test_a_queued_request_waits_for_announced_ones_and_they_share_a_call(
+    shipped: tuple[Manifest, Runner], make_batcher: MakeBatcher
+) -> None:
+    manifest, _ = shipped
+    fake = FakeRunner(manifest)
+    batcher = make_batcher(manifest, fake, max_batch=8, max_delay_ms=60_000, wait_only_for_announced=True)
+    second = batcher.arriving()  # its task is still loading its inputs
+    with batcher.arriving() as first:
+        early = batcher.submit_async(_marked(manifest, 1.0), arrival=first)
+    time.sleep(0.2)
+    assert not early.done()  # held for the announced study, not sent alone
+    with second:
+        late = batcher.submit_async(_marked(manifest, 2.0), arrival=second)
+    assert early.result(timeout=10).batch_size == late.result(timeout=10).batch_size == 2
+    assert fake.calls == [[1.0, 2.0]]
+
+
+def test_a_withdrawn_announcement_releases_the_queued_request(
+    shipped: tuple[Manifest, Runner], make_batcher: MakeBatcher
+) -> None:
+    manifest, _ = shipped
+    fake = FakeRunner(manifest)
+    batcher = make_batcher(manifest, fake, max_batch=8, max_delay_ms=60_000, wait_only_for_announced=True)
+    with batcher.arriving():  # this task fails before submitting (its inputs were gone, say)
+        queued = batcher.submit_async(_marked(manifest, 3.0))
+        time.sleep(0.1)
+        assert not queued.done()
+    result = queued.result(timeout=10)
+    assert result.batch_size == 1 and fake.calls == [[3.0]]
+
+
 def test_queued_stat_requests_go_into_the_next_batch_before_earlier_routine_ones(
     shipped: tuple[Manifest, Runner], make_batcher: MakeBatcher
 ) -> None:
