@@ -64,6 +64,12 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+JOB_STAGE_SECONDS = Histogram(
+    "clinfer_job_stage_seconds",
+    "Seconds each analysis spent in each stage, from its recorded timings when its report is stored",
+    ["model", "stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 BATCH_WAIT = Histogram(
     "clinfer_batch_wait_seconds",
     "Time a request waits in the dynamic batcher, from submission to the start of its model call",

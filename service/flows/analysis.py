@@ -418,6 +418,21 @@ class _ReportSignal:
 REPORT_STORED = _ReportSignal()
 
 
+def _observe_stages(model_name: str, timings: dict[str, Any]) -> None:
+    """clinfer_job_stage_seconds from a finished job's timings (the same figures as GET /v1/jobs/{id})."""
+    spans = {
+        "queue_wait_preprocess": ("enqueued_preprocess", "preprocess_started"),
+        "queue_wait_infer": ("enqueued_infer", "infer_started"),
+        "report": ("store_started", "report_stored"),
+    }
+    for stage, (start, end) in spans.items():
+        if start in timings and end in timings:
+            metrics.JOB_STAGE_SECONDS.labels(model_name, stage).observe(max(0.0, timings[end] - timings[start]))
+    for stage in ("preprocess", "batch_wait", "inference", "postprocess"):
+        if f"{stage}_seconds" in timings:
+            metrics.JOB_STAGE_SECONDS.labels(model_name, stage).observe(timings[f"{stage}_seconds"])
+
+
 def infer_job(runtime: Runtime, job_id: str) -> None:
     """Stage 2 (GPU): run the model on the prepared inputs and store exactly one report per study x model version."""
     with runtime.sessions.begin() as session:
@@ -519,6 +534,8 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             store_started=store_started,
             report_stored=time.time(),
         )
+        timings = dict(job.timings or {})
+    _observe_stages(model_name, timings)
     if created:
         REPORT_STORED.notify()
         queue.publish_report_event()

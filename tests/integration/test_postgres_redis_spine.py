@@ -155,5 +155,7 @@ def test_spine_on_postgres_and_redis_with_a_separate_worker(stack: tuple[str, di
     worker_metrics = httpx.get(f"http://127.0.0.1:{env['CLINFER_WORKER_METRICS_PORT']}/metrics", timeout=5).text
     assert 'clinfer_inference_duration_seconds_count{model="cxr-fusion"' in worker_metrics
     assert 'clinfer_reports_total{model="cxr-fusion",version="1"} 1.0' in worker_metrics
+    for stage in ("queue_wait_preprocess", "preprocess", "queue_wait_infer", "batch_wait", "inference", "report"):
+        assert f'clinfer_job_stage_seconds_count{{model="cxr-fusion",stage="{stage}"}} 1.0' in worker_metrics, stage
     verify = subprocess.run([*_clinfer(), "audit", "verify"], env=env, capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
