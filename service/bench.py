@@ -21,8 +21,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime as dt
+import io
 import json
 import os
+import pickle
 import platform
 import shutil
 import socket
@@ -33,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,69 @@ def model_limit(manifest: Any, runner: Any, prepared: list[pipeline.PreparedInpu
         "best_batch_size": best["batch_size"],
         "studies_per_second": best["studies_per_second"],
     }
+
+
+def _arrays(prepared: pipeline.PreparedInputs) -> dict[str, np.ndarray]:
+    arrays = {"image": prepared.image}
+    if prepared.clinical is not None and prepared.clinical_mask is not None:
+        arrays |= {"clinical": prepared.clinical, "clinical_mask": prepared.clinical_mask}
+    return arrays
+
+
+def _npz(prepared: pipeline.PreparedInputs) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **_arrays(prepared))  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _from_npz(data: bytes) -> np.ndarray:
+    with np.load(io.BytesIO(data)) as loaded:
+        return {name: loaded[name] for name in loaded.files}["image"]
+
+
+def _json(prepared: pipeline.PreparedInputs) -> bytes:
+    return json.dumps({name: array.tolist() for name, array in _arrays(prepared).items()}).encode()
+
+
+def _from_json(data: bytes) -> np.ndarray:
+    return {name: np.asarray(value, dtype=np.float32) for name, value in json.loads(data).items()}["image"]
+
+
+def _pickle(prepared: pipeline.PreparedInputs) -> bytes:
+    return pickle.dumps(_arrays(prepared), protocol=5)
+
+
+def _from_pickle(data: bytes) -> np.ndarray:
+    return pickle.loads(data)["image"]  # type: ignore[no-any-return]
+
+
+def tensor_serialization(prepared: list[pipeline.PreparedInputs], rounds: int = 20) -> dict[str, Any]:
+    """Encode + decode of one study's prepared inputs, per format: the preprocess -> infer hand-off's cost.
+
+    ``clinfer`` is what the service writes (``pipeline.encode_prepared``: a JSON header and ``.npy`` arrays, typed
+    and shaped, read without pickle), against ``.npz``, JSON lists (what a naive design sends through the broker)
+    and pickle (fast, but unpickling a blob from shared storage runs whatever it names).
+    """
+    formats: dict[str, tuple[Callable[[pipeline.PreparedInputs], bytes], Callable[[bytes], np.ndarray]]] = {
+        "clinfer": (pipeline.encode_prepared, lambda data: pipeline.decode_prepared(data).image),
+        "npz": (_npz, _from_npz),
+        "json": (_json, _from_json),
+        "pickle": (_pickle, _from_pickle),
+    }
+    rows = {}
+    for name, (encode, decode) in formats.items():
+        size = 0
+        started = time.perf_counter()
+        for _ in range(rounds):
+            for study in prepared:
+                data = encode(study)
+                image = decode(data)
+                size = len(data)
+        seconds = (time.perf_counter() - started) / (rounds * len(prepared))
+        if not np.array_equal(image, prepared[-1].image):
+            raise AssertionError(f"{name} did not give the image back")
+        rows[name] = {"microseconds_per_study": round(seconds * 1e6, 1), "bytes_per_study": size}
+    return rows
 
 
 def pipeline_limit(
@@ -439,6 +504,7 @@ def run(
     runner = registry.runner(model, manifest.latest().version)
     prepared = [_prepare(manifest, s, settings.max_decoded_pixels) for s in studies[:8]]
     model_figures = model_limit(manifest, runner, prepared)
+    serialization = tensor_serialization(prepared)
     pipeline_figures = pipeline_limit(
         manifest, runner, studies, best_batch=model_figures["best_batch_size"], max_pixels=settings.max_decoded_pixels
     )
@@ -462,6 +528,7 @@ def run(
         ),
         "model_limit": model_figures,
         "pipeline_limit": pipeline_figures,
+        "tensor_serialization": serialization,
         "end_to_end": [],
     }
     runs = [(concurrency, True)]
@@ -548,6 +615,11 @@ def print_table(results: dict[str, Any]) -> None:
         f"pipeline limit  {pipe['studies_per_second']:>8} studies/s ({pipe['threads']} threads);"
         f" one study {pipe['single_study_latency_ms']} ms"
     )
+    serialization = ", ".join(
+        f"{name} {row['microseconds_per_study']} µs / {row['bytes_per_study'] // 1024} KiB"
+        for name, row in results["tensor_serialization"].items()
+    )
+    print(f"tensors preprocess -> infer, encode + decode per study: {serialization}")
     print(
         f"{'clients':>7} {'batching':>8} {'studies/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
         f" {'vs pipeline':>11} {'vs model':>8} {'stages/latency':>14}"

@@ -184,7 +184,7 @@ def _stamp(job: Job, **values: float | int | str) -> None:
 
 
 def _inputs_key(job_id: str) -> str:
-    return f"jobs/{job_id}/inputs.npz"
+    return f"jobs/{job_id}/prepared"
 
 
 def heatmap_key(job_id: str) -> str:
@@ -309,16 +309,7 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
     except ServiceError as e:
         _fail(runtime, job_id, JobStage.preprocess, e)
         return
-    buffer = io.BytesIO()
-    arrays = {"image": prepared.image}
-    if prepared.clinical is not None and prepared.clinical_mask is not None:
-        arrays |= {"clinical": prepared.clinical, "clinical_mask": prepared.clinical_mask}
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    runtime.blobs.put_bytes(_inputs_key(job_id), buffer.getvalue())
-    runtime.blobs.put_bytes(
-        f"jobs/{job_id}/clinical.json",
-        pipeline.clinical_used_json(prepared.clinical_used, prepared.source_sop_instance_uid).encode(),
-    )
+    runtime.blobs.put_bytes(_inputs_key(job_id), pipeline.encode_prepared(prepared))
     preprocess_seconds = time.perf_counter() - started
     metrics.PREPROCESS_DURATION.labels(job.model_name).observe(preprocess_seconds)
     with runtime.sessions.begin() as session:
@@ -449,20 +440,11 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         # announced while its inputs load, so that a batch being formed waits for this study and no other does
         with batcher.arriving() if batcher is not None else contextlib.nullcontext() as arrival:
             try:
-                inputs = runtime.blobs.read_bytes(_inputs_key(job_id))
-                clinical_json = runtime.blobs.read_bytes(f"jobs/{job_id}/clinical.json").decode()
-            except FileNotFoundError:
+                prepared = pipeline.decode_prepared(runtime.blobs.read_bytes(_inputs_key(job_id)))
+            except (FileNotFoundError, pipeline.PreparedFormatError) as e:
+                log.warning("job %s: prepared inputs unusable (%s)", job_id, e)
                 _back_to_preprocess(runtime, job_id)
                 return
-            with np.load(io.BytesIO(inputs)) as arrays:
-                clinical_used, source_uid = pipeline.clinical_used_from_json(clinical_json)
-                prepared = pipeline.PreparedInputs(
-                    image=arrays["image"],
-                    clinical=arrays["clinical"] if "clinical" in arrays else None,
-                    clinical_mask=arrays["clinical_mask"] if "clinical_mask" in arrays else None,
-                    clinical_used=clinical_used,
-                    source_sop_instance_uid=source_uid,
-                )
             batched = _predict(
                 runtime,
                 model.manifest,
@@ -545,7 +527,6 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         if runtime.settings.dicom_results:
             enqueue_results(job_id, priority)
     runtime.blobs.delete(_inputs_key(job_id))
-    runtime.blobs.delete(f"jobs/{job_id}/clinical.json")
 
 
 def sweep(runtime: Runtime) -> tuple[int, int]:

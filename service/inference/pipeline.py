@@ -157,15 +157,70 @@ def occlusion_heatmap(
     return (drops / peak if peak > 0 else drops).astype(np.float32)
 
 
-def clinical_used_json(values: list[ClinicalValue], source_sop_instance_uid: str) -> str:
-    """Serialize what pre_process used, so that the infer stage (another process) can report it."""
+# --- the hand-off from the preprocess stage to the infer stage (another process, often another machine) ----------
+
+PREPARED_MAGIC = b"CLINFER-PREPARED-1\n"
+_ARRAY_NAMES = ("image", "clinical", "clinical_mask")
+
+
+class PreparedFormatError(ValueError):
+    """Bytes that are not ``encode_prepared`` output (another version's format, a truncated blob)."""
+
+
+def encode_prepared(prepared: PreparedInputs) -> bytes:
+    """One study's pre-processed inputs as one blob: a JSON header (the clinical values used, the source image,
+    the arrays present), then each array in numpy's ``.npy`` format (dtype and shape kept, no pickle).
+
+    Chosen by measurement (``clinfer bench`` prints it): encode + decode of a 256² study with its clinical values
+    took 0.25 ms this way, 0.47 ms as ``.npz`` (zip, arrays only), 46 ms as JSON lists (5× the bytes). Pickle is
+    faster still (0.04 ms), but unpickling a blob from shared storage runs whatever it names.
+    """
+    import io
     import json
 
-    return json.dumps({"source": source_sop_instance_uid, "values": [v.model_dump(mode="json") for v in values]})
+    arrays = {name: getattr(prepared, name) for name in _ARRAY_NAMES if getattr(prepared, name) is not None}
+    header = json.dumps(
+        {
+            "source": prepared.source_sop_instance_uid,
+            "values": [v.model_dump(mode="json") for v in prepared.clinical_used],
+            "arrays": list(arrays),
+        }
+    ).encode()
+    out = io.BytesIO()
+    out.write(PREPARED_MAGIC)
+    out.write(len(header).to_bytes(4, "little"))
+    out.write(header)
+    for array in arrays.values():
+        np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
+    return out.getvalue()
 
 
-def clinical_used_from_json(text: str) -> tuple[list[ClinicalValue], str]:
+def decode_prepared(data: bytes) -> PreparedInputs:
+    """The inverse of ``encode_prepared``.
+
+    Raises:
+        PreparedFormatError: the bytes are not in this format (the caller pre-processes the study again).
+    """
+    import io
     import json
 
-    raw = json.loads(text)
-    return [ClinicalValue.model_validate(v) for v in raw["values"]], raw["source"]
+    if not data.startswith(PREPARED_MAGIC):
+        raise PreparedFormatError("not a clinfer prepared-inputs blob (written by another version?)")
+    stream = io.BytesIO(data)
+    stream.seek(len(PREPARED_MAGIC))
+    try:
+        size = int.from_bytes(stream.read(4), "little")
+        header = json.loads(stream.read(size))
+        arrays = {name: np.lib.format.read_array(stream, allow_pickle=False) for name in header["arrays"]}
+        clinical_used = [ClinicalValue.model_validate(v) for v in header["values"]]
+    except (ValueError, KeyError, TypeError, EOFError) as e:
+        raise PreparedFormatError(f"damaged prepared-inputs blob: {e}") from e
+    if "image" not in arrays:
+        raise PreparedFormatError("damaged prepared-inputs blob: no image")
+    return PreparedInputs(
+        image=arrays["image"],
+        clinical=arrays.get("clinical"),
+        clinical_mask=arrays.get("clinical_mask"),
+        clinical_used=clinical_used,
+        source_sop_instance_uid=header["source"],
+    )

@@ -121,3 +121,28 @@ def test_an_unexpected_error_fails_the_job_visibly(
     job = _wait_job(client, analyze.json()["jobs"][0]["id"], tokens.header("admin"), {"failed", "succeeded"})
     assert (job["state"], job["stage"], job["error"]["code"]) == ("failed", "infer", "internal")
     assert "ValueError" in job["error"]["message"] and "a bug" not in job["error"]["message"]
+
+
+def test_unusable_prepared_inputs_are_prepared_again(
+    client: TestClient, tokens: Tokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand-off blob the infer stage cannot read (written by another version, damaged) sends the job back to
+    pre-processing instead of failing it or feeding the model garbage."""
+    from service.inference import pipeline
+
+    real = pipeline.encode_prepared
+    calls: list[int] = []
+
+    def first_one_damaged(prepared: pipeline.PreparedInputs) -> bytes:
+        calls.append(1)
+        return b"PK\x03\x04 an npz of an earlier version" if len(calls) == 1 else real(prepared)
+
+    monkeypatch.setattr(pipeline, "encode_prepared", first_one_damaged)
+    study_uid = generate_uid()
+    assert _post(client, tokens, [dx_instance(study_uid=study_uid, size=256)]).status_code == 200
+    analyze = client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician"))
+    job = _wait_job(client, analyze.json()["jobs"][0]["id"], tokens.header("admin"), {"failed", "succeeded"})
+    assert job["state"] == "succeeded"
+    assert len(calls) == 2  # pre-processed twice
+    report = client.get(f"/v1/studies/{study_uid}/report", headers=tokens.header("clinician"))
+    assert report.status_code == 200 and len(report.json()["reports"][0]["findings"]) == 5
