@@ -291,6 +291,7 @@ def running_service(
     workers: int,
     providers: list[str],
     api_workers: int = 1,
+    preprocess_workers: int = 1,
 ) -> Iterator[tuple[str, Settings]]:
     """`clinfer serve` (embedded worker) or `clinfer serve` + `clinfer worker` processes for the run."""
     port = _free_port()
@@ -330,12 +331,14 @@ def running_service(
                 raise RuntimeError(f"clinfer serve did not start; see {logs / 'serve.log'}")
             time.sleep(0.2)
         if broker_url:
-            for name in ("preprocess", "infer"):
+            # CPU work (decode) scales by processes, not threads; one infer worker owns the model (the GPU)
+            queues = [("preprocess", i) for i in range(preprocess_workers)] + [("infer", 0)]
+            for name, index in queues:
                 processes.append(
                     subprocess.Popen(
                         [*_clinfer(), "worker", "--queues", name, "--concurrency", str(workers), "--pool", "threads"],
                         env={**env, "CLINFER_WORKER_METRICS_PORT": str(_free_port())},
-                        stdout=(logs / f"worker-{name}.log").open("w"),
+                        stdout=(logs / f"worker-{name}-{index}.log").open("w"),
                         stderr=subprocess.STDOUT,
                     )
                 )
@@ -495,6 +498,7 @@ def run(
     model: str,
     settings: Settings,
     api_workers: int = 1,
+    preprocess_workers: int = 1,
 ) -> dict[str, Any]:
     studies = make_studies(studies_n, size=size)
     registry = ModelRegistry(**settings.model_registry_options())
@@ -522,7 +526,7 @@ def run(
         "studies": studies_n,
         "image_size": size,
         "deployment": (
-            f"postgresql+redis, separate workers, {api_workers} API process(es)"
+            f"postgresql+redis, {api_workers} API process(es), {preprocess_workers} preprocess and 1 infer worker"
             if broker_url
             else "embedded (SQLite, in-process worker)"
         ),
@@ -548,6 +552,8 @@ def run(
                 batching=batching,
                 workers=max(2, clients),
                 providers=list(settings.execution_providers),
+                api_workers=api_workers,
+                preprocess_workers=preprocess_workers,
             ) as (base, service_settings), GpuSampler() as gpu:
                 subset = studies if clients > 1 else studies[: max(10, len(studies) // 4)]
                 measured = end_to_end(

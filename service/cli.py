@@ -364,6 +364,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model,
         settings=settings,
         api_workers=args.api_workers,
+        preprocess_workers=args.preprocess_workers,
     )
     bench.print_table(results)
     print(f"written: {args.json}")
@@ -472,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("--broker-url", help="Redis for the run: separate `clinfer worker` processes")
     bench_parser.add_argument("--api-workers", type=int, default=1, help="`clinfer serve` processes (with Redis)")
+    bench_parser.add_argument(
+        "--preprocess-workers", type=int, default=1, help="`clinfer worker --queues preprocess` processes (with Redis)"
+    )
     bench_parser.add_argument(
         "--no-batching-comparison", action="store_true", help="skip the batching on/off runs at concurrency 16"
     )
