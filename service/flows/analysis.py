@@ -400,10 +400,17 @@ class _ReportSignal:
             self._generation += 1
             self._condition.notify_all()
 
-    def wait(self, timeout: float) -> None:
+    def current(self) -> int:
+        """A mark to pass to ``wait``: take it *before* looking for the report, so that a report stored between
+        the look and the wait still wakes the waiter."""
         with self._condition:
-            generation = self._generation
-            self._condition.wait_for(lambda: self._generation != generation, timeout=timeout)
+            return self._generation
+
+    def wait(self, timeout: float, *, since: int | None = None) -> bool:
+        """Return when a report is stored after ``since`` (default: now): True; or after ``timeout`` seconds: False."""
+        with self._condition:
+            generation = self._generation if since is None else since
+            return self._condition.wait_for(lambda: self._generation != generation, timeout=timeout)
 
 
 REPORT_STORED = _ReportSignal()

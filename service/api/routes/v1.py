@@ -114,6 +114,7 @@ def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> 
     """Return once the study has a report and no job still running, or when ``seconds`` have passed."""
     deadline = time.monotonic() + seconds
     while True:
+        seen = analysis.REPORT_STORED.current()  # before the look: a report stored during it still wakes us
         with runtime.sessions() as session:
             study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
             states = [j.state for j in jobs.for_study(session=session, study=study)]
@@ -123,7 +124,7 @@ def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> 
             return
         # woken at once by a report stored in this process (embedded worker) or announced by a worker (Redis
         # pub/sub); the timeout is only the fallback
-        analysis.REPORT_STORED.wait(min(remaining, 0.5))
+        analysis.REPORT_STORED.wait(min(remaining, 0.5), since=seen)
 
 
 @router.get("/studies/{study_instance_uid}/report")
