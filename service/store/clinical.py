@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, insert, or_, select
+from sqlalchemy import delete, insert, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
@@ -49,25 +49,34 @@ def find_patient_by_identifier(*, session: Session, system: str | None, value: s
     return session.get(Patient, rows[0].patient_id)
 
 
-def patients_for_identifiers(*, session: Session, identifiers: list[PatientIdentifier]) -> set[int]:
-    ids: set[int] = set()
-    for identifier in identifiers:
-        row = session.scalar(
-            select(IdentifierRow).where(
-                IdentifierRow.system == identifier.system, IdentifierRow.value == identifier.value
-            )
+def identifier_rows(
+    *, session: Session, identifiers: list[PatientIdentifier]
+) -> dict[tuple[str, str], IdentifierRow]:
+    """The stored rows of these identifiers, by (system, value), in one SELECT."""
+    if not identifiers:
+        return {}
+    rows = session.scalars(
+        select(IdentifierRow).where(
+            tuple_(IdentifierRow.system, IdentifierRow.value).in_({(i.system, i.value) for i in identifiers})
         )
-        if row is not None:
-            ids.add(row.patient_id)
-    return ids
-
-
-def add_identifier(*, session: Session, patient: Patient, identifier: PatientIdentifier) -> None:
-    exists = session.scalar(
-        select(IdentifierRow).where(IdentifierRow.system == identifier.system, IdentifierRow.value == identifier.value)
     )
-    if exists is None:
-        session.add(IdentifierRow(patient_id=patient.id, system=identifier.system, value=identifier.value))
+    return {(row.system, row.value): row for row in rows}
+
+
+def add_identifiers(
+    *,
+    session: Session,
+    patient: Patient,
+    identifiers: list[PatientIdentifier],
+    stored: dict[tuple[str, str], IdentifierRow],
+) -> None:
+    """Give the patient those of its identifiers not yet stored (``stored``: :func:`identifier_rows`); an
+    identifier held by another patient stays with it."""
+    for identifier in identifiers:
+        key = (identifier.system, identifier.value)
+        if key not in stored:
+            stored[key] = IdentifierRow(patient_id=patient.id, system=identifier.system, value=identifier.value)
+            session.add(stored[key])
 
 
 def remove_facts(*, session: Session, resource_type: str, resource_id: str) -> None:

@@ -792,6 +792,22 @@ def search(
     Returns:
         (one page of current, non-deleted rows, the total number of matches).
     """
+    conditions = _conditions(request, patient_id)
+    total = session.scalar(select(func.count(FhirResource.id)).where(*conditions)) or 0
+    if request.summary_count or request.count == 0:
+        return [], total
+    return list(session.scalars(_page(select(FhirResource), request, conditions))), total
+
+
+def matching_ids(*, session: Session, request: SearchRequest) -> list[str]:
+    """The ids of the resources on the first page of a checked search, without counting them all or reading
+    their bodies (for conditional writes and order links)."""
+    if request.summary_count or request.count == 0:
+        return []
+    return list(session.scalars(_page(select(FhirResource.resource_id), request, _conditions(request, None))))
+
+
+def _conditions(request: SearchRequest, patient_id: int | None) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = [
         FhirResource.resource_type == request.resource_type,
         FhirResource.deleted == false(),
@@ -803,9 +819,10 @@ def search(
         if not values:
             raise InvalidInput(f"the search parameter {name} has no value")
         conditions.append(_filter(request.resource_type, name, values))
-    total = session.scalar(select(func.count(FhirResource.id)).where(*conditions)) or 0
-    if request.summary_count or request.count == 0:
-        return [], total
+    return conditions
+
+
+def _page(query: Any, request: SearchRequest, conditions: list[ColumnElement[bool]]) -> Any:
     order: Any = {
         None: FhirResource.id.asc(),
         "_id": FhirResource.resource_id.asc(),
@@ -813,11 +830,4 @@ def search(
         "_lastUpdated": FhirResource.updated_at.asc(),
         "-_lastUpdated": FhirResource.updated_at.desc(),
     }[request.sort]
-    rows = session.scalars(
-        select(FhirResource)
-        .where(*conditions)
-        .order_by(order, FhirResource.id)
-        .limit(request.count)
-        .offset(request.offset)
-    )
-    return list(rows), total
+    return query.where(*conditions).order_by(order, FhirResource.id).limit(request.count).offset(request.offset)
