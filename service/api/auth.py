@@ -9,7 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,51 @@ def _verification_key(settings: Settings, token: str) -> Any:
     return ensure_dev_key(settings.effective_dev_key_path).public_key()
 
 
+# A client sends the same token with every request; its signature is checked once and its claims are kept, by
+# the token's exact text, until it expires — and for at most VERIFIED_TOKEN_SECONDS, so that a key removed from
+# the issuer's JWKS (or a replaced dev key) stops admitting its tokens soon.
+VERIFIED_TOKEN_SECONDS = 300.0
+_VERIFIED_TOKENS_MAX = 4096
+_verified: OrderedDict[tuple[str, ...], tuple[float, dict[str, Any]]] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
+    key = (
+        token,
+        settings.auth_jwks_url or str(settings.effective_dev_key_path),
+        settings.auth_issuer,
+        settings.auth_audience,
+    )
+    with _verified_lock:
+        cached = _verified.get(key)
+    if cached is not None and _now() < cached[0]:
+        return cached[1]
+    try:
+        claims = jwt.decode(
+            token,
+            _verification_key(settings, token),
+            algorithms=ALGORITHMS,
+            audience=settings.auth_audience,
+            issuer=settings.auth_issuer,
+            options={"require": ["exp", "iss", "aud", "sub"]},
+        )
+    except jwt.PyJWTError as e:
+        raise Unauthenticated(f"invalid token: {e}") from e
+    # PyJWT admits a token while now < exp (no leeway here); the cache never admits it longer
+    until = min(float(claims["exp"]), _now() + VERIFIED_TOKEN_SECONDS)
+    with _verified_lock:
+        _verified[key] = (until, claims)
+        _verified.move_to_end(key)
+        while len(_verified) > _VERIFIED_TOKENS_MAX:
+            _verified.popitem(last=False)
+    return claims
+
+
 def authenticate(settings: Settings, authorization: str | None, *, source_address: str | None) -> Principal:
     """Validate a bearer token and return who it names.
 
@@ -157,18 +205,7 @@ def authenticate(settings: Settings, authorization: str | None, *, source_addres
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
-    token = token.strip()
-    try:
-        claims = jwt.decode(
-            token,
-            _verification_key(settings, token),
-            algorithms=ALGORITHMS,
-            audience=settings.auth_audience,
-            issuer=settings.auth_issuer,
-            options={"require": ["exp", "iss", "aud", "sub"]},
-        )
-    except jwt.PyJWTError as e:
-        raise Unauthenticated(f"invalid token: {e}") from e
+    claims = _verified_claims(settings, token.strip())
     raw_scopes = claims.get("scope") or claims.get("scp") or ""
     scopes = frozenset(raw_scopes.split() if isinstance(raw_scopes, str) else raw_scopes)
     role = claims.get("clinfer_role")

@@ -16,10 +16,8 @@ from sqlalchemy.orm import Session
 
 from service import metrics
 from service.errors import (
-    Conflict,
     InvalidInput,
     MethodNotAllowed,
-    PreconditionFailed,
     ServiceError,
     Unprocessable,
 )
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 WRITABLE_TYPES = fhir.ACCEPTED_RESOURCE_TYPES
 __all__ = ["MethodNotAllowed", "WRITABLE_TYPES", "WriteOutcome", "bundle_permissions", "process_bundle", "write_one"]
-
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,12 @@ def _outcome(row: Any, status: int) -> WriteOutcome:
 
 
 def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> dict[int, WriteOutcome]:
-    """Write the chosen entries in one transaction: Patients first, so that references to them resolve."""
+    """Write the chosen entries in one transaction: Patients first, so that references to them resolve.
+
+    Writes to the FHIR store are gathered and made together (fhir_store.put_many); they are made before any entry
+    that reads the store (a delete, a conditional create that matched, an order that links studies), so each entry
+    sees what the entries before it wrote.
+    """
     in_bundle: dict[str, Patient] = {}
     outcomes: dict[int, WriteOutcome] = {}
     resources = [r for r in parsed.resources if r.entry_index in indexes]
@@ -100,9 +102,32 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
     facts |= {("Condition", f.resource_id): f for f in parsed.conditions}
     facts |= {(f.resource_type, f.resource_id): f for f in parsed.others}
     ordered = sorted(resources, key=lambda r: (r.resource_type != "Patient", r.entry_index))
-    for resource in ordered:
+    stored_observations = fhir_store.existing_ids(
+        session=session,
+        resource_type="Observation",
+        resource_ids=[r.resource_id for r in ordered if r.resource_type == "Observation" and r.json is not None],
+    )
+    pending: list[tuple[int, fhir_store.PutRequest]] = []
+    observations: list[tuple[Patient, ObservationFact]] = []
+
+    def write_pending() -> None:
+        gathered, facts_to_write = list(pending), list(observations)
+        pending.clear()
+        observations.clear()
+        clinical.put_observations(session=session, facts=facts_to_write)
+        if not gathered:
+            return
+        written = fhir_store.put_many(session=session, requests=[request for _, request in gathered])
+        for (index, _), (row, created) in zip(gathered, written, strict=True):
+            outcomes[index] = _outcome(row, 201 if created else 200)
+            if row.resource_type in ("ServiceRequest", "ImagingStudy"):
+                for study in orders.link_orders(session, row.body):
+                    report_fhir.republish_for_study(session, study)  # basedOn the order
+
+    def apply_one(resource: fhir.ParsedResource) -> None:
         where = f"Bundle.entry[{resource.entry_index}]"
         if resource.method == "DELETE":
+            write_pending()
             row = fhir_store.delete_resource(
                 session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
             )
@@ -110,8 +135,9 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
                 session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
             )
             outcomes[resource.entry_index] = _outcome(row, 204)
-            continue
+            return
         if resource.existing:  # a conditional create that matched: nothing is written
+            write_pending()
             row = fhir_store.read(
                 session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
             )
@@ -120,7 +146,7 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
                 patient = clinical.get_patient(session=session, resource_id=resource.resource_id)
                 if patient is not None and resource.full_url:
                     in_bundle[f"Patient/{resource.resource_id}"] = patient
-            continue
+            return
         assert resource.json is not None
         fact = facts.get((resource.resource_type, resource.resource_id))
         if resource.resource_type == "Patient":
@@ -134,30 +160,37 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
                 "subject": {**(resource.json.get("subject") or {}), "reference": f"Patient/{patient.resource_id}"},
             }
             if isinstance(fact, ObservationFact):
-                if fhir_store.current(session=session, resource_type="Observation", resource_id=resource.resource_id):
+                if resource.resource_id in stored_observations:
                     # an update: its components may differ from the earlier version's
                     clinical.remove_facts(
                         session=session, resource_type="Observation", resource_id=resource.resource_id
                     )
-                for component in [fact, *parsed.components.get(resource.resource_id, [])]:
-                    clinical.put_observation(session=session, patient=patient, fact=component)
+                observations.extend((patient, c) for c in [fact, *parsed.components.get(resource.resource_id, [])])
             elif isinstance(fact, ConditionFact):
                 clinical.put_condition(session=session, patient=patient, fact=fact)
-        try:
-            row, created = fhir_store.put(
-                session=session,
-                resource_type=resource.resource_type,
-                resource_id=resource.resource_id if resource.resource_type != "Patient" else patient.resource_id,
-                body=body,
-                patient_id=patient.id,
-                if_match=resource.if_match,
+        pending.append(
+            (
+                resource.entry_index,
+                fhir_store.PutRequest(
+                    resource_type=resource.resource_type,
+                    resource_id=resource.resource_id if resource.resource_type != "Patient" else patient.resource_id,
+                    body=body,
+                    patient_id=patient.id,
+                    if_match=resource.if_match,
+                    where=where,
+                ),
             )
-        except (PreconditionFailed, Conflict) as e:
-            raise type(e)(f"{where}: {e.message}", expression=[where]) from e
-        outcomes[resource.entry_index] = _outcome(row, 201 if created else 200)
+        )
         if resource.resource_type in ("ServiceRequest", "ImagingStudy"):
-            for study in orders.link_orders(session, row.body):
-                report_fhir.republish_for_study(session, study)  # basedOn the order
+            write_pending()  # its orders are linked before the next entry is written
+
+    for resource in ordered:
+        try:
+            apply_one(resource)
+        except ServiceError:
+            write_pending()  # an earlier entry's write error comes first, as when each entry is written in turn
+            raise
+    write_pending()
     return outcomes
 
 

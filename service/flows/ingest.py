@@ -49,14 +49,16 @@ class StoreOutcome:
     failed: list[FailedInstance] = field(default_factory=list)
 
 
-def _link_study(session: Session, study: Study) -> None:
+def _link_study(session: Session, study: Study) -> Patient | None:
+    """Join a study to the patient its DICOM PatientID (+ issuer) identifies; returns that patient, if any."""
     if study.patient_id is not None or not study.dicom_patient_id:
-        return
+        return None
     patient = clinical.find_patient_by_identifier(
         session=session, system=study.issuer_of_patient_id, value=study.dicom_patient_id
     )
     if patient is not None:
         study.patient_id = patient.id
+    return patient
 
 
 def store_instance(
@@ -99,25 +101,28 @@ def store_instance(
         )
     sha256 = hashlib.sha256(data).hexdigest()
     blob_key = f"instances/{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
-    with runtime.sessions() as session:
+    with runtime.sessions() as session:  # one session: the duplicate check, then (after the blob) the rows
         existing = studies.get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
-    if existing is not None:
-        if existing.sha256 == sha256:
-            metrics.INGEST_INSTANCES.labels(protocol, "duplicate").inc()
-            return StoredInstance(
-                meta.sop_class_uid, meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, new=False
+        if existing is not None:
+            if existing.sha256 == sha256:
+                metrics.INGEST_INSTANCES.labels(protocol, "duplicate").inc()
+                return StoredInstance(
+                    meta.sop_class_uid,
+                    meta.sop_instance_uid,
+                    meta.study_instance_uid,
+                    meta.series_instance_uid,
+                    new=False,
+                )
+            metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
+            return FailedInstance(
+                part,
+                FAILURE_DUPLICATE_SOP_INSTANCE,
+                "an instance with this SOP Instance UID and different content is already stored",
+                meta.sop_class_uid,
+                meta.sop_instance_uid,
             )
-        metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
-        return FailedInstance(
-            part,
-            FAILURE_DUPLICATE_SOP_INSTANCE,
-            "an instance with this SOP Instance UID and different content is already stored",
-            meta.sop_class_uid,
-            meta.sop_instance_uid,
-        )
-    runtime.blobs.put_file(blob_key, io.BytesIO(data))
-    try:
-        with runtime.sessions.begin() as session:
+        runtime.blobs.put_file(blob_key, io.BytesIO(data))
+        try:
             instance, new = studies.add_instance(
                 session=session,
                 meta=meta,
@@ -126,9 +131,10 @@ def store_instance(
                 sha256=sha256,
                 calling_ae_title=calling_ae_title,
                 origin=origin,
+                checked_absent=True,
             )
-            study = studies.get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
-            _link_study(session, study)
+            study = studies.study_of(session=session, instance=instance)
+            patient = _link_study(session, study)  # held, so that the audit below finds it without a SELECT
             if new and origin == "received":
                 orders.order_for_new_study(session, study)
             if new:
@@ -139,7 +145,9 @@ def store_instance(
                     action="C",
                     entity_type="ImagingStudy",
                     entity_ref=f"study:{meta.study_instance_uid}",
-                    patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
+                    patient_ref=f"Patient/{patient.resource_id}"
+                    if patient is not None
+                    else clinical.patient_reference(session=session, patient_id=study.patient_id),
                     detail={
                         "protocol": protocol,
                         "sop_instance_uid": meta.sop_instance_uid,
@@ -147,18 +155,20 @@ def store_instance(
                         "bytes": len(data),
                     },
                 )
-    except Exception:
-        # nothing half-written: the rows rolled back, so the blob must go too (unless an identical one was stored)
-        log.exception("storing instance of part %d failed", part)
-        runtime.blobs.delete(blob_key)
-        metrics.INGEST_INSTANCES.labels(protocol, "failed").inc()
-        return FailedInstance(
-            part,
-            dicom.FAILURE_PROCESSING,
-            "the instance could not be stored",
-            meta.sop_class_uid,
-            meta.sop_instance_uid,
-        )
+            session.commit()
+        except Exception:
+            # nothing half-written: the rows roll back, so the blob must go too (unless an identical one was stored)
+            session.rollback()
+            log.exception("storing instance of part %d failed", part)
+            runtime.blobs.delete(blob_key)
+            metrics.INGEST_INSTANCES.labels(protocol, "failed").inc()
+            return FailedInstance(
+                part,
+                dicom.FAILURE_PROCESSING,
+                "the instance could not be stored",
+                meta.sop_class_uid,
+                meta.sop_instance_uid,
+            )
     metrics.INGEST_INSTANCES.labels(protocol, "stored" if new else "duplicate").inc()
     if new:
         metrics.INGEST_BYTES.labels(protocol).inc(len(data))
@@ -198,26 +208,26 @@ def store_instances(
 def upsert_patient(session: Session, facts: Any) -> Patient:
     """Find the patient by resource id or any identifier; create it when new. Identifiers never move patients."""
     patient = clinical.get_patient(session=session, resource_id=facts.resource_id)
+    stored = clinical.identifier_rows(session=session, identifiers=facts.identifiers)
     if patient is None:
-        matches = clinical.patients_for_identifiers(session=session, identifiers=facts.identifiers)
+        matches = {row.patient_id for row in stored.values()}
         if len(matches) > 1:
             raise InvalidInput(
                 f"Patient/{facts.resource_id}: its identifiers belong to {len(matches)} different patients"
             )
         patient = session.get(Patient, matches.pop()) if matches else None
     if patient is None:
-        patient = Patient(resource_id=facts.resource_id)
+        patient = Patient(resource_id=facts.resource_id, gender=facts.gender, birth_date=facts.birth_date)
         session.add(patient)
         session.flush()
     patient.gender = facts.gender
     patient.birth_date = facts.birth_date
-    for identifier in facts.identifiers:
-        clinical.add_identifier(session=session, patient=patient, identifier=identifier)
+    clinical.add_identifiers(session=session, patient=patient, identifiers=facts.identifiers, stored=stored)
     session.flush()
-    for identifier in facts.identifiers:
-        # studies that arrived before their patient: the same rule as for a new study (_link_study)
-        for study in studies.unlinked_for_patient_id(session=session, dicom_patient_id=identifier.value):
-            _link_study(session, study)
+    # studies that arrived before their patient: the same rule as for a new study (_link_study)
+    values = list(dict.fromkeys(identifier.value for identifier in facts.identifiers))
+    for study in studies.unlinked_for_patient_ids(session=session, dicom_patient_ids=values):
+        _link_study(session, study)
     return patient
 
 

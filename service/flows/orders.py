@@ -22,8 +22,7 @@ def resolver(session: Session) -> Callable[[str, str], list[str]]:
 
     def resolve(resource_type: str, query: str) -> list[str]:
         request = fhir_store.parse_search(resource_type, parse_qsl(query, keep_blank_values=True))
-        rows, _ = fhir_store.search(session=session, request=request)
-        return [row.resource_id for row in rows]
+        return fhir_store.matching_ids(session=session, request=request)
 
     return resolve
 

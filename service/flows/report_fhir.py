@@ -5,7 +5,6 @@ as on any resource. Clients cannot write them (origin "result")."""
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -33,39 +32,39 @@ def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]
         based_on=based_on,
         imaging_study_id=_imaging_study_id(session, study),
     )
-    versions: dict[str, int] = {}
-    provenance: dict[str, Any] | None = None
-    for resource in resources:
-        resource_type, resource_id = resource["resourceType"], resource["id"]
-        if resource_type == "Provenance":
-            provenance = resource
-            continue
-        if resource_type == "Device":
-            existing = fhir_store.current(session=session, resource_type="Device", resource_id=resource_id)
-            if existing is not None:
-                versions[f"Device/{resource_id}"] = existing.version
-                continue
-        row, _ = fhir_store.put(
-            session=session,
-            resource_type=resource_type,
-            resource_id=resource_id,
+    requests = [
+        fhir_store.PutRequest(
+            resource_type=resource["resourceType"],
+            resource_id=resource["id"],
             body=resource,
-            patient_id=None if resource_type == "Device" else report.patient_id,
+            patient_id=None if resource["resourceType"] == "Device" else report.patient_id,
             origin="result",
+            create_only=resource["resourceType"] == "Device",  # one Device per model version, written once
         )
-        versions[f"{resource_type}/{resource_id}"] = row.version
+        for resource in resources
+        if resource["resourceType"] != "Provenance"
+    ]
+    versions = {
+        f"{row.resource_type}/{row.resource_id}": row.version
+        for row, _ in fhir_store.put_many(session=session, requests=requests)
+    }
+    provenance = next((r for r in resources if r["resourceType"] == "Provenance"), None)
     if provenance is not None:
         for target in provenance.get("target", []):  # point at the versions actually stored
             match = _HISTORY.match(target.get("reference", ""))
             if match and match.group(1) in versions:
                 target["reference"] = f"{match.group(1)}/_history/{versions[match.group(1)]}"
-        row, _ = fhir_store.put(
+        [(row, _)] = fhir_store.put_many(
             session=session,
-            resource_type="Provenance",
-            resource_id=provenance["id"],
-            body=provenance,
-            patient_id=report.patient_id,
-            origin="result",
+            requests=[
+                fhir_store.PutRequest(
+                    resource_type="Provenance",
+                    resource_id=provenance["id"],
+                    body=provenance,
+                    patient_id=report.patient_id,
+                    origin="result",
+                )
+            ],
         )
         versions[f"Provenance/{provenance['id']}"] = row.version
     return versions

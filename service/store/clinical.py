@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, insert, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
@@ -49,25 +49,34 @@ def find_patient_by_identifier(*, session: Session, system: str | None, value: s
     return session.get(Patient, rows[0].patient_id)
 
 
-def patients_for_identifiers(*, session: Session, identifiers: list[PatientIdentifier]) -> set[int]:
-    ids: set[int] = set()
-    for identifier in identifiers:
-        row = session.scalar(
-            select(IdentifierRow).where(
-                IdentifierRow.system == identifier.system, IdentifierRow.value == identifier.value
-            )
+def identifier_rows(
+    *, session: Session, identifiers: list[PatientIdentifier]
+) -> dict[tuple[str, str], IdentifierRow]:
+    """The stored rows of these identifiers, by (system, value), in one SELECT."""
+    if not identifiers:
+        return {}
+    rows = session.scalars(
+        select(IdentifierRow).where(
+            tuple_(IdentifierRow.system, IdentifierRow.value).in_({(i.system, i.value) for i in identifiers})
         )
-        if row is not None:
-            ids.add(row.patient_id)
-    return ids
-
-
-def add_identifier(*, session: Session, patient: Patient, identifier: PatientIdentifier) -> None:
-    exists = session.scalar(
-        select(IdentifierRow).where(IdentifierRow.system == identifier.system, IdentifierRow.value == identifier.value)
     )
-    if exists is None:
-        session.add(IdentifierRow(patient_id=patient.id, system=identifier.system, value=identifier.value))
+    return {(row.system, row.value): row for row in rows}
+
+
+def add_identifiers(
+    *,
+    session: Session,
+    patient: Patient,
+    identifiers: list[PatientIdentifier],
+    stored: dict[tuple[str, str], IdentifierRow],
+) -> None:
+    """Give the patient those of its identifiers not yet stored (``stored``: :func:`identifier_rows`); an
+    identifier held by another patient stays with it."""
+    for identifier in identifiers:
+        key = (identifier.system, identifier.value)
+        if key not in stored:
+            stored[key] = IdentifierRow(patient_id=patient.id, system=identifier.system, value=identifier.value)
+            session.add(stored[key])
 
 
 def remove_facts(*, session: Session, resource_type: str, resource_id: str) -> None:
@@ -83,11 +92,7 @@ def remove_facts(*, session: Session, resource_type: str, resource_id: str) -> N
         session.execute(delete(Condition).where(Condition.resource_id == resource_id))
 
 
-def put_observation(*, session: Session, patient: Patient, fact: ObservationFact) -> None:
-    row = session.scalar(select(Observation).where(Observation.resource_id == fact.resource_id))
-    if row is None:
-        row = Observation(resource_id=fact.resource_id, patient_id=patient.id)
-        session.add(row)
+def _set_observation(row: Observation, patient: Patient, fact: ObservationFact) -> None:
     row.patient_id = patient.id
     row.loinc = fact.loinc
     row.value = fact.value
@@ -96,6 +101,31 @@ def put_observation(*, session: Session, patient: Patient, fact: ObservationFact
     row.original_unit = fact.original_unit
     row.effective_at = fact.effective_at
     row.status = fact.status
+
+
+def put_observations(*, session: Session, facts: list[tuple[Patient, ObservationFact]]) -> None:
+    """Store normalized observations (each with its patient), new or replacing the fact of the same resource id:
+    one SELECT, and the new rows in one INSERT."""
+    if not facts:
+        return
+    found = {
+        row.resource_id: row
+        for row in session.scalars(
+            select(Observation).where(Observation.resource_id.in_({fact.resource_id for _, fact in facts}))
+        )
+    }
+    new: dict[str, Observation] = {}
+    for patient, fact in facts:
+        row = found.get(fact.resource_id) or new.get(fact.resource_id)
+        if row is None:
+            row = new[fact.resource_id] = Observation(resource_id=fact.resource_id)
+        _set_observation(row, patient, fact)
+    if new:
+        columns = [column.key for column in Observation.__table__.columns if column.key != "id"]
+        session.execute(
+            insert(Observation).execution_options(render_nulls=True),  # one executemany, None values included
+            [{name: getattr(row, name) for name in columns} for row in new.values()],
+        )
 
 
 def put_condition(*, session: Session, patient: Patient, fact: ConditionFact) -> None:

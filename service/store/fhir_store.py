@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, delete, exists, false, func, insert, not_, or_, select
+from sqlalchemy import ColumnElement, and_, delete, exists, false, func, insert, not_, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from service.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
 from service.store.tables import FhirResource, FhirResourceVersion, FhirSearchValue, utcnow
@@ -261,12 +261,9 @@ def search_values(resource_type: str, body: dict[str, Any]) -> list[FhirSearchVa
     return rows
 
 
-def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
-    if not new:
-        session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk == row.id))
-    if row.deleted:
-        return
-    values = [
+def _search_rows(row: FhirResource) -> list[dict[str, Any]]:
+    """The search value rows of a stored resource, every key present so that they go in one executemany."""
+    return [
         {
             "resource_pk": row.id,
             "param": v.param,
@@ -277,8 +274,21 @@ def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
         }
         for v in search_values(row.resource_type, row.body)
     ]
+
+
+def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
+    if not new:
+        session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk == row.id))
+    if row.deleted:
+        return
+    values = _search_rows(row)
     if values:
-        session.execute(insert(FhirSearchValue), values)  # one executemany, not an ORM object per value
+        _insert_search_rows(session, values)
+
+
+def _insert_search_rows(session: Session, values: list[dict[str, Any]]) -> None:
+    # one executemany for all rows: render_nulls keeps the ORM from splitting them by which columns are None
+    session.execute(insert(FhirSearchValue).execution_options(render_nulls=True), values)
 
 
 # --- reads and writes ---------------------------------------------------------------------------------------
@@ -294,6 +304,19 @@ def current(*, session: Session, resource_type: str, resource_id: str, for_updat
         FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id
     )
     return session.scalar(query.with_for_update() if for_update else query)
+
+
+def existing_ids(*, session: Session, resource_type: str, resource_ids: list[str]) -> set[str]:
+    """Which of these resources have a current row (deleted or not), in one SELECT."""
+    if not resource_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(FhirResource.resource_id).where(
+                FhirResource.resource_type == resource_type, FhirResource.resource_id.in_(resource_ids)
+            )
+        )
+    )
 
 
 def read(*, session: Session, resource_type: str, resource_id: str) -> FhirResource:
@@ -333,6 +356,23 @@ def history(*, session: Session, resource_type: str, resource_id: str) -> list[F
     )
 
 
+def _stored(body: dict[str, Any], resource_id: str, version: int, last_updated: str) -> dict[str, Any]:
+    """The body as stored: its id, and ``meta.versionId`` and ``meta.lastUpdated`` set here."""
+    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    return {**body, "id": resource_id, "meta": {**meta, "versionId": str(version), "lastUpdated": last_updated}}
+
+
+def _check_update(row: FhirResource, origin: str, if_match: int | None) -> None:
+    if row.origin != origin:
+        raise Conflict(
+            f"{row.resource_type}/{row.resource_id} is produced by clinfer and cannot be written by a client"
+        )
+    if if_match is not None and if_match != row.version:
+        raise PreconditionFailed(
+            f"{row.resource_type}/{row.resource_id} is at version {row.version}, not {if_match} (If-Match)"
+        )
+
+
 def put(
     *,
     session: Session,
@@ -358,10 +398,9 @@ def put(
     """
     row = current(session=session, resource_type=resource_type, resource_id=resource_id, for_update=True)
     now = utcnow()
-    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
 
     def stored(version: int) -> dict[str, Any]:
-        return {**body, "id": resource_id, "meta": {**meta, "versionId": str(version), "lastUpdated": _instant(now)}}
+        return _stored(body, resource_id, version, _instant(now))
 
     created = row is None
     if row is None:
@@ -392,12 +431,7 @@ def put(
                 if_match=if_match,
             )
     else:
-        if row.origin != origin:
-            raise Conflict(f"{resource_type}/{resource_id} is produced by clinfer and cannot be written by a client")
-        if if_match is not None and if_match != row.version:
-            raise PreconditionFailed(
-                f"{resource_type}/{resource_id} is at version {row.version}, not {if_match} (If-Match)"
-            )
+        _check_update(row, origin, if_match)
         row.version += 1
         row.body, row.patient_id, row.deleted, row.updated_at = stored(row.version), patient_id, False, now
     session.execute(
@@ -416,6 +450,163 @@ def put(
         session.flush()
     _reindex(session, row, new=created)
     return row, created
+
+
+@dataclass(frozen=True)
+class PutRequest:
+    """One write for :func:`put_many`; the fields mean what :func:`put`'s arguments mean.
+
+    ``create_only``: when the resource exists, leave it as it is (its row is returned, not created).
+    ``where``: a label for error messages (``Bundle.entry[3]``), prefixed to them and given as their expression.
+    """
+
+    resource_type: str
+    resource_id: str
+    body: dict[str, Any]
+    patient_id: int | None
+    origin: str = "received"
+    if_match: int | None = None
+    create_only: bool = False
+    where: str | None = None
+
+
+def _current_many(
+    session: Session, keys: list[tuple[str, str]], *, for_update: bool
+) -> dict[tuple[str, str], FhirResource]:
+    """The current rows of many resources in one SELECT."""
+    if not keys:
+        return {}
+    query = select(FhirResource).where(tuple_(FhirResource.resource_type, FhirResource.resource_id).in_(keys))
+    rows = session.scalars(query.with_for_update() if for_update else query)
+    return {(row.resource_type, row.resource_id): row for row in rows}
+
+
+def _refuse(request: PutRequest, error: PreconditionFailed | Conflict) -> PreconditionFailed | Conflict:
+    if request.where is None:
+        return error
+    return type(error)(f"{request.where}: {error.message}", expression=[request.where])
+
+
+def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[FhirResource, bool]]:
+    """:func:`put` for each request, with the same rows, versions, search values and errors, in a few statements:
+    one SELECT of the current rows, one INSERT of the new ones, one of their versions, one of their search values.
+
+    Returns:
+        (row, True when created) per request, in order.
+
+    Raises:
+        PreconditionFailed, Conflict: as :func:`put`, for the first request (in order) that fails; nothing is
+        written then.
+    """
+    keys = [(r.resource_type, r.resource_id) for r in requests]
+    if len(set(keys)) != len(keys):  # a resource twice: each write must see the one before it
+        return [_put_one(session, request) for request in requests]
+    # the rows to update are locked; one that is only created when missing (create_only) is not, so that writers
+    # sharing it (every report of a model version names its Device) do not wait for each other
+    found = _current_many(
+        session, [k for k, r in zip(keys, requests, strict=True) if not r.create_only], for_update=True
+    ) | _current_many(session, [k for k, r in zip(keys, requests, strict=True) if r.create_only], for_update=False)
+    for request, key in zip(requests, keys, strict=True):
+        row = found.get(key)
+        try:
+            if row is None:
+                if request.if_match is not None:
+                    raise PreconditionFailed(f"{key[0]}/{key[1]} does not exist; If-Match cannot hold")
+            elif not request.create_only:
+                _check_update(row, request.origin, request.if_match)
+        except (PreconditionFailed, Conflict) as e:
+            raise _refuse(request, e) from e
+    now = utcnow()
+    last_updated = _instant(now)
+    created_rows = [
+        FhirResource(
+            resource_type=request.resource_type,
+            resource_id=request.resource_id,
+            version=1,
+            origin=request.origin,
+            body=_stored(request.body, request.resource_id, 1, last_updated),
+            patient_id=request.patient_id,
+            deleted=False,
+            updated_at=now,
+        )
+        for request, key in zip(requests, keys, strict=True)
+        if key not in found
+    ]
+    if created_rows:
+        columns = ("resource_type", "resource_id", "version", "origin", "body", "patient_id", "deleted", "updated_at")
+        try:
+            with session.begin_nested():  # one INSERT of all new rows, complete or not at all
+                inserted = session.execute(
+                    insert(FhirResource).returning(
+                        FhirResource.id, FhirResource.resource_type, FhirResource.resource_id
+                    ),
+                    [{name: getattr(row, name) for name in columns} for row in created_rows],
+                )
+                ids = {(resource_type, resource_id): pk for pk, resource_type, resource_id in inserted}
+        except IntegrityError:  # one was created meanwhile by another request: write them one by one
+            return [_put_one(session, request) for request in requests]
+        for row in created_rows:
+            row.id = ids[(row.resource_type, row.resource_id)]
+            make_transient_to_detached(row)  # persistent as inserted, without another INSERT
+            session.add(row)
+    results: list[tuple[FhirResource, bool]] = []
+    versions: list[dict[str, Any]] = []
+    search_rows: list[dict[str, Any]] = []
+    updated_pks: list[int] = []
+    created_by_key = {(row.resource_type, row.resource_id): row for row in created_rows}
+    for request, key in zip(requests, keys, strict=True):
+        row = found.get(key)
+        if row is None:
+            row = created_by_key[key]
+            results.append((row, True))
+        elif request.create_only:
+            results.append((row, False))
+            continue
+        else:
+            row.version += 1
+            row.body = _stored(request.body, request.resource_id, row.version, last_updated)
+            row.patient_id, row.deleted, row.updated_at = request.patient_id, False, now
+            updated_pks.append(row.id)
+            results.append((row, False))
+        versions.append(
+            {
+                "resource_type": row.resource_type,
+                "resource_id": row.resource_id,
+                "version": row.version,
+                "body": row.body,
+                "updated_at": now,
+            }
+        )
+        search_rows += _search_rows(row)
+    if versions:
+        session.execute(insert(FhirResourceVersion), versions)
+    if updated_pks:
+        session.flush()
+        session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk.in_(updated_pks)))
+    if search_rows:
+        _insert_search_rows(session, search_rows)
+    return results
+
+
+def _put_one(session: Session, request: PutRequest) -> tuple[FhirResource, bool]:
+    if request.create_only:
+        existing = current(
+            session=session, resource_type=request.resource_type, resource_id=request.resource_id, for_update=True
+        )
+        if existing is not None:
+            return existing, False
+    try:
+        return put(
+            session=session,
+            resource_type=request.resource_type,
+            resource_id=request.resource_id,
+            body=request.body,
+            patient_id=request.patient_id,
+            origin=request.origin,
+            if_match=request.if_match,
+        )
+    except (PreconditionFailed, Conflict) as e:
+        raise _refuse(request, e) from e
 
 
 def delete_resource(*, session: Session, resource_type: str, resource_id: str) -> FhirResource:
@@ -601,6 +792,22 @@ def search(
     Returns:
         (one page of current, non-deleted rows, the total number of matches).
     """
+    conditions = _conditions(request, patient_id)
+    total = session.scalar(select(func.count(FhirResource.id)).where(*conditions)) or 0
+    if request.summary_count or request.count == 0:
+        return [], total
+    return list(session.scalars(_page(select(FhirResource), request, conditions))), total
+
+
+def matching_ids(*, session: Session, request: SearchRequest) -> list[str]:
+    """The ids of the resources on the first page of a checked search, without counting them all or reading
+    their bodies (for conditional writes and order links)."""
+    if request.summary_count or request.count == 0:
+        return []
+    return list(session.scalars(_page(select(FhirResource.resource_id), request, _conditions(request, None))))
+
+
+def _conditions(request: SearchRequest, patient_id: int | None) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = [
         FhirResource.resource_type == request.resource_type,
         FhirResource.deleted == false(),
@@ -612,9 +819,10 @@ def search(
         if not values:
             raise InvalidInput(f"the search parameter {name} has no value")
         conditions.append(_filter(request.resource_type, name, values))
-    total = session.scalar(select(func.count(FhirResource.id)).where(*conditions)) or 0
-    if request.summary_count or request.count == 0:
-        return [], total
+    return conditions
+
+
+def _page(query: Any, request: SearchRequest, conditions: list[ColumnElement[bool]]) -> Any:
     order: Any = {
         None: FhirResource.id.asc(),
         "_id": FhirResource.resource_id.asc(),
@@ -622,11 +830,4 @@ def search(
         "_lastUpdated": FhirResource.updated_at.asc(),
         "-_lastUpdated": FhirResource.updated_at.desc(),
     }[request.sort]
-    rows = session.scalars(
-        select(FhirResource)
-        .where(*conditions)
-        .order_by(order, FhirResource.id)
-        .limit(request.count)
-        .offset(request.offset)
-    )
-    return list(rows), total
+    return query.where(*conditions).order_by(order, FhirResource.id).limit(request.count).offset(request.offset)

@@ -28,10 +28,20 @@ def get_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def _get_or_create_study(session: Session, meta: NormalizedInstance) -> Study:
+def study_of(*, session: Session, instance: Instance) -> Study:
+    """The study of an instance (from the session when it was loaded there: no SELECT)."""
+    series = session.get(Series, instance.series_id)
+    assert series is not None
+    study = session.get(Study, series.study_id)
+    assert study is not None
+    return study
+
+
+def _get_or_create_study(session: Session, meta: NormalizedInstance) -> tuple[Study, bool]:
+    """The study of an instance, created when new; returns (study, True when this call created it)."""
     study = get(session=session, study_instance_uid=meta.study_instance_uid)
     if study is not None:
-        return study
+        return study, False
     try:
         with session.begin_nested():
             study = Study(
@@ -45,9 +55,9 @@ def _get_or_create_study(session: Session, meta: NormalizedInstance) -> Study:
                 status=StudyStatus.receiving.value,
             )
             session.add(study)
-        return study
+        return study, True
     except IntegrityError:  # another request created it first
-        return get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
+        return get_or_raise(session=session, study_instance_uid=meta.study_instance_uid), False
 
 
 def _get_or_create_series(session: Session, study: Study, meta: NormalizedInstance) -> Series:
@@ -81,19 +91,25 @@ def add_instance(
     sha256: str,
     calling_ae_title: str | None = None,
     origin: str = "received",
+    checked_absent: bool = False,
 ) -> tuple[Instance, bool]:
     """Record one stored instance; idempotent on SOP Instance UID.
 
     A received instance restarts the study's completeness clock (and reopens a reported study, so that it is
     analyzed again and its reports amended); our own results (origin "result") do not.
 
+    Args:
+        checked_absent: the caller looked the instance up in this transaction and did not find it; an instance
+            stored meanwhile by another request is still found (by the unique constraint).
+
     Returns:
         (the instance row, True when it was new).
     """
-    existing = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
-    if existing is not None:
-        return existing, False
-    study = _get_or_create_study(session, meta)
+    if not checked_absent:
+        existing = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+        if existing is not None:
+            return existing, False
+    study, study_created = _get_or_create_study(session, meta)
     series = _get_or_create_series(session, study, meta)
     try:
         with session.begin_nested():
@@ -121,7 +137,8 @@ def add_instance(
         assert found is not None
         return found, False
     if origin == "received":
-        study.last_instance_at = utcnow()
+        if not study_created:  # a new study's clock started when it was created, a moment ago
+            study.last_instance_at = utcnow()
         if study.status in _REOPENED:
             study.status = StudyStatus.receiving.value
             study.status_reason = None
@@ -174,9 +191,12 @@ def by_accession(*, session: Session, accession_number: str) -> list[Study]:
     return list(session.scalars(select(Study).where(Study.accession_number == accession_number)))
 
 
-def unlinked_for_patient_id(*, session: Session, dicom_patient_id: str) -> list[Study]:
-    query = select(Study).where(Study.patient_id.is_(None), Study.dicom_patient_id == dicom_patient_id)
-    return list(session.scalars(query))
+def unlinked_for_patient_ids(*, session: Session, dicom_patient_ids: list[str]) -> list[Study]:
+    """Studies not joined to a patient whose DICOM PatientID is one of these."""
+    if not dicom_patient_ids:
+        return []
+    query = select(Study).where(Study.patient_id.is_(None), Study.dicom_patient_id.in_(dicom_patient_ids))
+    return list(session.scalars(query.order_by(Study.id)))
 
 
 def list_studies(*, session: Session, limit: int = 100, offset: int = 0) -> list[Study]:

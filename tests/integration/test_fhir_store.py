@@ -137,3 +137,92 @@ def test_unsupported_searches_are_refused_not_ignored(params: list[tuple[str, st
 def test_a_bad_date_is_refused(session: Session) -> None:
     with pytest.raises(InvalidInput):
         search(session, "Observation", ("date", "yesterday"))
+
+
+def _stored_state(session: Session) -> list[tuple]:
+    """Everything a write leaves behind, without surrogate keys and timestamps: current rows, versions, search
+    values (per resource)."""
+    from sqlalchemy import select
+
+    from service.store.tables import FhirResource, FhirResourceVersion, FhirSearchValue
+
+    def plain(body: dict | None) -> dict | None:
+        return None if body is None else {**body, "meta": {**body["meta"], "lastUpdated": "-"}}
+
+    rows = session.scalars(select(FhirResource).order_by(FhirResource.resource_id)).all()
+    keys = {row.id: row.resource_id for row in rows}
+    return [
+        *[(r.resource_type, r.resource_id, r.version, r.origin, r.deleted, plain(r.body)) for r in rows],
+        *sorted(
+            (v.resource_type, v.resource_id, v.version, str(plain(v.body)))
+            for v in session.scalars(select(FhirResourceVersion))
+        ),
+        *sorted(
+            (keys[v.resource_pk], v.param, v.system or "", v.value or "", str(v.date_start), str(v.date_end))
+            for v in session.scalars(select(FhirSearchValue))
+        ),
+    ]
+
+
+def _requests(when: str) -> list[fhir_store.PutRequest]:
+    bodies = [
+        observation("o1", code="1988-5", when=when),
+        observation("o2", code="8310-5", when=when, status="amended"),
+        {"resourceType": "Patient", "id": "p1", "gender": "female", "name": [{"family": "Doe", "given": ["Jo"]}]},
+    ]
+    return [fhir_store.PutRequest(b["resourceType"], b["id"], b, None) for b in bodies]
+
+
+def test_put_many_writes_what_one_put_after_another_writes(session: Session, tmp_path: Path) -> None:
+    other_engine = db.make_engine(f"sqlite:///{tmp_path / 'one-by-one.db'}")
+    db.upgrade(other_engine)
+    with db.make_session_factory(other_engine)() as one_by_one:
+        for when in ("2026-11-20T08:00:00Z", "2026-11-21"):  # creates, then updates of the same resources
+            written = fhir_store.put_many(session=session, requests=_requests(when))
+            for request in _requests(when):
+                put(one_by_one, request.body)
+            assert [(row.resource_id, row.version) for row, _ in written] == [
+                (r.resource_id, 1 if when.startswith("2026-11-20") else 2) for r in _requests(when)
+            ]
+            assert [created for _, created in written] == [when.startswith("2026-11-20")] * 3
+        session.flush()
+        assert _stored_state(session) == _stored_state(one_by_one)
+    other_engine.dispose()
+    assert search(session, "Observation", ("date", "2026-11-21")) == (["o1", "o2"], 2)
+    assert search(session, "Patient", ("family", "doe")) == (["p1"], 1)
+
+
+def test_put_many_refuses_as_put_does_and_writes_nothing(session: Session) -> None:
+    fhir_store.put_many(session=session, requests=_requests("2026-11-20"))
+    session.commit()
+    stale = fhir_store.PutRequest("Observation", "o2", observation("o2", code="1", when="2026"), None, if_match=7)
+    with pytest.raises(PreconditionFailed, match=r"^Bundle.entry\[1\]: Observation/o2 is at version 1"):
+        fhir_store.put_many(
+            session=session,
+            requests=[
+                _requests("2026-11-22")[0],
+                fhir_store.PutRequest(**{**stale.__dict__, "where": "Bundle.entry[1]"}),
+            ],
+        )
+    session.rollback()
+    report = {"resourceType": "DiagnosticReport", "id": "r1", "status": "preliminary", "code": {"text": "x"}}
+    fhir_store.put_many(
+        session=session, requests=[fhir_store.PutRequest("DiagnosticReport", "r1", report, None, origin="result")]
+    )
+    with pytest.raises(Conflict):
+        fhir_store.put_many(session=session, requests=[fhir_store.PutRequest("DiagnosticReport", "r1", report, None)])
+    assert fhir_store.read(session=session, resource_type="Observation", resource_id="o1").version == 1
+
+
+def test_put_many_create_only_keeps_an_existing_resource(session: Session) -> None:
+    device = {"resourceType": "Device", "id": "d1", "status": "active"}
+    first = fhir_store.put_many(
+        session=session, requests=[fhir_store.PutRequest("Device", "d1", device, None, create_only=True)]
+    )
+    again = fhir_store.put_many(
+        session=session,
+        requests=[fhir_store.PutRequest("Device", "d1", {**device, "status": "inactive"}, None, create_only=True)],
+    )
+    assert [(row.version, created) for row, created in first + again] == [(1, True), (1, False)]
+    assert fhir_store.read(session=session, resource_type="Device", resource_id="d1").body["status"] == "active"
+    assert len(fhir_store.history(session=session, resource_type="Device", resource_id="d1")) == 1

@@ -75,3 +75,47 @@ def test_dev_key_is_private(tmp_path: Path) -> None:
     path = tmp_path / "k.pem"
     ensure_dev_key(path)
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_a_verified_token_is_checked_once_and_still_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.api import auth
+
+    settings = Settings(state_dir=tmp_path)
+    token = mint_token(settings, role="ingest", ttl_seconds=600)
+    decoded = []
+    real_decode = jwt.decode
+
+    def counting_decode(*args: object, **kwargs: object) -> object:
+        decoded.append(1)
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auth.jwt, "decode", counting_decode)
+    first = authenticate(settings, f"Bearer {token}", source_address="10.0.0.1")
+    second = authenticate(settings, f"Bearer {token}", source_address="10.0.0.2")
+    assert len(decoded) == 1, "the same token's signature is checked once"
+    assert (first.subject, first.scopes, second.source_address) == (second.subject, second.scopes, "10.0.0.2")
+    tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(Unauthenticated):
+        authenticate(settings, f"Bearer {tampered}", source_address=None)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    monkeypatch.setattr(auth, "_now", lambda: exp + 1.0)  # the cache's clock passes the token's expiry
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: (_ for _ in ()).throw(jwt.ExpiredSignatureError("expired")))
+    with pytest.raises(Unauthenticated, match="expired"):
+        authenticate(settings, f"Bearer {token}", source_address=None)
+
+
+def test_a_cached_token_is_verified_again_after_the_cache_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.api import auth
+
+    settings = Settings(state_dir=tmp_path)
+    token = mint_token(settings, role="ingest", ttl_seconds=3600)
+    authenticate(settings, f"Bearer {token}", source_address=None)
+    started = auth._now()
+    monkeypatch.setattr(auth, "_now", lambda: started + auth.VERIFIED_TOKEN_SECONDS + 1)
+    decoded = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    authenticate(settings, f"Bearer {token}", source_address=None)
+    assert decoded == [1]
