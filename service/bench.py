@@ -328,7 +328,7 @@ def running_service(
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or processes[0].poll() is not None:
-                raise RuntimeError(f"clinfer serve did not start; see {logs / 'serve.log'}")
+                raise RuntimeError(f"clinfer serve did not start\n{_log_tails(logs)}")
             time.sleep(0.2)
         if broker_url:
             # CPU work (decode) scales by processes, not threads; one infer worker owns the model (the GPU)
@@ -345,7 +345,8 @@ def running_service(
             time.sleep(3)
             dead = [p.args for p in processes if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"a clinfer process exited at start ({dead}); see the logs in {logs}")
+                raise RuntimeError(f"a clinfer process exited at start ({dead})\n{_log_tails(logs)}")
+        _wait_ready(base, deadline=time.monotonic() + 60, logs=logs)
         settings = Settings(state_dir=state_dir, database_url=database_url, broker_url=broker_url)
         yield base, settings
     finally:
@@ -356,6 +357,31 @@ def running_service(
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _wait_ready(base: str, *, deadline: float, logs: Path) -> None:
+    """Until /readyz says the database, the broker and the models are ready; else fail the run at once, saying
+    what is not ready (an unreachable broker would otherwise leave every study waiting for its report)."""
+    body = ""
+    while time.monotonic() < deadline:
+        try:
+            ready = httpx.get(f"{base}/readyz", timeout=5)
+            if ready.status_code == 200:
+                return
+            body = ready.text
+        except httpx.HTTPError as e:
+            body = str(e)
+        time.sleep(0.5)
+    raise RuntimeError(f"the service is not ready: {body}\n{_log_tails(logs)}")
+
+
+def _log_tails(logs: Path, lines: int = 5) -> str:
+    """The last lines of each process's log (the run's folder is removed when it ends)."""
+    tails = []
+    for log_file in sorted(logs.glob("*.log")):
+        last = log_file.read_text(errors="replace").splitlines()[-lines:]
+        tails.append(f"--- {log_file.name}\n" + "\n".join(last))
+    return "\n".join(tails)
 
 
 @dataclass

@@ -355,19 +355,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.providers:
         providers = [p.strip() for p in args.providers.split(",") if p.strip()]
         settings = settings.model_copy(update={"execution_providers": providers})
-    results = bench.run(
-        studies_n=args.studies,
-        concurrency=args.concurrency,
-        size=args.size,
-        out=Path(args.json),
-        database_url=args.database_url,
-        broker_url=args.broker_url,
-        compare_batching=not args.no_batching_comparison,
-        model=args.model,
-        settings=settings,
-        api_workers=args.api_workers,
-        preprocess_workers=args.preprocess_workers,
-    )
+    try:
+        results = bench.run(
+            studies_n=args.studies,
+            concurrency=args.concurrency,
+            size=args.size,
+            out=Path(args.json),
+            database_url=args.database_url,
+            broker_url=args.broker_url,
+            compare_batching=not args.no_batching_comparison,
+            model=args.model,
+            settings=settings,
+            api_workers=args.api_workers,
+            preprocess_workers=args.preprocess_workers,
+        )
+    except RuntimeError as e:  # the service it started did not come up, or was not ready: say why, no traceback
+        print(f"clinfer bench: {e}", file=sys.stderr)
+        return 1
     bench.print_table(results)
     print(f"written: {args.json}")
     return 0
