@@ -74,6 +74,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from service import metrics
 
         metrics.register_gpu_metrics()  # clinfer_gpu_* where NVML sees a GPU
+    if "infer" in args.queues.split(","):
+        from service.flows import analysis
+
+        analysis.warm_models(runtime)  # before the first task: no study pays model loading or first-shape costs
     sweeper = None
     if not args.no_sweep:
         sweeper = Sweeper(runtime)

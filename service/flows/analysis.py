@@ -364,6 +364,30 @@ def _batcher(runtime: Runtime, manifest: Any, runner: Any, version: str) -> Dyna
     )
 
 
+def warm_models(runtime: Runtime) -> None:
+    """Load every model's latest version and warm its batcher up, before a worker takes its first infer task, so
+    that no study pays the loading, and on a GPU the per-shape algorithm searches. A model that fails to load is
+    logged and left for the jobs to report."""
+    if not runtime.settings.batching:
+        return
+    for name, model in sorted(runtime.registry.models.items()):
+        version = model.manifest.latest().version
+        started = time.perf_counter()
+        try:
+            runner = runtime.registry.runner(name, version)
+            batcher = _batcher(runtime, model.manifest, runner, version)
+        except ServiceError as e:
+            log.warning("model %s %s could not be warmed up: %s", name, version, e.message)
+            continue
+        log.info(
+            "model %s %s ready on %s in %.2f s",
+            name,
+            version,
+            batcher.provider if batcher else "-",
+            time.perf_counter() - started,
+        )
+
+
 def _predict(
     runtime: Runtime,
     manifest: Any,

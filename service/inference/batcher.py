@@ -360,8 +360,10 @@ def _wait_exceeded(timeout: float | None) -> str:
 
 
 def warm_up(batcher: DynamicBatcher) -> float:
-    """Run batches of zeros (one request, then a full batch) straight through the batcher's runner, so that the
-    first real request does not pay the session's first-run cost and a full batch's memory is claimed at load.
+    """Run a batch of zeros of every size the batcher can form, largest first, straight through its runner, so that
+    no study pays a first-run cost: ONNX Runtime plans memory per input shape, and on CUDA cuDNN benchmarks its
+    convolution algorithms for each new shape (``cudnn_conv_algo_search=EXHAUSTIVE``), which made the first batch of
+    each size tens of milliseconds slower on an H100. The largest batch's memory is claimed at load.
 
     Returns:
         Seconds spent.
@@ -380,7 +382,7 @@ def warm_up(batcher: DynamicBatcher) -> float:
         source_sop_instance_uid="",
     )
     started = time.perf_counter()
-    for size in sorted({1, batcher.max_batch}):
+    for size in range(batcher.max_batch, 0, -1):
         try:
             logits, _ = pipeline.predict(manifest, batcher.runner, [zeros] * size)
         except ServiceError:

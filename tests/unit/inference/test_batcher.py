@@ -341,7 +341,7 @@ def test_warm_up_runs_the_real_model_on_zeros_of_the_manifest_shapes(
     recording = RecordingRunner(runner)
     batcher = make_batcher(manifest, recording, max_batch=8)
     assert warm_up(batcher) > 0
-    assert recording.batch_sizes == [1, 8]
+    assert recording.batch_sizes == [8, 7, 6, 5, 4, 3, 2, 1]  # every size a batch can have, largest first
     assert batcher.submit(_study(manifest, 3), timeout=5).batch_size == 1
 
 
@@ -370,7 +370,7 @@ def test_pool_creates_one_warmed_up_batcher_per_model_version_and_unload_frees_i
         thread.join(timeout=5)
     try:
         assert len(runners) == 1 and len(got) == 8 and all(b is got[0] for b in got)
-        assert runners[0].calls == [[0.0], [0.0] * 4]  # warmed up: one request, then a full batch
+        assert runners[0].calls == [[0.0] * n for n in (4, 3, 2, 1)]  # warmed up: every batch size, largest first
         batcher = got[0]
         assert batcher.submit(_marked(manifest, 5), timeout=5).logits[0] == 5
         assert pool.loaded() == [("cxr-fusion", "1")]
@@ -403,7 +403,7 @@ def test_pool_closes_a_batcher_whose_warm_up_fails_and_tries_again_next_time(
         made.append(DynamicBatcher(manifest, FakeRunner(manifest, fail={1: RuntimeError("bad graph")}), version="2"))
         return made[-1]
 
-    with pytest.raises(ModelError, match="fails on a warm-up batch of 1: bad graph"):
+    with pytest.raises(ModelError, match="fails on a warm-up batch of 32: bad graph"):
         pool.get("cxr-fusion", "2", failing)
     assert made[0].closed and pool.loaded() == []
     try:
