@@ -362,8 +362,8 @@ def _wait_exceeded(timeout: float | None) -> str:
 def warm_up(batcher: DynamicBatcher) -> float:
     """Run a batch of zeros of every size the batcher can form, largest first, straight through its runner, so that
     no study pays a first-run cost: ONNX Runtime plans memory per input shape, and on CUDA cuDNN benchmarks its
-    convolution algorithms for each new shape (``cudnn_conv_algo_search=EXHAUSTIVE``), which made the first batch of
-    each size tens of milliseconds slower on an H100. The largest batch's memory is claimed at load.
+    convolution algorithms for each new shape (``cudnn_conv_algo_search=EXHAUSTIVE``), a search the first batch of
+    each size would otherwise pay while serving. The largest batch's memory is claimed at load.
 
     Returns:
         Seconds spent.
