@@ -65,3 +65,18 @@ def test_infer_without_inputs_goes_back_to_preprocess(runtime: Runtime, sent: li
     analysis.preprocess_job(runtime, job_id)
     analysis.infer_job(runtime, job_id)
     assert _state(runtime, job_id)[0] == "succeeded"
+
+
+def test_damaged_inputs_go_back_to_preprocess(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    """The prepared inputs are not fsync'd: after a machine crash they may be empty; the job pre-processes again."""
+    job_id = _job(runtime)
+    analysis.preprocess_job(runtime, job_id)
+    assert _state(runtime, job_id)[:2] == ("inferring", "infer")
+    runtime.blobs.put_bytes(f"jobs/{job_id}/prepared", b"", durable=False)
+    sent.clear()
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[:2] == ("queued", "preprocess")
+    assert sent == [(queue.PREPROCESS_TASK, job_id)]
+    analysis.preprocess_job(runtime, job_id)
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[0] == "succeeded"
