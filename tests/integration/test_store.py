@@ -173,3 +173,22 @@ def test_migrations_build_exactly_the_declared_tables(engine: Engine) -> None:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
+
+
+def test_appends_roll_back_with_their_transaction(engine: Engine) -> None:
+    """Several appends in one transaction chain to each other; a rolled-back one leaves neither row nor head."""
+    sessions = db.make_session_factory(engine)
+    principal = Principal(subject="tester")
+    with sessions.begin() as session:
+        for i in range(3):
+            audit.append(session=session, principal=principal, event_type="test", action="C", detail={"i": i})
+    with sessions() as session, session.begin():
+        audit.append(session=session, principal=principal, event_type="test", action="C", detail={"lost": True})
+        session.rollback()
+    with sessions.begin() as session:
+        audit.append(session=session, principal=principal, event_type="test", action="R", patient_ref="Patient/p")
+    with sessions() as session:
+        assert audit.verify(session=session) == (4, None)
+        rows = session.query(AuditEvent).order_by(AuditEvent.id).all()
+        assert [r.detail for r in rows] == [{"i": 0}, {"i": 1}, {"i": 2}, {}]
+        assert rows[-1].patient_ref == "Patient/p" and rows[-1].prev_hash == rows[-2].hash
