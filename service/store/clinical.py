@@ -40,18 +40,16 @@ def find_patient_by_identifier(*, session: Session, system: str | None, value: s
     With a system (issuer) the match is exact. Without one, the value must identify exactly one patient;
     an ambiguous value matches nobody rather than the wrong person.
     """
-    query = select(IdentifierRow).where(IdentifierRow.value == value)
+    query = (
+        select(Patient).join(IdentifierRow, IdentifierRow.patient_id == Patient.id).where(IdentifierRow.value == value)
+    )
     if system:
         query = query.where(IdentifierRow.system == system)
-    rows = list(session.scalars(query.limit(2)))
-    if len(rows) != 1:
-        return None
-    return session.get(Patient, rows[0].patient_id)
+    rows = list(session.scalars(query.limit(2)))  # one row per matching identifier, joined to its patient
+    return rows[0] if len(rows) == 1 else None
 
 
-def identifier_rows(
-    *, session: Session, identifiers: list[PatientIdentifier]
-) -> dict[tuple[str, str], IdentifierRow]:
+def identifier_rows(*, session: Session, identifiers: list[PatientIdentifier]) -> dict[tuple[str, str], IdentifierRow]:
     """The stored rows of these identifiers, by (system, value), in one SELECT."""
     if not identifiers:
         return {}
