@@ -13,9 +13,9 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, and_, delete, exists, false, func, insert, not_, or_, select, tuple_
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, false, func, insert, not_, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -286,9 +286,15 @@ def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
         _insert_search_rows(session, values)
 
 
+# Core INSERTs on the tables for the rows we write in bulk: they are never loaded back as objects, and the ORM's
+# bulk path costs more than the statements themselves (every key is present in every row, so one executemany)
+_RESOURCES = cast(Table, FhirResource.__table__)
+_VERSIONS = cast(Table, FhirResourceVersion.__table__)
+_SEARCH_VALUES = cast(Table, FhirSearchValue.__table__)
+
+
 def _insert_search_rows(session: Session, values: list[dict[str, Any]]) -> None:
-    # one executemany for all rows: render_nulls keeps the ORM from splitting them by which columns are None
-    session.execute(insert(FhirSearchValue).execution_options(render_nulls=True), values)
+    session.execute(insert(_SEARCH_VALUES), values)
 
 
 # --- reads and writes ---------------------------------------------------------------------------------------
@@ -435,7 +441,7 @@ def put(
         row.version += 1
         row.body, row.patient_id, row.deleted, row.updated_at = stored(row.version), patient_id, False, now
     session.execute(
-        insert(FhirResourceVersion),
+        insert(_VERSIONS),
         [
             {
                 "resource_type": resource_type,
@@ -537,9 +543,7 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
         try:
             with session.begin_nested():  # one INSERT of all new rows, complete or not at all
                 inserted = session.execute(
-                    insert(FhirResource).returning(
-                        FhirResource.id, FhirResource.resource_type, FhirResource.resource_id
-                    ),
+                    insert(_RESOURCES).returning(_RESOURCES.c.id, _RESOURCES.c.resource_type, _RESOURCES.c.resource_id),
                     [{name: getattr(row, name) for name in columns} for row in created_rows],
                 )
                 ids = {(resource_type, resource_id): pk for pk, resource_type, resource_id in inserted}
@@ -579,7 +583,7 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
         )
         search_rows += _search_rows(row)
     if versions:
-        session.execute(insert(FhirResourceVersion), versions)
+        session.execute(insert(_VERSIONS), versions)
     if updated_pks:
         session.flush()
         session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk.in_(updated_pks)))
