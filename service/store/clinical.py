@@ -23,9 +23,20 @@ def get_patient_or_raise(*, session: Session, resource_id: str) -> Patient:
 
 
 def patient_resource_id(*, session: Session, patient_id: int | None) -> str | None:
-    """The FHIR Patient.id of a patient row (None for a study not joined to a patient)."""
-    patient = session.get(Patient, patient_id) if patient_id is not None else None
-    return patient.resource_id if patient is not None else None
+    """The FHIR Patient.id of a patient row (None for a study not joined to a patient).
+
+    Kept in the session once looked up (a patient's resource id never changes): a report and its audit event ask
+    for it in the same transaction, and the session's identity map holds rows only while something else does.
+    """
+    if patient_id is None:
+        return None
+    known: dict[int, str] = session.info.setdefault("patient_resource_ids", {})
+    if patient_id not in known:
+        patient = session.get(Patient, patient_id)
+        if patient is None:
+            return None
+        known[patient_id] = patient.resource_id
+    return known[patient_id]
 
 
 def patient_reference(*, session: Session, patient_id: int | None) -> str | None:
