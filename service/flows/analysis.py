@@ -309,7 +309,8 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
     except ServiceError as e:
         _fail(runtime, job_id, JobStage.preprocess, e)
         return
-    runtime.blobs.put_bytes(_inputs_key(job_id), pipeline.encode_prepared(prepared))
+    # not fsync'd: the inputs can be made again, and a missing or damaged blob sends the job back to preprocess
+    runtime.blobs.put_bytes(_inputs_key(job_id), pipeline.encode_prepared(prepared), durable=False)
     preprocess_seconds = time.perf_counter() - started
     metrics.PREPROCESS_DURATION.labels(job.model_name).observe(preprocess_seconds)
     with runtime.sessions.begin() as session:

@@ -44,30 +44,30 @@ def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]
         for resource in resources
         if resource["resourceType"] != "Provenance"
     ]
-    versions = {
+    provenance = next((r for r in resources if r["resourceType"] == "Provenance"), None)
+    if provenance is not None:
+        targets = provenance.get("target", [])
+
+        def cite_stored_versions(versions: dict[str, int]) -> None:
+            for target in targets:  # point at the versions this same write stores
+                match = _HISTORY.match(target.get("reference", ""))
+                if match and match.group(1) in versions:
+                    target["reference"] = f"{match.group(1)}/_history/{versions[match.group(1)]}"
+
+        requests.append(  # last: it learns the versions of all the others, and goes in the same statements
+            fhir_store.PutRequest(
+                resource_type="Provenance",
+                resource_id=provenance["id"],
+                body=provenance,
+                patient_id=report.patient_id,
+                origin="result",
+                complete=cite_stored_versions,
+            )
+        )
+    return {
         f"{row.resource_type}/{row.resource_id}": row.version
         for row, _ in fhir_store.put_many(session=session, requests=requests)
     }
-    provenance = next((r for r in resources if r["resourceType"] == "Provenance"), None)
-    if provenance is not None:
-        for target in provenance.get("target", []):  # point at the versions actually stored
-            match = _HISTORY.match(target.get("reference", ""))
-            if match and match.group(1) in versions:
-                target["reference"] = f"{match.group(1)}/_history/{versions[match.group(1)]}"
-        [(row, _)] = fhir_store.put_many(
-            session=session,
-            requests=[
-                fhir_store.PutRequest(
-                    resource_type="Provenance",
-                    resource_id=provenance["id"],
-                    body=provenance,
-                    patient_id=report.patient_id,
-                    origin="result",
-                )
-            ],
-        )
-        versions[f"Provenance/{provenance['id']}"] = row.version
-    return versions
 
 
 def republish_for_study(session: Session, study: Study) -> int:

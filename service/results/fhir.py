@@ -30,7 +30,9 @@ the ``AIAST`` security label, and a conclusion that starts with :data:`CONCLUSIO
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
+import functools
 import hashlib
 import html
 import ipaddress
@@ -240,6 +242,13 @@ def device(model: ModelIdentity) -> dict[str, Any]:
     Raises:
         InvalidInput: The identity does not make a valid resource.
     """
+    # built and validated once per model version in a process: every report names the same Device
+    return copy.deepcopy(_device(model.name, model.version, model.sha256, model.intended_use))
+
+
+@functools.lru_cache(maxsize=64)
+def _device(name: str, version: str, sha256: str, intended_use: str) -> dict[str, Any]:
+    model = ModelIdentity(name=name, version=version, sha256=sha256, execution_provider="", intended_use=intended_use)
     resource = {
         "resourceType": "Device",
         "id": device_id(model),

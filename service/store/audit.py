@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.schemas import Principal
@@ -34,19 +34,27 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 def event_hash(event: AuditEvent, prev_hash: str) -> str:
     """The hash of one event given its predecessor's hash (canonical JSON, sorted keys)."""
-    content = {
-        "recorded_at": _utc(event.recorded_at).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "event_type": event.event_type,
-        "action": event.action,
-        "outcome": event.outcome,
-        "actor": event.actor,
-        "actor_role": event.actor_role,
-        "source_address": event.source_address,
-        "entity_type": event.entity_type,
-        "entity_ref": event.entity_ref,
-        "patient_ref": event.patient_ref,
-        "detail": event.detail,
-    }
+    return _content_hash({name: getattr(event, name) for name in _HASHED}, prev_hash)
+
+
+_HASHED = (
+    "recorded_at",
+    "event_type",
+    "action",
+    "outcome",
+    "actor",
+    "actor_role",
+    "source_address",
+    "entity_type",
+    "entity_ref",
+    "patient_ref",
+    "detail",
+)
+
+
+def _content_hash(values: Mapping[str, Any], prev_hash: str) -> str:
+    content = {name: values[name] for name in _HASHED}
+    content["recorded_at"] = _utc(values["recorded_at"]).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256((prev_hash + canonical).encode("utf-8")).hexdigest()
 
@@ -62,31 +70,42 @@ def append(
     entity_ref: str | None = None,
     patient_ref: str | None = None,
     detail: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Append one event in the caller's transaction (so it commits, or rolls back, with the access it records)."""
-    head = session.execute(
-        update(AuditHead).where(AuditHead.id == 1).values(count=AuditHead.count + 1).returning(AuditHead.last_hash)
-    ).scalar_one_or_none()
+) -> None:
+    """Append one event in the caller's transaction (so it commits, or rolls back, with the access it records).
+
+    Two statements on PostgreSQL: the UPDATE of the head that locks it and reads the last hash, then the event's
+    INSERT and the head's new hash in one statement (a data-modifying WITH); three on SQLite.
+    """
+    head = session.execute(_LOCK_HEAD).scalar_one_or_none()
     if head is None:
         raise RuntimeError("audit_head row is missing: the schema was not migrated with `clinfer db upgrade`")
-    event = AuditEvent(
-        recorded_at=dt.datetime.now(dt.UTC),
-        event_type=event_type,
-        action=action,
-        outcome=outcome,
-        actor=principal.subject,
-        actor_role=principal.role,
-        source_address=principal.source_address,
-        entity_type=entity_type,
-        entity_ref=entity_ref,
-        patient_ref=patient_ref,
-        detail=detail or {},
-        prev_hash=head,
-    )
-    event.hash = event_hash(event, head)
-    session.add(event)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=event.hash))
-    return event
+    values: dict[str, Any] = {
+        "recorded_at": dt.datetime.now(dt.UTC),
+        "event_type": event_type,
+        "action": action,
+        "outcome": outcome,
+        "actor": principal.subject,
+        "actor_role": principal.role,
+        "source_address": principal.source_address,
+        "entity_type": entity_type,
+        "entity_ref": entity_ref,
+        "patient_ref": patient_ref,
+        "detail": detail or {},
+        "prev_hash": head,
+    }
+    values["hash"] = _content_hash(values, head)
+    new_head = update(_HEAD).where(_HEAD.c.id == 1).values(last_hash=values["hash"])
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(new_head.add_cte(insert(_EVENTS).values(values).cte("appended")))
+    else:
+        session.execute(insert(_EVENTS).values(values))
+        session.execute(new_head)
+
+
+# Core statements on the tables: an event is never loaded back, so the ORM's unit of work would be pure overhead
+_EVENTS = cast(Table, AuditEvent.__table__)
+_HEAD = cast(Table, AuditHead.__table__)
+_LOCK_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(count=_HEAD.c.count + 1).returning(_HEAD.c.last_hash)
 
 
 def list_events(

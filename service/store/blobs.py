@@ -5,20 +5,26 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 
 class BlobStore(Protocol):
-    def put_file(self, key: str, source: BinaryIO) -> None: ...
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, source: BinaryIO, *, durable: bool = True) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None: ...
     def read_bytes(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
 
 
 class LocalBlobStore:
-    """Blobs on a local or shared filesystem; writes are atomic (temp file, fsync, rename)."""
+    """Blobs on a local or shared filesystem; writes are atomic (temp file, fsync, rename).
+
+    A write with ``durable=False`` skips the fsync: readers still see the whole blob or none, but after a crash of
+    the machine the blob may be empty or damaged. Only for blobs that can be made again (the prepared inputs that
+    the preprocess stage hands to the infer stage), never for what we acknowledged as received.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -30,24 +36,26 @@ class LocalBlobStore:
             raise ValueError(f"blob key escapes the store: {key!r}")
         return path
 
-    def put_file(self, key: str, source: BinaryIO) -> None:
+    def put_file(self, key: str, source: BinaryIO, *, durable: bool = True) -> None:
+        self._put(key, lambda out: shutil.copyfileobj(source, out, length=1024 * 1024), durable=durable)
+
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        self._put(key, lambda out: out.write(data), durable=durable)
+
+    def _put(self, key: str, write: Callable[[BinaryIO], object], *, durable: bool) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(source, out, length=1024 * 1024)
-                out.flush()
-                os.fsync(out.fileno())
+                write(out)
+                if durable:
+                    out.flush()
+                    os.fsync(out.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        import io
-
-        self.put_file(key, io.BytesIO(data))
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()

@@ -23,9 +23,20 @@ def get_patient_or_raise(*, session: Session, resource_id: str) -> Patient:
 
 
 def patient_resource_id(*, session: Session, patient_id: int | None) -> str | None:
-    """The FHIR Patient.id of a patient row (None for a study not joined to a patient)."""
-    patient = session.get(Patient, patient_id) if patient_id is not None else None
-    return patient.resource_id if patient is not None else None
+    """The FHIR Patient.id of a patient row (None for a study not joined to a patient).
+
+    Kept in the session once looked up (a patient's resource id never changes): a report and its audit event ask
+    for it in the same transaction, and the session's identity map holds rows only while something else does.
+    """
+    if patient_id is None:
+        return None
+    known: dict[int, str] = session.info.setdefault("patient_resource_ids", {})
+    if patient_id not in known:
+        patient = session.get(Patient, patient_id)
+        if patient is None:
+            return None
+        known[patient_id] = patient.resource_id
+    return known[patient_id]
 
 
 def patient_reference(*, session: Session, patient_id: int | None) -> str | None:
@@ -40,18 +51,16 @@ def find_patient_by_identifier(*, session: Session, system: str | None, value: s
     With a system (issuer) the match is exact. Without one, the value must identify exactly one patient;
     an ambiguous value matches nobody rather than the wrong person.
     """
-    query = select(IdentifierRow).where(IdentifierRow.value == value)
+    query = (
+        select(Patient).join(IdentifierRow, IdentifierRow.patient_id == Patient.id).where(IdentifierRow.value == value)
+    )
     if system:
         query = query.where(IdentifierRow.system == system)
-    rows = list(session.scalars(query.limit(2)))
-    if len(rows) != 1:
-        return None
-    return session.get(Patient, rows[0].patient_id)
+    rows = list(session.scalars(query.limit(2)))  # one row per matching identifier, joined to its patient
+    return rows[0] if len(rows) == 1 else None
 
 
-def identifier_rows(
-    *, session: Session, identifiers: list[PatientIdentifier]
-) -> dict[tuple[str, str], IdentifierRow]:
+def identifier_rows(*, session: Session, identifiers: list[PatientIdentifier]) -> dict[tuple[str, str], IdentifierRow]:
     """The stored rows of these identifiers, by (system, value), in one SELECT."""
     if not identifiers:
         return {}

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, and_, delete, exists, false, func, insert, not_, or_, select, tuple_
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, false, func, insert, not_, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -286,9 +286,15 @@ def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
         _insert_search_rows(session, values)
 
 
+# Core INSERTs on the tables for the rows we write in bulk: they are never loaded back as objects, and the ORM's
+# bulk path costs more than the statements themselves (every key is present in every row, so one executemany)
+_RESOURCES = cast(Table, FhirResource.__table__)
+_VERSIONS = cast(Table, FhirResourceVersion.__table__)
+_SEARCH_VALUES = cast(Table, FhirSearchValue.__table__)
+
+
 def _insert_search_rows(session: Session, values: list[dict[str, Any]]) -> None:
-    # one executemany for all rows: render_nulls keeps the ORM from splitting them by which columns are None
-    session.execute(insert(FhirSearchValue).execution_options(render_nulls=True), values)
+    session.execute(insert(_SEARCH_VALUES), values)
 
 
 # --- reads and writes ---------------------------------------------------------------------------------------
@@ -435,7 +441,7 @@ def put(
         row.version += 1
         row.body, row.patient_id, row.deleted, row.updated_at = stored(row.version), patient_id, False, now
     session.execute(
-        insert(FhirResourceVersion),
+        insert(_VERSIONS),
         [
             {
                 "resource_type": resource_type,
@@ -458,6 +464,8 @@ class PutRequest:
 
     ``create_only``: when the resource exists, leave it as it is (its row is returned, not created).
     ``where``: a label for error messages (``Bundle.entry[3]``), prefixed to them and given as their expression.
+    ``complete``: called before ``body`` is stored with the versions (by ``Type/id``) that the requests before this
+    one will have once written; it may change ``body`` in place (a Provenance that names the versions it covers).
     """
 
     resource_type: str
@@ -468,6 +476,7 @@ class PutRequest:
     if_match: int | None = None
     create_only: bool = False
     where: str | None = None
+    complete: Callable[[dict[str, int]], None] | None = None
 
 
 def _current_many(
@@ -500,7 +509,7 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
     """
     keys = [(r.resource_type, r.resource_id) for r in requests]
     if len(set(keys)) != len(keys):  # a resource twice: each write must see the one before it
-        return [_put_one(session, request) for request in requests]
+        return _put_each(session, requests)
     # the rows to update are locked; one that is only created when missing (create_only) is not, so that writers
     # sharing it (every report of a model version names its Device) do not wait for each other
     found = _current_many(
@@ -516,6 +525,12 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
                 _check_update(row, request.origin, request.if_match)
         except (PreconditionFailed, Conflict) as e:
             raise _refuse(request, e) from e
+    planned: dict[str, int] = {}
+    for request, key in zip(requests, keys, strict=True):
+        if request.complete is not None:
+            request.complete(dict(planned))
+        row = found.get(key)
+        planned[f"{key[0]}/{key[1]}"] = 1 if row is None else row.version if request.create_only else row.version + 1
     now = utcnow()
     last_updated = _instant(now)
     created_rows = [
@@ -537,14 +552,12 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
         try:
             with session.begin_nested():  # one INSERT of all new rows, complete or not at all
                 inserted = session.execute(
-                    insert(FhirResource).returning(
-                        FhirResource.id, FhirResource.resource_type, FhirResource.resource_id
-                    ),
+                    insert(_RESOURCES).returning(_RESOURCES.c.id, _RESOURCES.c.resource_type, _RESOURCES.c.resource_id),
                     [{name: getattr(row, name) for name in columns} for row in created_rows],
                 )
                 ids = {(resource_type, resource_id): pk for pk, resource_type, resource_id in inserted}
         except IntegrityError:  # one was created meanwhile by another request: write them one by one
-            return [_put_one(session, request) for request in requests]
+            return _put_each(session, requests)
         for row in created_rows:
             row.id = ids[(row.resource_type, row.resource_id)]
             make_transient_to_detached(row)  # persistent as inserted, without another INSERT
@@ -579,12 +592,24 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
         )
         search_rows += _search_rows(row)
     if versions:
-        session.execute(insert(FhirResourceVersion), versions)
+        session.execute(insert(_VERSIONS), versions)
     if updated_pks:
         session.flush()
         session.execute(delete(FhirSearchValue).where(FhirSearchValue.resource_pk.in_(updated_pks)))
     if search_rows:
         _insert_search_rows(session, search_rows)
+    return results
+
+
+def _put_each(session: Session, requests: list[PutRequest]) -> list[tuple[FhirResource, bool]]:
+    results: list[tuple[FhirResource, bool]] = []
+    versions: dict[str, int] = {}
+    for request in requests:
+        if request.complete is not None:
+            request.complete(dict(versions))
+        row, created = _put_one(session, request)
+        versions[f"{row.resource_type}/{row.resource_id}"] = row.version
+        results.append((row, created))
     return results
 
 

@@ -92,6 +92,22 @@ def for_study(*, session: Session, study: Study) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.created_at)))
 
 
+def states_for_study(*, session: Session, study_instance_uid: str) -> list[str]:
+    """The states of a study's jobs, in one SELECT of two columns (polled while a client waits for a report).
+
+    Raises:
+        NotFound: no such study.
+    """
+    rows = session.execute(
+        select(Study.id, Job.state)
+        .outerjoin(Job, Job.study_id == Study.id)
+        .where(Study.study_instance_uid == study_instance_uid)
+    ).all()
+    if not rows:
+        raise NotFound(f"study {study_instance_uid} not found")
+    return [state for _, state in rows if state is not None]
+
+
 def lost(*, session: Session, older_than: dt.datetime, limit: int = 100) -> list[Job]:
     """Active jobs untouched since ``older_than``: committed but lost by the broker or a dead worker."""
     return list(

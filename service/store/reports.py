@@ -8,6 +8,7 @@ import uuid
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import NotFound
 from service.schemas import Findings
@@ -59,26 +60,28 @@ def _version_row(report: Report, job: Job, findings: Findings) -> ReportVersion:
     )
 
 
-def _set_findings(session: Session, report: Report, findings: Findings) -> None:
+def _set_findings(session: Session, report: Report, findings: Findings) -> list[Finding]:
     report.model_sha256 = findings.model.sha256
     report.execution_provider = findings.model.execution_provider
     report.intended_use = findings.model.intended_use
     report.source_sop_instance_uid = findings.source_sop_instance_uid
     report.clinical_inputs = [value.model_dump(mode="json") for value in findings.clinical_inputs]
     report.missing_inputs = list(findings.missing_inputs)
-    for position, finding in enumerate(findings.findings):
-        session.add(
-            Finding(
-                report_id=report.id,
-                position=position,
-                system=finding.system,
-                code=finding.code,
-                display=finding.display,
-                probability=finding.probability,
-                threshold=finding.threshold,
-                positive=finding.positive,
-            )
+    rows = [
+        Finding(
+            report_id=report.id,
+            position=position,
+            system=finding.system,
+            code=finding.code,
+            display=finding.display,
+            probability=finding.probability,
+            threshold=finding.threshold,
+            positive=finding.positive,
         )
+        for position, finding in enumerate(findings.findings)
+    ]
+    session.add_all(rows)
+    return rows
 
 
 def create_once(*, session: Session, job: Job, study: Study, findings: Findings) -> tuple[Report, bool]:
@@ -106,9 +109,10 @@ def create_once(*, session: Session, job: Job, study: Study, findings: Findings)
                     status="preliminary",
                     version=1,
                 )
-                _set_findings(session, report, findings)
+                rows = _set_findings(session, report, findings)
                 session.add(report)
                 session.flush()
+                set_committed_value(report, "findings", rows)  # known, in position order: no SELECT to load them
                 session.add(_version_row(report, job, findings))
             return report, True
         except IntegrityError:

@@ -7,6 +7,7 @@ import datetime as dt
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import NotFound
 from service.schemas import NormalizedInstance, StudyStatus
@@ -37,6 +38,34 @@ def study_of(*, session: Session, instance: Instance) -> Study:
     return study
 
 
+def _new_study(meta: NormalizedInstance) -> Study:
+    return Study(
+        study_instance_uid=meta.study_instance_uid,
+        dicom_patient_id=meta.patient_id,
+        issuer_of_patient_id=meta.issuer_of_patient_id,
+        study_date=meta.study_date,
+        study_time=meta.study_time,
+        accession_number=meta.accession_number,
+        description=meta.study_description,
+        status=StudyStatus.receiving.value,
+    )
+
+
+def _new_series(study: Study, meta: NormalizedInstance) -> Series:
+    return Series(
+        study_id=study.id,
+        series_instance_uid=meta.series_instance_uid,
+        modality=meta.modality,
+        body_part_examined=meta.body_part_examined,
+        series_description=meta.series_description,
+        series_number=meta.series_number,
+    )
+
+
+def _get_series(session: Session, series_instance_uid: str) -> Series | None:
+    return session.scalar(select(Series).where(Series.series_instance_uid == series_instance_uid))
+
+
 def _get_or_create_study(session: Session, meta: NormalizedInstance) -> tuple[Study, bool]:
     """The study of an instance, created when new; returns (study, True when this call created it)."""
     study = get(session=session, study_instance_uid=meta.study_instance_uid)
@@ -44,16 +73,7 @@ def _get_or_create_study(session: Session, meta: NormalizedInstance) -> tuple[St
         return study, False
     try:
         with session.begin_nested():
-            study = Study(
-                study_instance_uid=meta.study_instance_uid,
-                dicom_patient_id=meta.patient_id,
-                issuer_of_patient_id=meta.issuer_of_patient_id,
-                study_date=meta.study_date,
-                study_time=meta.study_time,
-                accession_number=meta.accession_number,
-                description=meta.study_description,
-                status=StudyStatus.receiving.value,
-            )
+            study = _new_study(meta)
             session.add(study)
         return study, True
     except IntegrityError:  # another request created it first
@@ -61,23 +81,16 @@ def _get_or_create_study(session: Session, meta: NormalizedInstance) -> tuple[St
 
 
 def _get_or_create_series(session: Session, study: Study, meta: NormalizedInstance) -> Series:
-    series = session.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
+    series = _get_series(session, meta.series_instance_uid)
     if series is not None:
         return series
     try:
         with session.begin_nested():
-            series = Series(
-                study_id=study.id,
-                series_instance_uid=meta.series_instance_uid,
-                modality=meta.modality,
-                body_part_examined=meta.body_part_examined,
-                series_description=meta.series_description,
-                series_number=meta.series_number,
-            )
+            series = _new_series(study, meta)
             session.add(series)
         return series
     except IntegrityError:
-        found = session.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
+        found = _get_series(session, meta.series_instance_uid)
         assert found is not None
         return found
 
@@ -98,6 +111,9 @@ def add_instance(
     A received instance restarts the study's completeness clock (and reopens a reported study, so that it is
     analyzed again and its reports amended); our own results (origin "result") do not.
 
+    The rows that are missing (study, series, instance) are inserted under one SAVEPOINT; when one of them clashes
+    with a row another request stored meanwhile, they are inserted again one by one, each finding the other's.
+
     Args:
         checked_absent: the caller looked the instance up in this transaction and did not find it; an instance
             stored meanwhile by another request is still found (by the unique constraint).
@@ -109,33 +125,57 @@ def add_instance(
         existing = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
         if existing is not None:
             return existing, False
-    study, study_created = _get_or_create_study(session, meta)
-    series = _get_or_create_series(session, study, meta)
+
+    def new_instance(series: Series) -> Instance:
+        return Instance(
+            series_id=series.id,
+            sop_instance_uid=meta.sop_instance_uid,
+            sop_class_uid=meta.sop_class_uid,
+            transfer_syntax_uid=meta.transfer_syntax_uid,
+            instance_number=meta.instance_number,
+            rows=meta.rows,
+            columns=meta.columns,
+            photometric_interpretation=meta.photometric_interpretation,
+            number_of_frames=meta.number_of_frames,
+            view_position=meta.view_position,
+            manufacturer=meta.manufacturer,
+            calling_ae_title=calling_ae_title,
+            origin=origin,
+            blob_key=blob_key,
+            size_bytes=size_bytes,
+            sha256=sha256,
+        )
+
+    found_study = get(session=session, study_instance_uid=meta.study_instance_uid)
+    # a new study has no series yet, unless its series UID is (wrongly) another study's: then the INSERT clashes
+    found_series = _get_series(session, meta.series_instance_uid) if found_study is not None else None
     try:
         with session.begin_nested():
-            instance = Instance(
-                series_id=series.id,
-                sop_instance_uid=meta.sop_instance_uid,
-                sop_class_uid=meta.sop_class_uid,
-                transfer_syntax_uid=meta.transfer_syntax_uid,
-                instance_number=meta.instance_number,
-                rows=meta.rows,
-                columns=meta.columns,
-                photometric_interpretation=meta.photometric_interpretation,
-                number_of_frames=meta.number_of_frames,
-                view_position=meta.view_position,
-                manufacturer=meta.manufacturer,
-                calling_ae_title=calling_ae_title,
-                origin=origin,
-                blob_key=blob_key,
-                size_bytes=size_bytes,
-                sha256=sha256,
-            )
+            study, study_created = (found_study, False) if found_study is not None else (_new_study(meta), True)
+            if study_created:
+                session.add(study)
+                session.flush()
+            series = found_series
+            if series is None:
+                series = _new_series(study, meta)
+                session.add(series)
+                session.flush()
+            instance = new_instance(series)
             session.add(instance)
-    except IntegrityError:
-        found = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
-        assert found is not None
-        return found, False
+    except IntegrityError:  # a row stored meanwhile by another request: one step at a time, each finding it
+        study, study_created = _get_or_create_study(session, meta)
+        series = _get_or_create_series(session, study, meta)
+        try:
+            with session.begin_nested():
+                instance = new_instance(series)
+                session.add(instance)
+        except IntegrityError:
+            found = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+            assert found is not None
+            return found, False
+    # held by the instance, so that study_of finds them in the session (its identity map holds rows weakly)
+    set_committed_value(instance, "series", series)
+    set_committed_value(series, "study", study)
     if origin == "received":
         if not study_created:  # a new study's clock started when it was created, a moment ago
             study.last_instance_at = utcnow()

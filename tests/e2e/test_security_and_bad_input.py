@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
@@ -180,3 +182,14 @@ def test_audit_verify_detects_an_edited_row(
         session.execute(update(AuditEvent).where(AuditEvent.id == second.id).values(actor="someone-else"))
     assert clinfer(["audit", "verify"]) == 1
     assert f"BROKEN at event {second.id}" in capsys.readouterr().out  # type: ignore[attr-defined]
+
+
+def test_requests_are_measured_by_route_template(client: TestClient, tokens: Tokens) -> None:
+    study_uid = generate_uid()
+    missing = client.get(f"/v1/studies/{study_uid}/report", headers=tokens.header("clinician"))
+    assert missing.status_code == 404
+    text = client.get("/metrics", headers=tokens.header("admin")).text
+    assert study_uid not in text
+    template = re.escape('method="GET",route="/v1/studies/{study_instance_uid}/report"')
+    assert re.search(rf'clinfer_http_requests_total\{{{template},status="404"\}} [1-9]', text)
+    assert re.search(rf"clinfer_http_request_duration_seconds_count\{{{template}\}} [1-9]", text)

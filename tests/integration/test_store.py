@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service.schemas import FindingResult, Findings, ModelIdentity, NormalizedInstance, Principal
 from service.store import audit, db, jobs, reports, studies
-from service.store.tables import AuditEvent, Instance, Report, Series
+from service.store.tables import AuditEvent, Instance, Report, Series, Study
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -173,3 +173,73 @@ def test_migrations_build_exactly_the_declared_tables(engine: Engine) -> None:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
+
+
+def test_appends_roll_back_with_their_transaction(engine: Engine) -> None:
+    """Several appends in one transaction chain to each other; a rolled-back one leaves neither row nor head."""
+    sessions = db.make_session_factory(engine)
+    principal = Principal(subject="tester")
+    with sessions.begin() as session:
+        for i in range(3):
+            audit.append(session=session, principal=principal, event_type="test", action="C", detail={"i": i})
+    with sessions() as session, session.begin():
+        audit.append(session=session, principal=principal, event_type="test", action="C", detail={"lost": True})
+        session.rollback()
+    with sessions.begin() as session:
+        audit.append(session=session, principal=principal, event_type="test", action="R", patient_ref="Patient/p")
+    with sessions() as session:
+        assert audit.verify(session=session) == (4, None)
+        rows = session.query(AuditEvent).order_by(AuditEvent.id).all()
+        assert [r.detail for r in rows] == [{"i": 0}, {"i": 1}, {"i": 2}, {}]
+        assert rows[-1].patient_ref == "Patient/p" and rows[-1].prev_hash == rows[-2].hash
+
+
+def test_instance_whose_series_uid_belongs_to_another_study(engine: Engine) -> None:
+    """The new study's series INSERT clashes: the rows are made one by one, as before (the series is found)."""
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+    with sessions.begin() as session:
+        instance, new = studies.add_instance(
+            session=session,
+            meta=_meta(study_instance_uid="1.2.4", sop_instance_uid="1.2.4.1.1"),
+            blob_key="b",
+            size_bytes=1,
+            sha256="y",
+        )
+        assert new
+    with sessions() as session:
+        assert studies.get(session=session, study_instance_uid="1.2.4") is not None
+        assert session.query(Series).count() == 1 and session.query(Instance).count() == 2
+
+
+def test_concurrent_first_instances_of_one_study(engine: Engine) -> None:
+    """Two requests store the first instances of the same new study at once: one study, one series, both kept."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serializes writers with its database lock: no two inserts of one study overlap")
+    sessions = db.make_session_factory(engine)
+    first_added = threading.Event()
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            first_added.wait(10)
+            with sessions.begin() as session:  # its INSERT of the study waits for the first commit, then clashes
+                _, new = studies.add_instance(
+                    session=session, meta=_meta(sop_instance_uid="1.2.3.1.2"), blob_key="b", size_bytes=1, sha256="y"
+                )
+                assert new
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with sessions.begin() as session:
+        studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+        first_added.set()
+        thread.join(0.5)  # let the second request reach its INSERT while this transaction is still open
+    thread.join()
+    assert not errors
+    with sessions() as session:
+        assert session.query(Study).count() == 1 and session.query(Series).count() == 1
+        assert session.query(Instance).count() == 2

@@ -116,8 +116,7 @@ def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> 
     while True:
         seen = analysis.REPORT_STORED.current()  # before the look: a report stored during it still wakes us
         with runtime.sessions() as session:
-            study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
-            states = [j.state for j in jobs.for_study(session=session, study=study)]
+            states = jobs.states_for_study(session=session, study_instance_uid=study_instance_uid)
             ready = bool(states) and not any(s in jobs.ACTIVE_STATES for s in states)
         remaining = deadline - time.monotonic()
         if ready or remaining <= 0:

@@ -10,7 +10,7 @@ from service.flows import analysis, ingest, queue
 from service.flows.runtime import Runtime
 from service.schemas import SYSTEM_PRINCIPAL
 from service.store import jobs
-from service.store.tables import Report
+from service.store.tables import Report, Study
 from tests.factories import dx_instance
 
 
@@ -65,3 +65,40 @@ def test_infer_without_inputs_goes_back_to_preprocess(runtime: Runtime, sent: li
     analysis.preprocess_job(runtime, job_id)
     analysis.infer_job(runtime, job_id)
     assert _state(runtime, job_id)[0] == "succeeded"
+
+
+def test_damaged_inputs_go_back_to_preprocess(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    """The prepared inputs are not fsync'd: after a machine crash they may be empty; the job pre-processes again."""
+    job_id = _job(runtime)
+    analysis.preprocess_job(runtime, job_id)
+    assert _state(runtime, job_id)[:2] == ("inferring", "infer")
+    runtime.blobs.put_bytes(f"jobs/{job_id}/prepared", b"", durable=False)
+    sent.clear()
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[:2] == ("queued", "preprocess")
+    assert sent == [(queue.PREPROCESS_TASK, job_id)]
+    analysis.preprocess_job(runtime, job_id)
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[0] == "succeeded"
+
+
+def test_states_for_study_follow_the_job(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    from service.errors import NotFound
+
+    job_id = _job(runtime)
+    with runtime.sessions() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        study_uid = session.get(Study, job.study_id).study_instance_uid  # type: ignore[union-attr]
+        assert jobs.states_for_study(session=session, study_instance_uid=study_uid) == ["queued"]
+        with pytest.raises(NotFound, match="not found"):
+            jobs.states_for_study(session=session, study_instance_uid="1.2.999")
+    analysis.preprocess_job(runtime, job_id)
+    analysis.infer_job(runtime, job_id)
+    with runtime.sessions() as session:
+        assert jobs.states_for_study(session=session, study_instance_uid=study_uid) == ["succeeded"]
+    other = generate_uid()
+    ingest.store_instance(
+        runtime, dx_instance(study_uid=other, size=64), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+    )
+    with runtime.sessions() as session:
+        assert jobs.states_for_study(session=session, study_instance_uid=other) == []

@@ -25,6 +25,7 @@ from service.results import reports
 from service.results.fhir import (
     ISSUE_SEVERITIES,
     ISSUE_TYPES,
+    MODEL_SHA256_SYSTEM,
     audit_event,
     device,
     device_id,
@@ -733,3 +734,13 @@ def test_validate_resource_checks_reference_targets_and_required_codes() -> None
         validate_resource({**report, "status": "done"})
     with pytest.raises(InvalidInput, match="Device.status"):
         validate_resource({"resourceType": "Device", "status": "on"})
+
+
+def test_device_is_built_once_per_model_version_and_handed_out_as_a_copy() -> None:
+    first = device(_model())
+    first["status"] = "inactive"  # a caller changing its copy changes nobody else's
+    second = device(_model().model_copy(update={"execution_provider": "CUDAExecutionProvider"}))
+    assert second["status"] == "active" and second["id"] == first["id"]
+    other = device(_model().model_copy(update={"sha256": "f" * 64}))
+    assert {"system": MODEL_SHA256_SYSTEM, "value": "f" * 64} in other["identifier"]
+    Device.model_validate(other)
