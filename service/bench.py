@@ -270,10 +270,14 @@ class GpuSampler:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now: held open together while chosen, so the OS cannot hand one out twice (a
+    worker given the port of another would fail to serve its metrics and exit at start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def _clinfer() -> list[str]:
@@ -294,7 +298,7 @@ def running_service(
     preprocess_workers: int = 1,
 ) -> Iterator[tuple[str, Settings]]:
     """`clinfer serve` (embedded worker) or `clinfer serve` + `clinfer worker` processes for the run."""
-    port = _free_port()
+    port, *metrics_ports = _free_ports(2 + preprocess_workers)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CLINFER_")},
         "CLINFER_STATE_DIR": str(state_dir),
@@ -333,11 +337,11 @@ def running_service(
         if broker_url:
             # CPU work (decode) scales by processes, not threads; one infer worker owns the model (the GPU)
             queues = [("preprocess", i) for i in range(preprocess_workers)] + [("infer", 0)]
-            for name, index in queues:
+            for (name, index), metrics_port in zip(queues, metrics_ports, strict=True):
                 processes.append(
                     subprocess.Popen(
                         [*_clinfer(), "worker", "--queues", name, "--concurrency", str(workers), "--pool", "threads"],
-                        env={**env, "CLINFER_WORKER_METRICS_PORT": str(_free_port())},
+                        env={**env, "CLINFER_WORKER_METRICS_PORT": str(metrics_port)},
                         stdout=(logs / f"worker-{name}-{index}.log").open("w"),
                         stderr=subprocess.STDOUT,
                     )
