@@ -213,10 +213,20 @@ def test_instance_whose_series_uid_belongs_to_another_study(engine: Engine) -> N
         assert session.query(Series).count() == 1 and session.query(Instance).count() == 2
 
 
-def test_concurrent_first_instances_of_one_study(engine: Engine) -> None:
-    """Two requests store the first instances of the same new study at once: one study, one series, both kept."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("SQLite serializes writers with its database lock: no two inserts of one study overlap")
+@pytest.fixture
+def postgres_engine(postgres_url: str) -> Iterator[Engine]:
+    built = db.make_engine(postgres_url)
+    db.upgrade(built)
+    yield built
+    built.dispose()
+
+
+def test_concurrent_first_instances_of_one_study(postgres_engine: Engine) -> None:
+    """Two requests store the first instances of the same new study at once: one study, one series, both kept.
+
+    PostgreSQL only: SQLite serializes writers with its database lock, so no two inserts of one study overlap there.
+    """
+    engine = postgres_engine
     sessions = db.make_session_factory(engine)
     first_added = threading.Event()
     errors: list[BaseException] = []
