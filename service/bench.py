@@ -324,16 +324,8 @@ def running_service(
     ]
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or processes[0].poll() is not None:
-                raise RuntimeError(f"clinfer serve did not start\n{_log_tails(logs)}")
-            time.sleep(0.2)
+        # up (migrations done) before the workers start; ready (database, broker, models) before the run
+        _wait_ok(f"{base}/healthz", "did not start", serve=processes[0], logs=logs)
         if broker_url:
             # CPU work (decode) scales by processes, not threads; one infer worker owns the model (the GPU)
             queues = [("preprocess", i) for i in range(preprocess_workers)] + [("infer", 0)]
@@ -350,7 +342,7 @@ def running_service(
             dead = [p.args for p in processes if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"a clinfer process exited at start ({dead})\n{_log_tails(logs)}")
-        _wait_ready(base, deadline=time.monotonic() + 60, logs=logs)
+        _wait_ok(f"{base}/readyz", "is not ready", serve=processes[0], logs=logs)
         settings = Settings(state_dir=state_dir, database_url=database_url, broker_url=broker_url)
         yield base, settings
     finally:
@@ -363,20 +355,21 @@ def running_service(
                 process.kill()
 
 
-def _wait_ready(base: str, *, deadline: float, logs: Path) -> None:
-    """Until /readyz says the database, the broker and the models are ready; else fail the run at once, saying
-    what is not ready (an unreachable broker would otherwise leave every study waiting for its report)."""
-    body = ""
-    while time.monotonic() < deadline:
+def _wait_ok(url: str, failure: str, *, serve: subprocess.Popen[bytes], logs: Path, seconds: float = 60) -> None:
+    """Until ``url`` answers 200; else fail the run at once with its last answer and the logs' tails (an
+    unreachable broker, say, would otherwise leave every study waiting for its report)."""
+    deadline = time.monotonic() + seconds
+    answer = ""
+    while serve.poll() is None and time.monotonic() < deadline:
         try:
-            ready = httpx.get(f"{base}/readyz", timeout=5)
-            if ready.status_code == 200:
+            response = httpx.get(url, timeout=5)
+            if response.status_code == 200:
                 return
-            body = ready.text
+            answer = response.text
         except httpx.HTTPError as e:
-            body = str(e)
-        time.sleep(0.5)
-    raise RuntimeError(f"the service is not ready: {body}\n{_log_tails(logs)}")
+            answer = str(e)
+        time.sleep(0.2)
+    raise RuntimeError(f"clinfer serve {failure}: {answer}\n{_log_tails(logs)}")
 
 
 def _log_tails(logs: Path, lines: int = 5) -> str:
@@ -575,16 +568,19 @@ def run(
             url = database_url
             if database_url and database_url.startswith("postgresql"):
                 url = _fresh_postgres(database_url)
-            with running_service(
-                state_dir=Path(state),
-                database_url=url,
-                broker_url=broker_url,
-                batching=batching,
-                workers=max(2, clients),
-                providers=list(settings.execution_providers),
-                api_workers=api_workers,
-                preprocess_workers=preprocess_workers,
-            ) as (base, service_settings), GpuSampler() as gpu:
+            with (
+                running_service(
+                    state_dir=Path(state),
+                    database_url=url,
+                    broker_url=broker_url,
+                    batching=batching,
+                    workers=max(2, clients),
+                    providers=list(settings.execution_providers),
+                    api_workers=api_workers,
+                    preprocess_workers=preprocess_workers,
+                ) as (base, service_settings),
+                GpuSampler() as gpu,
+            ):
                 subset = studies if clients > 1 else studies[: max(10, len(studies) // 4)]
                 measured = end_to_end(
                     base,
