@@ -45,6 +45,7 @@ import numpy as np
 
 from service import metrics
 from service.config import Settings
+from service.flows import analysis
 from service.inference import pipeline
 from service.inference.registry import ModelRegistry
 from service.ingest import dicom
@@ -421,15 +422,11 @@ def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinici
     finished = time.time()
     job = analyze.json()["jobs"][0]
     timings = http.get(f"/v1/jobs/{job['id']}", headers=clinician).json()["timings"] or {}
+    job_stages = analysis.job_stage_seconds(timings)  # a stage missing from the timings is a KeyError here
     stages = {
         "ingest": ingested - started,
-        "queue_wait": (timings["preprocess_started"] - timings["enqueued_preprocess"])
-        + (timings["infer_started"] - timings["enqueued_infer"]),
-        "preprocess": timings["preprocess_seconds"],
-        "batch_wait": timings["batch_wait_seconds"],
-        "inference": timings["inference_seconds"],
-        "postprocess": timings["postprocess_seconds"],
-        "report": timings["report_stored"] - timings["store_started"],
+        "queue_wait": job_stages["queue_wait_preprocess"] + job_stages["queue_wait_infer"],
+        **{stage: job_stages[stage] for stage in ("preprocess", "batch_wait", "inference", "postprocess", "report")},
         "response": finished - timings["report_stored"],
     }
     return StudyRun(finished - started, stages, int(timings.get("batch_size", 1)), str(timings.get("provider", "")))

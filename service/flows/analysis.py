@@ -441,19 +441,29 @@ class _ReportSignal:
 REPORT_STORED = _ReportSignal()
 
 
-def _observe_stages(model_name: str, timings: dict[str, Any]) -> None:
-    """clinfer_job_stage_seconds from a finished job's timings (the same figures as GET /v1/jobs/{id})."""
+def job_stage_seconds(timings: dict[str, Any]) -> dict[str, float]:
+    """Seconds in each stage from a job's recorded timings (as GET /v1/jobs/{id} shows them); a stage not recorded
+    (yet) is left out. The two queue waits run from the enqueue to the stage's start, across processes."""
     spans = {
         "queue_wait_preprocess": ("enqueued_preprocess", "preprocess_started"),
         "queue_wait_infer": ("enqueued_infer", "infer_started"),
         "report": ("store_started", "report_stored"),
     }
-    for stage, (start, end) in spans.items():
-        if start in timings and end in timings:
-            metrics.JOB_STAGE_SECONDS.labels(model_name, stage).observe(max(0.0, timings[end] - timings[start]))
+    stages = {
+        stage: float(timings[end] - timings[start])
+        for stage, (start, end) in spans.items()
+        if start in timings and end in timings
+    }
     for stage in ("preprocess", "batch_wait", "inference", "postprocess"):
         if f"{stage}_seconds" in timings:
-            metrics.JOB_STAGE_SECONDS.labels(model_name, stage).observe(timings[f"{stage}_seconds"])
+            stages[stage] = float(timings[f"{stage}_seconds"])
+    return stages
+
+
+def _observe_stages(model_name: str, timings: dict[str, Any]) -> None:
+    """clinfer_job_stage_seconds from a finished job's timings."""
+    for stage, seconds in job_stage_seconds(timings).items():
+        metrics.JOB_STAGE_SECONDS.labels(model_name, stage).observe(max(0.0, seconds))
 
 
 def infer_job(runtime: Runtime, job_id: str) -> None:
