@@ -122,7 +122,7 @@ class GpuCollector(Collector):
     """``clinfer_gpu_*`` gauges, read from NVML when Prometheus scrapes (nothing is sampled in between)."""
 
     def __init__(self, nvml: Any) -> None:
-        self._nvml = nvml
+        self.nvml = nvml
 
     def collect(self) -> Iterator[Metric]:
         labels = ["gpu", "name"]
@@ -133,8 +133,8 @@ class GpuCollector(Collector):
         total = GaugeMetricFamily("clinfer_gpu_memory_total_bytes", "GPU memory", labels=labels)
         own = GaugeMetricFamily("clinfer_gpu_process_memory_bytes", "GPU memory this process holds", labels=labels)
         try:
-            readings = gpu_readings(self._nvml)
-        except self._nvml.NVMLError as e:  # a GPU fell off the bus, a driver reload: the scrape still answers
+            readings = gpu_readings(self.nvml)
+        except self.nvml.NVMLError as e:  # a GPU fell off the bus, a driver reload: the scrape still answers
             log.warning("NVML read failed: %s", e)
             readings = []
         for reading in readings:
@@ -172,11 +172,10 @@ def register_gpu_metrics(registry: CollectorRegistry = REGISTRY) -> int:
     Called once per process by the processes that run models; a process without a GPU exports nothing of these.
     """
     global _gpu_collector
-    if _gpu_collector is not None:
-        return len(gpu_readings(_gpu_collector._nvml))
-    nvml = load_nvml()
-    if nvml is None:
-        return 0
-    _gpu_collector = GpuCollector(nvml)
-    registry.register(_gpu_collector)
-    return len(gpu_readings(nvml))
+    if _gpu_collector is None:
+        nvml = load_nvml()
+        if nvml is None:
+            return 0
+        _gpu_collector = GpuCollector(nvml)
+        registry.register(_gpu_collector)
+    return int(_gpu_collector.nvml.nvmlDeviceGetCount())
