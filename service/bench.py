@@ -135,16 +135,9 @@ def model_limit(manifest: Any, runner: Any, prepared: list[pipeline.PreparedInpu
     }
 
 
-def _arrays(prepared: pipeline.PreparedInputs) -> dict[str, np.ndarray]:
-    arrays = {"image": prepared.image}
-    if prepared.clinical is not None and prepared.clinical_mask is not None:
-        arrays |= {"clinical": prepared.clinical, "clinical_mask": prepared.clinical_mask}
-    return arrays
-
-
 def _npz(prepared: pipeline.PreparedInputs) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **_arrays(prepared))  # type: ignore[arg-type]
+    np.savez(buffer, **prepared.arrays())  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
@@ -154,7 +147,7 @@ def _from_npz(data: bytes) -> np.ndarray:
 
 
 def _json(prepared: pipeline.PreparedInputs) -> bytes:
-    return json.dumps({name: array.tolist() for name, array in _arrays(prepared).items()}).encode()
+    return json.dumps({name: array.tolist() for name, array in prepared.arrays().items()}).encode()
 
 
 def _from_json(data: bytes) -> np.ndarray:
@@ -162,7 +155,7 @@ def _from_json(data: bytes) -> np.ndarray:
 
 
 def _pickle(prepared: pipeline.PreparedInputs) -> bytes:
-    return pickle.dumps(_arrays(prepared), protocol=5)
+    return pickle.dumps(prepared.arrays(), protocol=5)
 
 
 def _from_pickle(data: bytes) -> np.ndarray:

@@ -24,6 +24,11 @@ class PreparedInputs:
     clinical_used: list[ClinicalValue]
     source_sop_instance_uid: str
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays present, by name (``image``, and ``clinical``/``clinical_mask`` for models with clinical data)."""
+        named = {"image": self.image, "clinical": self.clinical, "clinical_mask": self.clinical_mask}
+        return {name: array for name, array in named.items() if array is not None}
+
 
 def pre_process(
     manifest: Manifest,
@@ -160,9 +165,6 @@ def occlusion_heatmap(
 # --- the hand-off from the preprocess stage to the infer stage (another process, often another machine) ----------
 
 PREPARED_MAGIC = b"CLINFER-PREPARED-1\n"
-_ARRAY_NAMES = ("image", "clinical", "clinical_mask")
-
-
 class PreparedFormatError(ValueError):
     """Bytes that are not ``encode_prepared`` output (another version's format, a truncated blob)."""
 
@@ -178,7 +180,7 @@ def encode_prepared(prepared: PreparedInputs) -> bytes:
     import io
     import json
 
-    arrays = {name: getattr(prepared, name) for name in _ARRAY_NAMES if getattr(prepared, name) is not None}
+    arrays = prepared.arrays()
     header = json.dumps(
         {
             "source": prepared.source_sop_instance_uid,
