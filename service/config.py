@@ -111,6 +111,11 @@ class Settings(BaseSettings):
         '"TensorRTNative" first: a plan from `clinfer models build-trt` for this GPU, when there is one',
     )
     cpu_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime CPU threads; default: the CPUs")
+    cpu_spin: bool = Field(
+        default=False,
+        description="let ONNX Runtime's CPU threads spin between model calls: a little lower latency on a machine "
+        "that only runs the model, a core's worth of CPU taken from everything else on it",
+    )
     trt_fp16: bool = Field(default=True, description="TensorRT engines and plans in FP16")
     engine_cache_dir: Path | None = Field(
         default=None, description="TensorRT engine caches when the model repository is read-only"
@@ -122,6 +127,7 @@ class Settings(BaseSettings):
             "root": self.model_repository,
             "providers": list(self.execution_providers),
             "cpu_threads": self.cpu_threads,
+            "cpu_spin": self.cpu_spin,
             "trt_fp16": self.trt_fp16,
             "batch_max_size": self.batch_max_size,
             "cache_root": self.engine_cache_dir,

@@ -48,6 +48,8 @@ class ModelRegistry:
     providers: list[str]
     cpu_threads: int | None = None
     """intra-op threads of ONNX Runtime's CPU provider; None: the CPUs this process may use."""
+    cpu_spin: bool = False
+    """let those threads spin between calls (settings' cpu_spin)."""
     trt_fp16: bool = True
     """FP16 for the TensorRT EP and native plans."""
     batch_max_size: int | None = None
@@ -164,6 +166,7 @@ class ModelRegistry:
             model.artifact_path(model_version),
             providers=[p for p in self.providers if p != tensorrt_runner.NATIVE],
             cpu_threads=self.cpu_threads,
+            cpu_spin=self.cpu_spin,
             trt_fp16=self.trt_fp16,
             trt_cache_dir=self.version_dir(name, version) / "trt-cache",
             cache_root=self.cache_root,

@@ -16,9 +16,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from service.config import Settings
 from service.errors import ModelError
 from service.inference import onnx_runner
 from service.inference.onnx_runner import OnnxRunner, cpu_threads_available, writable_dir
+from service.inference.registry import ModelRegistry
 from tests.conftest import REPO
 
 GPU_ORDER = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -65,6 +67,17 @@ def test_the_session_runs_with_the_threads_we_set() -> None:
     assert runner.options.intra_op_num_threads == 3
     assert runner.options.inter_op_num_threads == 1
     assert runner.options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+
+
+def test_the_cpu_threads_sleep_between_calls_unless_told_to_spin(tmp_path: Path) -> None:
+    # spinning threads take the cores the decode, the API and the reports share with the model
+    quiet = OnnxRunner(SHIPPED, providers=["CPUExecutionProvider"])
+    assert quiet.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = OnnxRunner(SHIPPED, providers=["CPUExecutionProvider"], cpu_spin=True)
+    assert spinning.options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    # from the settings, through the registry
+    settings = Settings(state_dir=tmp_path, cpu_spin=True, execution_providers=["CPUExecutionProvider"])
+    assert ModelRegistry(**settings.model_registry_options()).cpu_spin is True
 
 
 def test_by_default_the_threads_are_the_cpus_this_process_may_use() -> None:
