@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import io
@@ -414,28 +415,49 @@ def _predict(
 
 
 class _ReportSignal:
-    """Wakes API requests waiting for a report (GET .../report?wait=) when this process stores one."""
+    """Wakes API requests waiting for a study's report (GET .../report?wait=) when a report of that study is stored,
+    in this process or (through ``queue.subscribe_report_events``) by a worker.
+
+    Only the study's own waiters look in the database: with every waiter woken by every report, eight clients
+    waiting made eight queries per report stored. ``notify()`` without a study wakes them all (an event that does
+    not name its study)."""
+
+    _REMEMBERED = 4096  # studies whose count is kept; a forgotten one reads 0 and at worst wakes its waiter once
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
-        self._generation = 0
+        self._everyone = 0
+        self._studies: collections.OrderedDict[str, int] = collections.OrderedDict()
 
-    def notify(self) -> None:
+    def notify(self, study_instance_uid: str | None = None) -> None:
         with self._condition:
-            self._generation += 1
+            if study_instance_uid is None:
+                self._everyone += 1
+            else:
+                self._studies[study_instance_uid] = self._studies.pop(study_instance_uid, 0) + 1
+                if len(self._studies) > self._REMEMBERED:
+                    self._studies.popitem(last=False)
             self._condition.notify_all()
 
-    def current(self) -> int:
+    def _mark(self, study_instance_uid: str | None) -> tuple[int, int]:
+        return self._everyone, self._studies.get(study_instance_uid, 0) if study_instance_uid else 0
+
+    def current(self, study_instance_uid: str | None = None) -> tuple[int, int]:
         """A mark to pass to ``wait``: take it *before* looking for the report, so that a report stored between
         the look and the wait still wakes the waiter."""
         with self._condition:
-            return self._generation
+            return self._mark(study_instance_uid)
 
-    def wait(self, timeout: float, *, since: int | None = None) -> bool:
-        """Return when a report is stored after ``since`` (default: now): True; or after ``timeout`` seconds: False."""
+    def wait(
+        self, timeout: float, *, since: tuple[int, int] | None = None, study_instance_uid: str | None = None
+    ) -> bool:
+        """Return when a report (of ``study_instance_uid``, or of any study without one) is stored after ``since``
+        (default: now): True; or after ``timeout`` seconds: False."""
         with self._condition:
-            generation = self._generation if since is None else since
-            return self._condition.wait_for(lambda: self._generation != generation, timeout=timeout)
+            mark = self._mark(study_instance_uid) if since is None else since
+            if study_instance_uid is None:
+                return self._condition.wait_for(lambda: self._everyone != mark[0], timeout=timeout)
+            return self._condition.wait_for(lambda: self._mark(study_instance_uid) != mark, timeout=timeout)
 
 
 REPORT_STORED = _ReportSignal()
@@ -518,6 +540,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
         study = session.get(Study, job.study_id)
         assert study is not None
+        study_instance_uid = study.study_instance_uid
         report, created = reports.create_once(session=session, job=job, study=study, findings=findings)
         _set_state(session, job, JobState.succeeded, JobStage.store)
         if all(
@@ -561,8 +584,8 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         timings = dict(job.timings or {})
     _observe_stages(model_name, timings)
     if created:
-        REPORT_STORED.notify()
-        queue.publish_report_event()
+        REPORT_STORED.notify(study_instance_uid)
+        queue.publish_report_event(study_instance_uid)
         metrics.REPORTS.labels(model_name, model_version).inc()
         if amended:
             metrics.REPORT_AMENDMENTS.labels(model_name).inc()

@@ -109,14 +109,15 @@ def queue_depths() -> dict[str, int | None]:
 REPORTS_CHANNEL = "clinfer:reports"
 
 
-def publish_report_event() -> None:
-    """Tell API processes that a report was stored (Redis pub/sub), so that waiting requests look at once."""
+def publish_report_event(study_instance_uid: str) -> None:
+    """Tell API processes that a report of this study was stored (Redis pub/sub, the study's UID as the message),
+    so that the requests waiting for it look at once."""
     settings = get_settings()
     if not settings.broker_url or not settings.broker_url.startswith(("redis://", "rediss://")):
         return
     try:
         client = _redis_client(settings.broker_url)
-        client.publish(REPORTS_CHANNEL, b"1")
+        client.publish(REPORTS_CHANNEL, study_instance_uid.encode())
     except Exception as e:  # waiting requests then find the report by polling, a little later
         log.warning("cannot publish the report event: %s", e)
 
@@ -134,7 +135,8 @@ def _redis_client(url: str) -> Any:
 
 
 def subscribe_report_events(on_event: Any, stop: threading.Event) -> threading.Thread | None:
-    """A daemon thread calling ``on_event()`` for each report stored by any worker; None without Redis."""
+    """A daemon thread calling ``on_event(study_instance_uid)`` for each report stored by any worker (``None`` for
+    an event that names no study); None without Redis."""
     settings = get_settings()
     if not settings.broker_url or not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
@@ -145,8 +147,10 @@ def subscribe_report_events(on_event: Any, stop: threading.Event) -> threading.T
                 pubsub = _redis_client(settings.broker_url or "").pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(REPORTS_CHANNEL)
                 while not stop.is_set():
-                    if pubsub.get_message(timeout=1.0) is not None:
-                        on_event()
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        uid = message.get("data")
+                        on_event(uid.decode("ascii", "replace") if isinstance(uid, bytes) and uid else None)
             except Exception as e:  # Redis restarted: subscribe again after a pause
                 log.warning("report events: %s; subscribing again", e)
                 stop.wait(1.0)

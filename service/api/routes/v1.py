@@ -114,7 +114,8 @@ def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> 
     """Return once the study has a report and no job still running, or when ``seconds`` have passed."""
     deadline = time.monotonic() + seconds
     while True:
-        seen = analysis.REPORT_STORED.current()  # before the look: a report stored during it still wakes us
+        # before the look: a report stored during it still wakes us
+        seen = analysis.REPORT_STORED.current(study_instance_uid)
         with runtime.sessions() as session:
             states = jobs.states_for_study(session=session, study_instance_uid=study_instance_uid)
             ready = bool(states) and not any(s in jobs.ACTIVE_STATES for s in states)
@@ -123,7 +124,7 @@ def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> 
             return
         # woken at once by a report stored in this process (embedded worker) or announced by a worker (Redis
         # pub/sub); the timeout is only the fallback
-        analysis.REPORT_STORED.wait(min(remaining, 0.5), since=seen)
+        analysis.REPORT_STORED.wait(min(remaining, 0.5), since=seen, study_instance_uid=study_instance_uid)
 
 
 @router.get("/studies/{study_instance_uid}/report")

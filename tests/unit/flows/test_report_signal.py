@@ -30,3 +30,26 @@ def test_a_later_report_wakes_every_waiter() -> None:
     for waiter in waiters:
         waiter.join(timeout=30)
     assert woken == [True, True, True]
+
+
+def test_a_report_wakes_only_the_waiters_of_its_study() -> None:
+    signal = _ReportSignal()
+    mine, other = "1.2.3", "1.2.4"
+    mark = signal.current(mine)
+    signal.notify(other)  # another study's report: no reason to look in the database
+    assert signal.wait(0.01, since=mark, study_instance_uid=mine) is False
+    signal.notify(mine)
+    assert signal.wait(30, since=mark, study_instance_uid=mine) is True
+    # an event that names no study wakes every waiter
+    mark = signal.current(other)
+    signal.notify()
+    assert signal.wait(30, since=mark, study_instance_uid=other) is True
+
+
+def test_a_forgotten_study_wakes_its_waiter_rather_than_sleeping() -> None:
+    signal = _ReportSignal()
+    signal.notify("1.2.3")
+    mark = signal.current("1.2.3")
+    for index in range(_ReportSignal._REMEMBERED):  # more studies than are remembered push it out
+        signal.notify(f"2.{index}")
+    assert signal.wait(0.01, since=mark, study_instance_uid="1.2.3") is True
