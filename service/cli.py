@@ -30,7 +30,7 @@ def _configure_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.api.http import http_protocol
+    from service.api.http import NoDelayHttpToolsProtocol
     from service.api.main import create_app
 
     settings = _settings()
@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=args.log_level.lower(),
         proxy_headers=True,
-        http=http_protocol(),
+        http=NoDelayHttpToolsProtocol,
         loop="auto",  # uvloop where it is installed
         access_log=False,
         log_config=None,

@@ -1,5 +1,5 @@
-"""The HTTP protocol `clinfer serve` runs: uvicorn's httptools protocol (its h11 one where httptools is not
-installed), with Nagle's algorithm off on every connection."""
+"""The HTTP protocol `clinfer serve` runs: uvicorn's httptools protocol, with Nagle's algorithm off on every
+connection."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import socket
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class _NoDelay:
-    """TCP_NODELAY on each accepted connection, before uvicorn's protocol takes it.
+class NoDelayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (a C parser: 0.62 ms of the API process's CPU per small request against 0.78 ms
+    with h11's pure-Python one, measured with uvloop), with TCP_NODELAY set on each accepted connection.
 
     With several API processes uvicorn binds the listening socket itself (``socket.socket(AF_INET)``, protocol
     number 0), and asyncio turns Nagle's algorithm off only on sockets whose protocol is IPPROTO_TCP; the accepted
@@ -19,31 +20,9 @@ class _NoDelay:
     measured, against 1.2 ms with one process (whose socket asyncio creates itself).
     """
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         set_nodelay(transport.get_extra_info("socket"))
-        super().connection_made(transport)  # type: ignore[misc]
-
-
-class NoDelayH11Protocol(_NoDelay, H11Protocol):
-    """uvicorn's pure-Python h11 protocol, with TCP_NODELAY."""
-
-
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # httptools is not installed
-    HttpToolsProtocol = None
-
-
-def http_protocol() -> type[asyncio.Protocol]:
-    """The protocol class for uvicorn: httptools' C parser with TCP_NODELAY, or h11's where httptools cannot be
-    imported. h11 parses in pure Python and cost the API process several times the CPU per request."""
-    if HttpToolsProtocol is None:
-        return NoDelayH11Protocol
-
-    class NoDelayHttpToolsProtocol(_NoDelay, HttpToolsProtocol):  # type: ignore[misc, valid-type]
-        """uvicorn's httptools protocol, with TCP_NODELAY."""
-
-    return NoDelayHttpToolsProtocol
+        super().connection_made(transport)  # type: ignore[arg-type]
 
 
 def set_nodelay(sock: Any) -> None:

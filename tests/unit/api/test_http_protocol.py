@@ -8,7 +8,7 @@ from typing import Any
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from service.api.http import NoDelayH11Protocol, http_protocol, set_nodelay
+from service.api.http import NoDelayHttpToolsProtocol, set_nodelay
 
 
 class _Transport:
@@ -33,7 +33,7 @@ def test_an_accepted_connection_of_a_protocol_0_listener_gets_tcp_nodelay() -> N
             accepted, _ = listener.accept()
             with accepted:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # Nagle on: the problem
-                protocol = NoDelayH11Protocol(
+                protocol = NoDelayHttpToolsProtocol(
                     config=Config(app=lambda *a: None), server_state=ServerState(), app_state={}
                 )
                 protocol.connection_made(_Transport(accepted))  # type: ignore[arg-type]
@@ -46,20 +46,3 @@ def test_sockets_without_nagle_are_left_alone() -> None:
         set_nodelay(left)  # no error, nothing to set
     set_nodelay(None)
 
-
-def test_serve_runs_the_httptools_parser_with_tcp_nodelay() -> None:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    protocol_class = http_protocol()  # httptools is a dependency: the C parser, not h11's pure Python
-    assert issubclass(protocol_class, HttpToolsProtocol)
-    with socket.socket(socket.AF_INET) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        with socket.create_connection(listener.getsockname()) as _client:
-            accepted, _ = listener.accept()
-            with accepted:
-                protocol = protocol_class(  # type: ignore[call-arg]
-                    config=Config(app=lambda *a: None), server_state=ServerState(), app_state={}
-                )
-                protocol.connection_made(_Transport(accepted))  # type: ignore[arg-type]
-                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
