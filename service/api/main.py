@@ -21,12 +21,31 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("service.access")
 
 
-def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None = None) -> FastAPI:
+def _warm_up_in_background(runtime: Runtime) -> None:
+    """The embedded worker's models loaded and warmed up (every batch size) before the first study needs them,
+    as `clinfer worker` does for the infer queue: the first study paid several hundred milliseconds otherwise."""
+    runtime.models_warm.clear()
+
+    def warm() -> None:
+        try:
+            analysis.warm_models(runtime)
+        finally:
+            runtime.models_warm.set()
+
+    threading.Thread(target=warm, name="clinfer-warm-up", daemon=True).start()
+
+
+def create_app(
+    runtime: Runtime | None = None, *, embedded_worker: bool | None = None, warm_up: bool | None = None
+) -> FastAPI:
     """Build the app.
 
     Args:
         runtime: resources to use; built from Settings at start-up when None.
         embedded_worker: run the in-process Celery worker and sweeper; default: when no broker is configured.
+        warm_up: with the embedded worker, load and warm every model up at start, in the background, and be not
+            ready (/readyz) until done; default: when the runtime is built here (`clinfer serve`), not for a
+            runtime given by the caller.
     """
 
     @asynccontextmanager
@@ -46,6 +65,8 @@ def create_app(runtime: Runtime | None = None, *, embedded_worker: bool | None =
             worker, sweeper = EmbeddedWorker(concurrency=current.settings.worker_concurrency), Sweeper(current)
             worker.start()
             sweeper.start()
+            if warm_up if warm_up is not None else runtime is None:
+                _warm_up_in_background(current)
             metrics.register_gpu_metrics()  # the models run in this process: its GPUs are on this /metrics
             log.info("embedded worker started (in-memory broker)")
         events_stop = threading.Event()

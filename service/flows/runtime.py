@@ -29,9 +29,16 @@ class Runtime:
     registry: ModelRegistry
     routing: RoutingTable
     batchers: BatcherPool = field(default_factory=BatcherPool)
+    models_warm: threading.Event = field(default_factory=lambda: _set(threading.Event()))
+    """cleared while this process loads and warms its models up (the embedded worker's, at start)"""
 
     def manifests(self) -> dict[str, Manifest]:
         return {name: model.manifest for name, model in self.registry.models.items()}
+
+
+def _set(event: threading.Event) -> threading.Event:
+    event.set()
+    return event
 
 
 _runtime: Runtime | None = None

@@ -79,6 +79,22 @@ def test_health_is_open_and_metrics_need_a_token(client: TestClient, tokens: Tok
     assert "clinfer_http_requests_total" in metrics.text
 
 
+def test_the_embedded_service_warms_its_models_up_before_it_says_ready(runtime: Runtime) -> None:
+    import time
+
+    from service.api.main import create_app
+
+    with TestClient(create_app(runtime, warm_up=True)) as client:
+        deadline = time.monotonic() + 60
+        while (ready := client.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
+            assert ready.json()["checks"]["warm_up"] == "in progress", ready.text  # not ready for another reason
+            time.sleep(0.05)
+        assert ready.json()["checks"]["warm_up"] == "done", ready.text
+        # every model's session and batcher exist before the first study needs them
+        expected = sorted((name, m.manifest.latest().version) for name, m in runtime.registry.models.items())
+        assert sorted(runtime.batchers.loaded()) == expected
+
+
 def test_stow_with_a_corrupt_part_stores_the_others(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
     study_uid = generate_uid()
     good = [dx_instance(study_uid=study_uid, seed=i) for i in range(2)]

@@ -54,7 +54,14 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks["models"] = sorted(runtime.registry.models) or "none loaded"
     if runtime.registry.errors:
         checks["model_errors"] = runtime.registry.errors
-    ready = checks["database"] == "ok" and checks["broker"] in ("ok", "embedded") and bool(runtime.registry.models)
+    warm = runtime.models_warm.is_set()
+    checks["warm_up"] = "done" if warm else "in progress"  # the embedded worker's models, at start
+    ready = (
+        checks["database"] == "ok"
+        and checks["broker"] in ("ok", "embedded")
+        and bool(runtime.registry.models)
+        and warm
+    )
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
     )
