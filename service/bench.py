@@ -264,6 +264,58 @@ class GpuSampler:
         return out
 
 
+class CpuMeter:
+    """CPU seconds spent during a run, by who spent them: each clinfer process (with its children, such as the
+    API processes `clinfer serve` starts), the bench's own client, and the rest of the machine (PostgreSQL, Redis,
+    the kernel). Read from /proc; on a system without it there is no breakdown (``summary`` is empty)."""
+
+    _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, processes: dict[str, int]) -> None:
+        self.processes = processes
+        self._start = self._read()
+
+    @staticmethod
+    def _stat(pid: int) -> tuple[int, float] | None:
+        """(parent pid, CPU seconds) of ``pid``; None once it is gone."""
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / CpuMeter._TICK
+
+    def _read(self) -> dict[str, float] | None:
+        if not Path("/proc/stat").exists():
+            return None
+        total = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(v) for v in total]
+        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / self._TICK  # all but idle and iowait
+        stats = {int(d.name): s for d in Path("/proc").iterdir() if d.name.isdigit() and (s := self._stat(int(d.name)))}
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in stats.items():
+            children.setdefault(parent, []).append(pid)
+
+        def tree(pid: int) -> float:
+            return stats.get(pid, (0, 0.0))[1] + sum(tree(child) for child in children.get(pid, []))
+
+        self_cpu = os.times()
+        out = {name: tree(pid) for name, pid in self.processes.items()}
+        out["bench client"] = self_cpu.user + self_cpu.system
+        out["machine"] = busy
+        return out
+
+    def summary(self, studies: int) -> dict[str, float]:
+        """CPU milliseconds per study by who spent them, with "other" the rest of the machine's busy time."""
+        end = self._read()
+        if self._start is None or end is None or not studies:
+            return {}
+        spent = {name: end[name] - self._start.get(name, 0.0) for name in end}
+        machine = spent.pop("machine")
+        spent["other (database, broker, system)"] = max(machine - sum(spent.values()), 0.0)
+        spent["total"] = machine
+        return {name: round(seconds * 1000 / studies, 1) for name, seconds in spent.items()}
+
+
 def _free_ports(n: int) -> list[int]:
     """``n`` distinct ports free now: held open together while chosen, so the OS cannot hand one out twice (a
     worker given the port of another would fail to serve its metrics and exit at start)."""
@@ -290,7 +342,7 @@ def running_service(
     providers: list[str],
     api_workers: int = 1,
     preprocess_workers: int = 1,
-) -> Iterator[tuple[str, Settings]]:
+) -> Iterator[tuple[str, Settings, dict[str, int]]]:
     """`clinfer serve` (embedded worker) or `clinfer serve` + `clinfer worker` processes for the run."""
     port, *metrics_ports = _free_ports(2 + preprocess_workers)
     env = {
@@ -320,6 +372,7 @@ def running_service(
         base = f"http://127.0.0.1:{port}"
         # up (migrations done) before the workers start; ready (database, broker, models) before the run
         _wait_ok(f"{base}/healthz", "did not start", serve=processes[0], logs=logs)
+        queues: list[tuple[str, int]] = []
         if broker_url:
             # CPU work (decode) scales by processes, not threads; one infer worker owns the model (the GPU)
             queues = [("preprocess", i) for i in range(preprocess_workers)] + [("infer", 0)]
@@ -338,7 +391,8 @@ def running_service(
                 raise RuntimeError(f"a clinfer process exited at start ({dead})\n{_log_tails(logs)}")
         _wait_ok(f"{base}/readyz", "is not ready", serve=processes[0], logs=logs)
         settings = Settings(state_dir=state_dir, database_url=database_url, broker_url=broker_url)
-        yield base, settings
+        names = ["serve"] + [f"worker {name} {index}" for name, index in queues]
+        yield base, settings, {name: process.pid for name, process in zip(names, processes, strict=True)}
     finally:
         for process in processes:
             process.terminate()
@@ -389,9 +443,20 @@ class EndToEnd:
     seconds: float = 0.0
     runs: list[StudyRun] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    cpu_ms_per_study: dict[str, float] = field(default_factory=dict)
 
 
-def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinician: dict[str, str]) -> StudyRun:
+@dataclass(frozen=True)
+class _Timed:
+    """One study as the client saw it; the job's own timings are fetched once the run is over."""
+
+    job_id: str
+    started: float
+    ingested: float
+    finished: float
+
+
+def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinician: dict[str, str]) -> _Timed:
     started = time.time()
     bundle = http.post("/fhir", json=study.bundle, headers=ingest)
     bundle.raise_for_status()
@@ -413,16 +478,24 @@ def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinici
     report = http.get(f"/v1/studies/{study.study_instance_uid}/report", params={"wait": 120}, headers=clinician)
     report.raise_for_status()
     finished = time.time()
-    job = analyze.json()["jobs"][0]
-    timings = http.get(f"/v1/jobs/{job['id']}", headers=clinician).json()["timings"] or {}
+    return _Timed(analyze.json()["jobs"][0]["id"], started, ingested, finished)
+
+
+def _study_run(http: httpx.Client, timed: _Timed, clinician: dict[str, str]) -> StudyRun:
+    """The client's times with the job's stage timings (GET /v1/jobs/{id}, after the run: not measured)."""
+    response = http.get(f"/v1/jobs/{timed.job_id}", headers=clinician)
+    response.raise_for_status()
+    timings = response.json()["timings"] or {}
     job_stages = analysis.job_stage_seconds(timings)  # a stage missing from the timings is a KeyError here
     stages = {
-        "ingest": ingested - started,
+        "ingest": timed.ingested - timed.started,
         "queue_wait": job_stages["queue_wait_preprocess"] + job_stages["queue_wait_infer"],
         **{stage: job_stages[stage] for stage in ("preprocess", "batch_wait", "inference", "postprocess", "report")},
-        "response": finished - timings["report_stored"],
+        "response": timed.finished - timings["report_stored"],
     }
-    return StudyRun(finished - started, stages, int(timings.get("batch_size", 1)), str(timings.get("provider", "")))
+    return StudyRun(
+        timed.finished - timed.started, stages, int(timings.get("batch_size", 1)), str(timings.get("provider", ""))
+    )
 
 
 def _token(settings: Settings, role: str) -> str:
@@ -435,13 +508,22 @@ def _token(settings: Settings, role: str) -> str:
     return made.stdout.strip()
 
 
-def end_to_end(base: str, settings: Settings, studies: list[Study], *, concurrency: int, label: str) -> EndToEnd:
+def end_to_end(
+    base: str,
+    settings: Settings,
+    studies: list[Study],
+    *,
+    concurrency: int,
+    label: str,
+    processes: dict[str, int] | None = None,
+) -> EndToEnd:
     ingest = {"Authorization": f"Bearer {_token(settings, 'ingest')}"}
     clinician = {"Authorization": f"Bearer {_token(settings, 'clinician')}"}
     result = EndToEnd(concurrency=concurrency)
     progress = Progress(label, len(studies))
     pending = list(reversed(studies))
     lock = threading.Lock()
+    timed: list[_Timed] = []
 
     def client() -> None:
         with httpx.Client(base_url=base, timeout=180) as http:
@@ -451,14 +533,15 @@ def end_to_end(base: str, settings: Settings, studies: list[Study], *, concurren
                         return
                     study = pending.pop()
                 try:
-                    run = _one_study(http, study, ingest, clinician)
+                    one = _one_study(http, study, ingest, clinician)
                     with lock:
-                        result.runs.append(run)
+                        timed.append(one)
                 except (httpx.HTTPError, KeyError) as e:
                     with lock:
                         result.errors.append(f"{type(e).__name__}: {e}")
                 progress.step()
 
+    meter = CpuMeter(processes or {})
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
@@ -466,6 +549,13 @@ def end_to_end(base: str, settings: Settings, studies: list[Study], *, concurren
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - started
+    result.cpu_ms_per_study = meter.summary(len(timed))
+    with httpx.Client(base_url=base, timeout=30) as http:
+        for one in timed:
+            try:
+                result.runs.append(_study_run(http, one, clinician))
+            except (httpx.HTTPError, KeyError) as e:
+                result.errors.append(f"{type(e).__name__}: {e}")
     return result
 
 
@@ -496,6 +586,7 @@ def summarize(run: EndToEnd) -> dict[str, Any]:
         "stages_sum_vs_latency": round(stage_sum / mean_latency, 3),
         "batch_size_histogram": dict(sorted(Counter(r.batch_size for r in run.runs).items())),
         "providers": dict(Counter(r.provider for r in run.runs)),
+        "cpu_ms_per_study": run.cpu_ms_per_study,
     }
 
 
@@ -568,7 +659,7 @@ def run(
                     providers=list(settings.execution_providers),
                     api_workers=api_workers,
                     preprocess_workers=preprocess_workers,
-                ) as (base, service_settings),
+                ) as (base, service_settings, processes),
                 GpuSampler() as gpu,
             ):
                 subset = studies if clients > 1 else studies[: max(10, len(studies) // 4)]
@@ -578,6 +669,7 @@ def run(
                     subset,
                     concurrency=clients,
                     label=f"c={clients} batch={'on' if batching else 'off'}",
+                    processes=processes,
                 )
             if url and url != database_url:
                 _drop_postgres(database_url or "", url)
@@ -659,6 +751,9 @@ def print_table(results: dict[str, Any]) -> None:
         stages = ", ".join(f"{k} {v}" for k, v in row["stage_ms_mean"].items())
         print(f"{'':>7} stages (mean ms): {stages}; batch sizes {row['batch_size_histogram']}")
         print(f"{'':>7} provider(s) used by the service: {row['providers']}")
+        if row.get("cpu_ms_per_study"):
+            cpu = ", ".join(f"{k} {v}" for k, v in row["cpu_ms_per_study"].items())
+            print(f"{'':>7} CPU ms per study: {cpu}")
         for gpu in row.get("gpu", []):
             print(
                 f"{'':>7} {gpu['gpu']}: utilization mean {gpu['utilization_mean']:.0%},"

@@ -48,6 +48,11 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
         # the stages are parts of one latency: their sum cannot exceed it by much nor miss much of it
         assert 0.7 <= row["stages_sum_vs_latency"] <= 1.15, row
         assert row["ratio_to_pipeline_limit"] > 0
+        # where the CPU went, by process: the service's, the client's, and the rest of the machine
+        cpu = row["cpu_ms_per_study"]
+        assert {"serve", "bench client", "other (database, broker, system)", "total"} <= set(cpu), cpu
+        assert all(value >= 0 for value in cpu.values()) and cpu["serve"] > 0
+        assert cpu["total"] >= cpu["serve"] + cpu["bench client"] - 1, cpu
         if metrics.load_nvml() is None:
             assert "gpu" not in row  # no GPU: no made-up utilization
     bench.print_table(results)
