@@ -239,41 +239,47 @@ def _dates(value: Any) -> Iterator[tuple[dt.datetime | None, dt.datetime | None]
         yield start, end
 
 
-def search_values(resource_type: str, body: dict[str, Any]) -> list[FhirSearchValue]:
-    """The search parameter values of one resource, as rows to insert (``resource_pk`` not yet set)."""
-    rows: list[FhirSearchValue] = []
+def search_values(resource_type: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The search parameter values of one resource, as ``fhir_search_values`` rows without ``resource_pk``.
+
+    Plain dicts with every column present, not ``FhirSearchValue`` objects: they only ever go into one Core
+    executemany, and building an ORM object per value cost more CPU than extracting it.
+    """
+    rows: list[dict[str, Any]] = []
     for param in SEARCH_PARAMETERS.get(resource_type, ()):
+        name = param.name
         for path in param.paths:
             for element in _walk(body, path):
                 if param.type == "token":
-                    rows += [FhirSearchValue(param=param.name, system=s, value=c[:255]) for s, c in _tokens(element)]
+                    rows += [_search_row(name, system=s, value=c[:255]) for s, c in _tokens(element)]
                 elif param.type == "reference":
                     for reference in _references(element):
                         if param.target is None or reference.startswith(f"{param.target}/"):
-                            rows.append(FhirSearchValue(param=param.name, value=reference))
+                            rows.append(_search_row(name, value=reference))
                 elif param.type == "string":
-                    rows += [FhirSearchValue(param=param.name, value=s[:255]) for s in _strings(element)]
+                    rows += [_search_row(name, value=s[:255]) for s in _strings(element)]
                 else:
-                    rows += [
-                        FhirSearchValue(param=param.name, date_start=start, date_end=end)
-                        for start, end in _dates(element)
-                    ]
+                    rows += [_search_row(name, date_start=start, date_end=end) for start, end in _dates(element)]
     return rows
+
+
+def _search_row(
+    param: str,
+    *,
+    system: str | None = None,
+    value: str | None = None,
+    date_start: dt.datetime | None = None,
+    date_end: dt.datetime | None = None,
+) -> dict[str, Any]:
+    return {"param": param, "system": system, "value": value, "date_start": date_start, "date_end": date_end}
 
 
 def _search_rows(row: FhirResource) -> list[dict[str, Any]]:
     """The search value rows of a stored resource, every key present so that they go in one executemany."""
-    return [
-        {
-            "resource_pk": row.id,
-            "param": v.param,
-            "system": v.system,
-            "value": v.value,
-            "date_start": v.date_start,
-            "date_end": v.date_end,
-        }
-        for v in search_values(row.resource_type, row.body)
-    ]
+    values = search_values(row.resource_type, row.body)
+    for value in values:
+        value["resource_pk"] = row.id
+    return values
 
 
 def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
