@@ -472,6 +472,10 @@ class PutRequest:
     ``where``: a label for error messages (``Bundle.entry[3]``), prefixed to them and given as their expression.
     ``complete``: called before ``body`` is stored with the versions (by ``Type/id``) that the requests before this
     one will have once written; it may change ``body`` in place (a Provenance that names the versions it covers).
+    ``new``: the writer made this id for this write (a new report's resources), so :func:`put_many` does not look
+    for its current row. The outcome is the same when that is wrong: the INSERT then fails on the unique key and
+    the requests are written one by one, with every check of :func:`put`. A request with ``if_match`` is looked
+    for all the same.
     """
 
     resource_type: str
@@ -483,6 +487,7 @@ class PutRequest:
     create_only: bool = False
     where: str | None = None
     complete: Callable[[dict[str, int]], None] | None = None
+    new: bool = False
 
 
 def _current_many(
@@ -504,7 +509,8 @@ def _refuse(request: PutRequest, error: PreconditionFailed | Conflict) -> Precon
 
 def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[FhirResource, bool]]:
     """:func:`put` for each request, with the same rows, versions, search values and errors, in a few statements:
-    one SELECT of the current rows, one INSERT of the new ones, one of their versions, one of their search values.
+    one SELECT of the current rows (none for requests marked ``new``), one INSERT of the new ones, one of their
+    versions, one of their search values.
 
     Returns:
         (row, True when created) per request, in order.
@@ -517,10 +523,12 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
     if len(set(keys)) != len(keys):  # a resource twice: each write must see the one before it
         return _put_each(session, requests)
     # the rows to update are locked; one that is only created when missing (create_only) is not, so that writers
-    # sharing it (every report of a model version names its Device) do not wait for each other
-    found = _current_many(
-        session, [k for k, r in zip(keys, requests, strict=True) if not r.create_only], for_update=True
-    ) | _current_many(session, [k for k, r in zip(keys, requests, strict=True) if r.create_only], for_update=False)
+    # sharing it (every report of a model version names its Device) do not wait for each other; one the writer
+    # knows to be new is not looked for (the unique key stands guard: see PutRequest.new)
+    looked_for = [(k, r) for k, r in zip(keys, requests, strict=True) if not r.new or r.if_match is not None]
+    found = _current_many(session, [k for k, r in looked_for if not r.create_only], for_update=True) | _current_many(
+        session, [k for k, r in looked_for if r.create_only], for_update=False
+    )
     for request, key in zip(requests, keys, strict=True):
         row = found.get(key)
         try:
