@@ -239,12 +239,14 @@ def _dates(value: Any) -> Iterator[tuple[dt.datetime | None, dt.datetime | None]
         yield start, end
 
 
-def search_values(resource_type: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The search parameter values of one resource, as ``fhir_search_values`` rows without ``resource_pk``.
+def search_values(resource_type: str, body: dict[str, Any]) -> list[FhirSearchValue]:
+    """The search parameter values of one resource, as rows to insert (``resource_pk`` not yet set)."""
+    return [FhirSearchValue(**row) for row in _search_value_rows(resource_type, body)]
 
-    Plain dicts with every column present, not ``FhirSearchValue`` objects: they only ever go into one Core
-    executemany, and building an ORM object per value cost more CPU than extracting it.
-    """
+
+def _search_value_rows(resource_type: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`search_values` as plain dicts with every column but ``resource_pk``: the writes here put them in one
+    Core executemany, and building an ORM object per value cost more CPU than extracting it."""
     rows: list[dict[str, Any]] = []
     for param in SEARCH_PARAMETERS.get(resource_type, ()):
         name = param.name
@@ -276,7 +278,7 @@ def _search_row(
 
 def _search_rows(row: FhirResource) -> list[dict[str, Any]]:
     """The search value rows of a stored resource, every key present so that they go in one executemany."""
-    values = search_values(row.resource_type, row.body)
+    values = _search_value_rows(row.resource_type, row.body)
     for value in values:
         value["resource_pk"] = row.id
     return values
