@@ -541,18 +541,18 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         study = session.get(Study, job.study_id)
         assert study is not None
         study_instance_uid = study.study_instance_uid
-        report, created = reports.create_once(session=session, job=job, study=study, findings=findings)
-        _set_state(session, job, JobState.succeeded, JobStage.store)
-        if all(
-            j.state == JobState.succeeded.value or j.id == job.id for j in jobs.for_study(session=session, study=study)
-        ):
+        report, created = reports.create_once(
+            session=session,
+            job=job,
+            study=study,
+            findings=findings,
+            dicom_requested_at=utcnow() if runtime.settings.dicom_results else None,
+        )
+        if jobs.others_succeeded(session=session, study=study, job_id=job.id):
             study.status = StudyStatus.reported.value
         if created:
             session.flush()
-            report_fhir.publish(session, report=report, study=study)
-        if created and runtime.settings.dicom_results:
-            report.dicom_state, report.dicom_requested_at = "pending", utcnow()
-        if created:
+            report_fhir.publish(session, report=report, study=study, new_version=True)
             amended = report.version > 1
             audit.append(
                 session=session,
@@ -570,6 +570,8 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
                     "positive": [f.code for f in findings.findings if f.positive],
                 },
             )
+        # set last, so that the job's state and its timings go in one UPDATE (its row is locked since the SELECT)
+        _set_state(session, job, JobState.succeeded, JobStage.store)
         _stamp(
             job,
             infer_started=infer_started,

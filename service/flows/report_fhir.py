@@ -8,7 +8,7 @@ import re
 
 from sqlalchemy.orm import Session
 
-from service.flows.orders import DICOM_UID_SYSTEM, resolver
+from service.flows.orders import DICOM_UID_SYSTEM
 from service.results import reports as report_results
 from service.store import clinical, fhir_store, reports
 from service.store.tables import Report, Study
@@ -17,12 +17,23 @@ _HISTORY = re.compile(r"^([A-Za-z]+/[A-Za-z0-9\-.]{1,64})/_history/\d+$")
 
 
 def _imaging_study_id(session: Session, study: Study) -> str | None:
-    found = resolver(session)("ImagingStudy", f"identifier={DICOM_UID_SYSTEM}|urn:oid:{study.study_instance_uid}")
+    """The FHIR ImagingStudy of the study: the first match of an identifier search (the search an order link
+    runs), asked for directly, with no query string to parse, and for one row."""
+    request = fhir_store.SearchRequest(
+        "ImagingStudy", [("identifier", f"{DICOM_UID_SYSTEM}|urn:oid:{study.study_instance_uid}")], count=1
+    )
+    found = fhir_store.matching_ids(session=session, request=request)
     return found[0] if found else None
 
 
-def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]:
-    """Write the report's current version as FHIR resources; returns their store versions by reference."""
+def publish(session: Session, *, report: Report, study: Study, new_version: bool = False) -> dict[str, int]:
+    """Write the report's current version as FHIR resources; returns their store versions by reference.
+
+    Args:
+        new_version: The report's current version was made in this transaction (``reports.create_once``). Its
+            Provenance is then new, and so is every resource but the Device of a first version (their ids are
+            made from the new report's id), so the store does not look for their rows (``PutRequest.new``).
+    """
     patient_resource_id = clinical.patient_resource_id(session=session, patient_id=report.patient_id)
     based_on = [f"ServiceRequest/{study.order_resource_id}"] if study.order_resource_id else []
     resources = report_results.report_resources(
@@ -32,6 +43,7 @@ def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]
         based_on=based_on,
         imaging_study_id=_imaging_study_id(session, study),
     )
+    first_version = new_version and report.version == 1
     requests = [
         fhir_store.PutRequest(
             resource_type=resource["resourceType"],
@@ -40,6 +52,7 @@ def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]
             patient_id=None if resource["resourceType"] == "Device" else report.patient_id,
             origin="result",
             create_only=resource["resourceType"] == "Device",  # one Device per model version, written once
+            new=first_version and resource["resourceType"] != "Device",
         )
         for resource in resources
         if resource["resourceType"] != "Provenance"
@@ -62,6 +75,7 @@ def publish(session: Session, *, report: Report, study: Study) -> dict[str, int]
                 patient_id=report.patient_id,
                 origin="result",
                 complete=cite_stored_versions,
+                new=new_version,  # one per report version
             )
         )
     return {

@@ -1104,31 +1104,49 @@ def _validated(model_class: Any, resource: dict[str, Any]) -> dict[str, Any]:
 
 def _check_bindings(model: BaseModel, path: str) -> None:
     """Check what the R4B models leave unchecked: reference target types and required codes (recursive)."""
-    class_name = type(model).__name__
-    for name, field in type(model).model_fields.items():
+    for name, label, codes, allowed_types in _binding_plan(type(model)):
         value = getattr(model, name, None)
         if value is None:
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        allowed_types = extra.get("enum_reference_types")
-        codes = _REQUIRED_CODES.get((class_name, name))
-        enum_values = extra.get("enum_values")
-        if codes is None and isinstance(enum_values, list) and "+" not in enum_values:
-            codes = frozenset(str(code) for code in enum_values)
         items: Iterable[Any] = value if isinstance(value, list) else [value]
         for index, item in enumerate(items):
-            where = f"{path}.{field.alias or name}" + (f"[{index}]" if isinstance(value, list) else "")
             if codes is not None and isinstance(item, str) and item not in codes:
-                raise InvalidInput(f"{where}: {item!r} is not a code of the required value set")
-            if isinstance(allowed_types, list) and type(item).__name__ == "Reference":
+                raise InvalidInput(
+                    f"{_where(path, label, value, index)}: {item!r} is not a code of the required value set"
+                )
+            if allowed_types is not None and type(item).__name__ == "Reference":
                 target = _reference_target_type(item)
                 if target is not None and "Resource" not in allowed_types and target not in allowed_types:
                     raise InvalidInput(
-                        f"{where}: a reference to {target} is not allowed here "
+                        f"{_where(path, label, value, index)}: a reference to {target} is not allowed here "
                         f"(R4 allows {' | '.join(str(t) for t in allowed_types)})"
                     )
             if isinstance(item, BaseModel):
-                _check_bindings(item, where)
+                _check_bindings(item, _where(path, label, value, index))
+
+
+def _where(path: str, label: str, value: Any, index: int) -> str:
+    return f"{path}.{label}" + (f"[{index}]" if isinstance(value, list) else "")
+
+
+_BindingPlan = tuple[tuple[str, str, frozenset[str] | None, tuple[str, ...] | None], ...]
+
+
+@functools.cache
+def _binding_plan(model_class: type[BaseModel]) -> _BindingPlan:
+    """Per model class, once: each field's name, its JSON name, its required codes and its allowed reference
+    target types (read from the field's schema extras, which a class never changes)."""
+    plan = []
+    for name, field in model_class.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        allowed_types = extra.get("enum_reference_types")
+        codes = _REQUIRED_CODES.get((model_class.__name__, name))
+        enum_values = extra.get("enum_values")
+        if codes is None and isinstance(enum_values, list) and "+" not in enum_values:
+            codes = frozenset(str(code) for code in enum_values)
+        allowed = tuple(str(t) for t in allowed_types) if isinstance(allowed_types, list) else None
+        plan.append((name, field.alias or name, codes, allowed))
+    return tuple(plan)
 
 
 def _reference_target_type(reference: Any) -> str | None:

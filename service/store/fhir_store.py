@@ -241,39 +241,47 @@ def _dates(value: Any) -> Iterator[tuple[dt.datetime | None, dt.datetime | None]
 
 def search_values(resource_type: str, body: dict[str, Any]) -> list[FhirSearchValue]:
     """The search parameter values of one resource, as rows to insert (``resource_pk`` not yet set)."""
-    rows: list[FhirSearchValue] = []
+    return [FhirSearchValue(**row) for row in _search_value_rows(resource_type, body)]
+
+
+def _search_value_rows(resource_type: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`search_values` as plain dicts with every column but ``resource_pk``: the writes here put them in one
+    Core executemany, and building an ORM object per value cost more CPU than extracting it."""
+    rows: list[dict[str, Any]] = []
     for param in SEARCH_PARAMETERS.get(resource_type, ()):
+        name = param.name
         for path in param.paths:
             for element in _walk(body, path):
                 if param.type == "token":
-                    rows += [FhirSearchValue(param=param.name, system=s, value=c[:255]) for s, c in _tokens(element)]
+                    rows += [_search_row(name, system=s, value=c[:255]) for s, c in _tokens(element)]
                 elif param.type == "reference":
                     for reference in _references(element):
                         if param.target is None or reference.startswith(f"{param.target}/"):
-                            rows.append(FhirSearchValue(param=param.name, value=reference))
+                            rows.append(_search_row(name, value=reference))
                 elif param.type == "string":
-                    rows += [FhirSearchValue(param=param.name, value=s[:255]) for s in _strings(element)]
+                    rows += [_search_row(name, value=s[:255]) for s in _strings(element)]
                 else:
-                    rows += [
-                        FhirSearchValue(param=param.name, date_start=start, date_end=end)
-                        for start, end in _dates(element)
-                    ]
+                    rows += [_search_row(name, date_start=start, date_end=end) for start, end in _dates(element)]
     return rows
+
+
+def _search_row(
+    param: str,
+    *,
+    system: str | None = None,
+    value: str | None = None,
+    date_start: dt.datetime | None = None,
+    date_end: dt.datetime | None = None,
+) -> dict[str, Any]:
+    return {"param": param, "system": system, "value": value, "date_start": date_start, "date_end": date_end}
 
 
 def _search_rows(row: FhirResource) -> list[dict[str, Any]]:
     """The search value rows of a stored resource, every key present so that they go in one executemany."""
-    return [
-        {
-            "resource_pk": row.id,
-            "param": v.param,
-            "system": v.system,
-            "value": v.value,
-            "date_start": v.date_start,
-            "date_end": v.date_end,
-        }
-        for v in search_values(row.resource_type, row.body)
-    ]
+    values = _search_value_rows(row.resource_type, row.body)
+    for value in values:
+        value["resource_pk"] = row.id
+    return values
 
 
 def _reindex(session: Session, row: FhirResource, *, new: bool = False) -> None:
@@ -466,6 +474,10 @@ class PutRequest:
     ``where``: a label for error messages (``Bundle.entry[3]``), prefixed to them and given as their expression.
     ``complete``: called before ``body`` is stored with the versions (by ``Type/id``) that the requests before this
     one will have once written; it may change ``body`` in place (a Provenance that names the versions it covers).
+    ``new``: the writer made this id for this write (a new report's resources), so :func:`put_many` does not look
+    for its current row. The outcome is the same when that is wrong: the INSERT then fails on the unique key and
+    the requests are written one by one, with every check of :func:`put`. A request with ``if_match`` is looked
+    for all the same.
     """
 
     resource_type: str
@@ -477,6 +489,7 @@ class PutRequest:
     create_only: bool = False
     where: str | None = None
     complete: Callable[[dict[str, int]], None] | None = None
+    new: bool = False
 
 
 def _current_many(
@@ -498,7 +511,8 @@ def _refuse(request: PutRequest, error: PreconditionFailed | Conflict) -> Precon
 
 def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[FhirResource, bool]]:
     """:func:`put` for each request, with the same rows, versions, search values and errors, in a few statements:
-    one SELECT of the current rows, one INSERT of the new ones, one of their versions, one of their search values.
+    one SELECT of the current rows (none for requests marked ``new``), one INSERT of the new ones, one of their
+    versions, one of their search values.
 
     Returns:
         (row, True when created) per request, in order.
@@ -511,10 +525,12 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
     if len(set(keys)) != len(keys):  # a resource twice: each write must see the one before it
         return _put_each(session, requests)
     # the rows to update are locked; one that is only created when missing (create_only) is not, so that writers
-    # sharing it (every report of a model version names its Device) do not wait for each other
-    found = _current_many(
-        session, [k for k, r in zip(keys, requests, strict=True) if not r.create_only], for_update=True
-    ) | _current_many(session, [k for k, r in zip(keys, requests, strict=True) if r.create_only], for_update=False)
+    # sharing it (every report of a model version names its Device) do not wait for each other; one the writer
+    # knows to be new is not looked for (the unique key stands guard: see PutRequest.new)
+    looked_for = [(k, r) for k, r in zip(keys, requests, strict=True) if not r.new or r.if_match is not None]
+    found = _current_many(session, [k for k, r in looked_for if not r.create_only], for_update=True) | _current_many(
+        session, [k for k, r in looked_for if r.create_only], for_update=False
+    )
     for request, key in zip(requests, keys, strict=True):
         row = found.get(key)
         try:

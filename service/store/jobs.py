@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -92,6 +92,13 @@ def for_study(*, session: Session, study: Study) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.created_at)))
 
 
+def others_succeeded(*, session: Session, study: Study, job_id: str) -> bool:
+    """Whether every job of the study but ``job_id`` has succeeded (a study is reported when its last job
+    stores its report), in one SELECT EXISTS rather than loading the study's jobs."""
+    unfinished = exists().where(Job.study_id == study.id, Job.id != job_id, Job.state != JobState.succeeded.value)
+    return not session.scalar(select(unfinished))
+
+
 def states_for_study(*, session: Session, study_instance_uid: str) -> list[str]:
     """The states of a study's jobs, in one SELECT of two columns (polled while a client waits for a report).
 
@@ -136,4 +143,5 @@ __all__ = [
     "latest",
     "list_jobs",
     "lost",
+    "others_succeeded",
 ]

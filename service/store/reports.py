@@ -3,6 +3,7 @@ an analysis of instances that arrived after the report amends it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from sqlalchemy import delete, select
@@ -84,10 +85,16 @@ def _set_findings(session: Session, report: Report, findings: Findings) -> list[
     return rows
 
 
-def create_once(*, session: Session, job: Job, study: Study, findings: Findings) -> tuple[Report, bool]:
+def create_once(
+    *, session: Session, job: Job, study: Study, findings: Findings, dicom_requested_at: dt.datetime | None = None
+) -> tuple[Report, bool]:
     """Store the outcome of a job as the report's first version, or as an amended version when the job is a
     later revision (new instances arrived after the report). A task delivered twice, or an older revision
     finishing late, changes nothing.
+
+    Args:
+        dicom_requested_at: When the version this call stores is to get its DICOM results (``dicom_state``
+            "pending"); given here so that the version's INSERT or UPDATE carries it, not an UPDATE of its own.
 
     Returns:
         (the report, True when this call created it or added a version).
@@ -108,6 +115,8 @@ def create_once(*, session: Session, job: Job, study: Study, findings: Findings)
                     model_version=findings.model.version,
                     status="preliminary",
                     version=1,
+                    dicom_state=_dicom_state(dicom_requested_at),
+                    dicom_requested_at=dicom_requested_at,
                 )
                 rows = _set_findings(session, report, findings)
                 session.add(report)
@@ -131,9 +140,9 @@ def create_once(*, session: Session, job: Job, study: Study, findings: Findings)
     existing.patient_id = study.patient_id
     existing.sr_sop_instance_uid = None
     existing.heatmap_sop_instance_uid = None
-    existing.dicom_state = None
+    existing.dicom_state = _dicom_state(dicom_requested_at)
     existing.dicom_error = None
-    existing.dicom_requested_at = None
+    existing.dicom_requested_at = dicom_requested_at
     existing.updated_at = utcnow()
     _set_findings(session, existing, findings)
     session.flush()
@@ -141,3 +150,7 @@ def create_once(*, session: Session, job: Job, study: Study, findings: Findings)
     session.flush()
     session.expire(existing, ["findings"])
     return existing, True
+
+
+def _dicom_state(requested_at: dt.datetime | None) -> str | None:
+    return "pending" if requested_at is not None else None

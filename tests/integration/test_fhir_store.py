@@ -226,3 +226,24 @@ def test_put_many_create_only_keeps_an_existing_resource(session: Session) -> No
     assert [(row.version, created) for row, created in first + again] == [(1, True), (1, False)]
     assert fhir_store.read(session=session, resource_type="Device", resource_id="d1").body["status"] == "active"
     assert len(fhir_store.history(session=session, resource_type="Device", resource_id="d1")) == 1
+
+
+def test_put_many_new_is_not_looked_for_yet_a_wrong_guess_writes_what_put_writes(session: Session) -> None:
+    fhir_store.put_many(session=session, requests=_requests("2026-11-20"))
+    session.commit()
+    guessed = [fhir_store.PutRequest(**{**r.__dict__, "new": True}) for r in _requests("2026-11-21")]
+    guessed.append(fhir_store.PutRequest("Observation", "o3", observation("o3", code="1", when="2026"), None, new=True))
+    written = fhir_store.put_many(session=session, requests=guessed)
+    assert [(row.resource_id, row.version, created) for row, created in written] == [
+        ("o1", 2, False),
+        ("o2", 2, False),
+        ("p1", 2, False),
+        ("o3", 1, True),
+    ]
+    assert search(session, "Observation", ("date", "2026-11-21")) == (["o1", "o2"], 2)
+    session.commit()
+    produced = fhir_store.PutRequest(
+        "Observation", "o1", observation("o1", code="1", when="2026"), None, origin="result"
+    )
+    with pytest.raises(Conflict):  # the checks of put hold for a resource wrongly said to be new
+        fhir_store.put_many(session=session, requests=[fhir_store.PutRequest(**{**produced.__dict__, "new": True})])

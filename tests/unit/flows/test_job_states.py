@@ -102,3 +102,22 @@ def test_states_for_study_follow_the_job(runtime: Runtime, sent: list[tuple[str,
     )
     with runtime.sessions() as session:
         assert jobs.states_for_study(session=session, study_instance_uid=other) == []
+
+
+def test_a_study_is_reported_once_every_job_has_succeeded(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    job_id = _job(runtime)
+    with runtime.sessions.begin() as session:
+        study = session.get(Study, jobs.get_or_raise(session=session, job_id=job_id).study_id)
+        assert study is not None
+        other, _ = jobs.get_or_create(session=session, study=study, model_name="other-model", model_version="1")
+        other_id, study_id = other.id, study.id
+    analysis.preprocess_job(runtime, job_id)
+    analysis.infer_job(runtime, job_id)
+    with runtime.sessions.begin() as session:
+        study = session.get(Study, study_id)
+        assert study is not None and study.status != "reported"  # the other job has not run
+        assert not jobs.others_succeeded(session=session, study=study, job_id=job_id)
+        assert jobs.others_succeeded(session=session, study=study, job_id=other_id)
+        jobs.get_or_raise(session=session, job_id=other_id).state = "succeeded"
+        session.flush()
+        assert jobs.others_succeeded(session=session, study=study, job_id=job_id)
