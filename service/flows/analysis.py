@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import datetime as dt
@@ -416,7 +417,7 @@ def _predict(
 
 class _ReportSignal:
     """Wakes API requests waiting for a study's report (GET .../report?wait=) when a report of that study is stored,
-    in this process or (through ``queue.subscribe_report_events``) by a worker.
+    in this process (from any thread) or (through ``queue.subscribe_report_events``) by a worker.
 
     Only the study's own waiters look in the database: with every waiter woken by every report, eight clients
     waiting made eight queries per report stored. ``notify()`` without a study wakes them all (an event that does
@@ -425,19 +426,49 @@ class _ReportSignal:
     _REMEMBERED = 4096  # studies whose count is kept; a forgotten one reads 0 and at worst wakes its waiter once
 
     def __init__(self) -> None:
-        self._condition = threading.Condition()
+        self._lock = threading.Lock()
         self._everyone = 0
         self._studies: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # the waiters by study, each a future of its event loop (woken with call_soon_threadsafe; no thread held)
+        self._futures: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
 
     def notify(self, study_instance_uid: str | None = None) -> None:
-        with self._condition:
+        with self._lock:
             if study_instance_uid is None:
                 self._everyone += 1
+                woken = [w for waiters in self._futures.values() for w in waiters]
             else:
                 self._studies[study_instance_uid] = self._studies.pop(study_instance_uid, 0) + 1
                 if len(self._studies) > self._REMEMBERED:
                     self._studies.popitem(last=False)
-            self._condition.notify_all()
+                woken = list(self._futures.get(study_instance_uid, ()))
+        for loop, future in woken:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: its waiter is gone
+                loop.call_soon_threadsafe(_resolve, future)
+
+    async def wait(self, timeout: float, *, since: tuple[int, int], study_instance_uid: str) -> bool:
+        """Return when a report of the study (or an event naming none) came after the mark ``since``: True; or
+        after ``timeout`` seconds: False. The request waits on its event loop as a future, not in a thread of the
+        server's pool: forty such threads, held by waiting clients, stopped every other synchronous endpoint."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = (loop, future)
+        with self._lock:
+            if self._mark(study_instance_uid) != since:
+                return True
+            self._futures.setdefault(study_instance_uid, set()).add(waiter)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                waiters = self._futures.get(study_instance_uid)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._futures[study_instance_uid]
 
     def _mark(self, study_instance_uid: str | None) -> tuple[int, int]:
         return self._everyone, self._studies.get(study_instance_uid, 0) if study_instance_uid else 0
@@ -445,19 +476,13 @@ class _ReportSignal:
     def current(self, study_instance_uid: str | None = None) -> tuple[int, int]:
         """A mark to pass to ``wait``: take it *before* looking for the report, so that a report stored between
         the look and the wait still wakes the waiter."""
-        with self._condition:
+        with self._lock:
             return self._mark(study_instance_uid)
 
-    def wait(
-        self, timeout: float, *, since: tuple[int, int] | None = None, study_instance_uid: str | None = None
-    ) -> bool:
-        """Return when a report (of ``study_instance_uid``, or of any study without one) is stored after ``since``
-        (default: now): True; or after ``timeout`` seconds: False."""
-        with self._condition:
-            mark = self._mark(study_instance_uid) if since is None else since
-            if study_instance_uid is None:
-                return self._condition.wait_for(lambda: self._everyone != mark[0], timeout=timeout)
-            return self._condition.wait_for(lambda: self._mark(study_instance_uid) != mark, timeout=timeout)
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 REPORT_STORED = _ReportSignal()

@@ -188,3 +188,51 @@ def test_a_client_can_wait_for_the_report_and_read_where_the_time_went(client: T
     assert timings["preprocess_seconds"] > 0 and timings["inference_seconds"] > 0
     outcome = client.get(f"/v1/studies/{study_uid}/report", params={"wait": 500}, headers=clinician)
     assert outcome.status_code == 400, "the wait is bounded"
+
+
+def test_clients_waiting_for_reports_do_not_hold_up_the_rest_of_the_api(runtime: Runtime, tokens: Tokens) -> None:
+    # more waiting clients than the server has threads for synchronous endpoints (40): the waits are on the event
+    # loop, so a STOW-RS and a study read sent after them are answered while they still wait
+    import asyncio
+
+    import httpx
+
+    from service.api.main import create_app
+
+    study_uid = generate_uid()
+    clinician, ingest = tokens.header("clinician"), tokens.header("ingest")
+    body, content_type = multipart_related([dx_instance(study_uid=study_uid)])
+    app = create_app(runtime, embedded_worker=False)  # no worker: the study's job stays queued, its report unmade
+
+    async def scenario() -> list[str]:
+        finished: list[str] = []
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://clinfer", timeout=60) as http:
+            stored = await http.post(
+                "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **ingest}
+            )
+            assert stored.status_code == 200, stored.text
+            assert (await http.post(f"/v1/studies/{study_uid}/analyze", headers=clinician)).status_code == 202
+
+            async def wait_for_report() -> None:
+                response = await http.get(f"/v1/studies/{study_uid}/report", params={"wait": 3}, headers=clinician)
+                assert response.status_code == 404  # no worker ran: after its wait, no report
+                finished.append("wait")
+
+            async def other(method: str, url: str, **kwargs: Any) -> None:
+                await asyncio.sleep(0.3)  # once every waiter is waiting
+                response = await http.request(method, url, **kwargs)
+                assert response.status_code == 200, response.text
+                finished.append(url)
+
+            another, other_type = multipart_related([dx_instance(study_uid=generate_uid())])
+            await asyncio.gather(
+                *(wait_for_report() for _ in range(50)),
+                other("POST", "/dicomweb/studies", content=another, headers={"Content-Type": other_type, **ingest}),
+                other("GET", f"/v1/studies/{study_uid}", headers=clinician),
+            )
+        return finished
+
+    finished = asyncio.run(scenario())
+    assert sorted(finished[:2]) == ["/dicomweb/studies", f"/v1/studies/{study_uid}"], finished[:4]
+    assert finished[2:] == ["wait"] * 50

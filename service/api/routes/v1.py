@@ -110,32 +110,43 @@ async def analyze_study(study_instance_uid: str, runtime: RuntimeDep, principal:
     }
 
 
-def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> None:
-    """Return once the study has a report and no job still running, or when ``seconds`` have passed."""
+async def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> None:
+    """Return once the study has a report and no job still running, or when ``seconds`` have passed. The waiting
+    is done on the event loop: a thread of the server's pool is taken only for each look in the database."""
+
+    def finished() -> bool:
+        with runtime.sessions() as session:
+            states = jobs.states_for_study(session=session, study_instance_uid=study_instance_uid)
+            return bool(states) and not any(s in jobs.ACTIVE_STATES for s in states)
+
     deadline = time.monotonic() + seconds
     while True:
         # before the look: a report stored during it still wakes us
         seen = analysis.REPORT_STORED.current(study_instance_uid)
-        with runtime.sessions() as session:
-            states = jobs.states_for_study(session=session, study_instance_uid=study_instance_uid)
-            ready = bool(states) and not any(s in jobs.ACTIVE_STATES for s in states)
+        ready = await run_in_threadpool(finished)
         remaining = deadline - time.monotonic()
         if ready or remaining <= 0:
             return
         # woken at once by a report stored in this process (embedded worker) or announced by a worker (Redis
         # pub/sub); the timeout is only the fallback
-        analysis.REPORT_STORED.wait(min(remaining, 0.5), since=seen, study_instance_uid=study_instance_uid)
+        await analysis.REPORT_STORED.wait(
+            min(remaining, 0.5), since=seen, study_instance_uid=study_instance_uid
+        )
 
 
 @router.get("/studies/{study_instance_uid}/report")
-def get_report(
+async def get_report(
     study_instance_uid: str,
     runtime: RuntimeDep,
     principal: ReportReadDep,
     wait: Annotated[float, Query(ge=0, le=120, description="seconds to wait for the analysis to finish")] = 0,
 ) -> dict[str, Any]:
     if wait:
-        _wait_for_reports(runtime, study_instance_uid, wait)
+        await _wait_for_reports(runtime, study_instance_uid, wait)
+    return await run_in_threadpool(_report, runtime, study_instance_uid, principal)
+
+
+def _report(runtime: Any, study_instance_uid: str, principal: Principal) -> dict[str, Any]:
     with runtime.sessions.begin() as session:
         study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
         found = reports.for_study(session=session, study=study)
