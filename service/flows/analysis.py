@@ -114,14 +114,14 @@ def request_analysis(
                 rule=route.rule,
                 sop_instance_uid=route.sop_instance_uid,
                 destinations=list(route.destinations),
+                enqueued_at=now,
+                timings={"enqueued_preprocess": time.time()},
             )
             if latest is not None and latest in all_jobs:
                 all_jobs.remove(latest)
             all_jobs.append(job)
             if new:
                 created.append(job)
-                job.enqueued_at = now
-                _stamp(job, enqueued_preprocess=time.time())
                 metrics.JOBS.labels(route.model_name, JobState.queued.value).inc()
         reason = routing.reason()
         previous_status = study.status

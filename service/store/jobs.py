@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Any
 
 from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
@@ -49,9 +50,15 @@ def get_or_create(
     rule: str | None = None,
     sop_instance_uid: str | None = None,
     destinations: list[str] | None = None,
+    enqueued_at: dt.datetime | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> tuple[Job, bool]:
     """The job of a study x model version x revision; the unique constraint makes a racing second request
-    return the first job.
+    return the first job. The caller asks for a revision it found no job of, so the INSERT is tried first and
+    the SELECT is made only when it clashes.
+
+    Args:
+        enqueued_at, timings: a new job's, written in its INSERT (not for a job that already existed).
 
     Returns:
         (the job, True when this call created it).
@@ -62,9 +69,6 @@ def get_or_create(
         Job.model_version == model_version,
         Job.revision == revision,
     )
-    existing = session.scalar(query)
-    if existing is not None:
-        return existing, False
     try:
         with session.begin_nested():
             job = Job(
@@ -79,6 +83,8 @@ def get_or_create(
                 state=JobState.queued.value,
                 stage=JobStage.enqueue.value,
                 priority=priority,
+                enqueued_at=enqueued_at,
+                timings=timings,
             )
             session.add(job)
         return job, True
