@@ -47,7 +47,8 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
         assert set(row["stage_ms_mean"]) == set(bench.STAGES)
         # the stages are parts of one latency: their sum cannot exceed it by much nor miss much of it
         assert 0.7 <= row["stages_sum_vs_latency"] <= 1.15, row
-        assert row["ratio_to_pipeline_limit"] > 0
+        assert row["pipeline_limit_before_run"] > 0  # the ratio is to the limit measured next to the run
+        assert row["ratio_to_pipeline_limit"] == round(row["studies_per_second"] / row["pipeline_limit_before_run"], 3)
         # where the CPU went, by process: the service's, the client's, and the rest of the machine
         cpu = row["cpu_ms_per_study"]
         assert {"serve", "bench client", "other (database, broker, system)", "total"} <= set(cpu), cpu
