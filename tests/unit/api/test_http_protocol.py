@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
@@ -33,10 +34,14 @@ def test_an_accepted_connection_of_a_protocol_0_listener_gets_tcp_nodelay() -> N
             accepted, _ = listener.accept()
             with accepted:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # Nagle on: the problem
-                protocol = NoDelayHttpToolsProtocol(
-                    config=Config(app=lambda *a: None), server_state=ServerState(), app_state={}
-                )
-                protocol.connection_made(_Transport(accepted))  # type: ignore[arg-type]
+                loop = asyncio.new_event_loop()  # the protocol belongs to one; none is running in this test
+                try:
+                    protocol = NoDelayHttpToolsProtocol(
+                        config=Config(app=lambda *a: None), server_state=ServerState(), app_state={}, _loop=loop
+                    )
+                    protocol.connection_made(_Transport(accepted))  # type: ignore[arg-type]
+                finally:
+                    loop.close()
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
 
