@@ -21,7 +21,7 @@ from service.errors import InvalidInput, NotFound, ServiceError, TransientError
 from service.flows import queue, report_fhir
 from service.flows.runtime import Runtime
 from service.inference import pipeline
-from service.inference.batcher import Arrival, DynamicBatcher
+from service.inference.batcher import Arrival, DynamicBatcher, warm_up_runner
 from service.ingest import dicom
 from service.routing.rules import InstanceAttributes
 from service.schemas import SYSTEM_PRINCIPAL, JobStage, JobState, Principal, StudyStatus
@@ -369,26 +369,19 @@ def _batcher(runtime: Runtime, manifest: Any, runner: Any, version: str) -> Dyna
 
 def warm_models(runtime: Runtime) -> None:
     """Load every model's latest version and warm its batcher up, before a worker takes its first infer task, so
-    that no study pays the loading, and on a GPU the per-shape algorithm searches. A model that fails to load is
-    logged and left for the jobs to report."""
-    if not runtime.settings.batching:
-        return
+    that no study pays the loading, and on a GPU the per-shape algorithm searches (batching off: the runner, at
+    batch 1). A model that fails to load is logged and left for the jobs to report."""
     for name, model in sorted(runtime.registry.models.items()):
         version = model.manifest.latest().version
         started = time.perf_counter()
         try:
             runner = runtime.registry.runner(name, version)
-            batcher = _batcher(runtime, model.manifest, runner, version)
+            if _batcher(runtime, model.manifest, runner, version) is None:  # made and warmed up when batching is on
+                warm_up_runner(model.manifest, runner, version=version, max_batch=1)
         except ServiceError as e:
             log.warning("model %s %s could not be warmed up: %s", name, version, e.message)
             continue
-        log.info(
-            "model %s %s ready on %s in %.2f s",
-            name,
-            version,
-            batcher.provider if batcher else "-",
-            time.perf_counter() - started,
-        )
+        log.info("model %s %s ready on %s in %.2f s", name, version, runner.provider, time.perf_counter() - started)
 
 
 def _predict(

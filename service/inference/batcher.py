@@ -371,7 +371,12 @@ def warm_up(batcher: DynamicBatcher) -> float:
     Raises:
         ModelError: the model cannot run on inputs of the manifest's shapes.
     """
-    manifest = batcher.manifest
+    return warm_up_runner(batcher.manifest, batcher.runner, version=batcher.version, max_batch=batcher.max_batch)
+
+
+def warm_up_runner(manifest: Manifest, runner: Runner, *, version: str, max_batch: int) -> float:
+    """:func:`warm_up` for a runner without a batcher (batching off: every study a batch of 1)."""
+    name = manifest.name
     clinical = manifest.clinical_input
     features = len(clinical.features) if clinical is not None else 0
     zeros = PreparedInputs(
@@ -382,20 +387,20 @@ def warm_up(batcher: DynamicBatcher) -> float:
         source_sop_instance_uid="",
     )
     started = time.perf_counter()
-    for size in range(batcher.max_batch, 0, -1):
+    for size in range(max_batch, 0, -1):
         try:
-            logits, _ = pipeline.predict(manifest, batcher.runner, [zeros] * size)
+            logits, _ = pipeline.predict(manifest, runner, [zeros] * size)
         except ServiceError:
             raise
         except Exception as e:  # the runtime's own errors are untyped
-            raise ModelError(f"{batcher.name} {batcher.version} fails on a warm-up batch of {size}: {e}") from e
+            raise ModelError(f"{name} {version} fails on a warm-up batch of {size}: {e}") from e
         if logits.shape != (size, len(manifest.outputs.findings)):
             raise ModelError(
-                f"{batcher.name} {batcher.version} returned logits of shape {logits.shape} for a warm-up batch of"
+                f"{name} {version} returned logits of shape {logits.shape} for a warm-up batch of"
                 f" {size}; expected {(size, len(manifest.outputs.findings))}"
             )
     seconds = time.perf_counter() - started
-    log.info("%s %s warmed up on %s in %.3f s", batcher.name, batcher.version, batcher.provider, seconds)
+    log.info("%s %s warmed up on %s in %.3f s", name, version, runner.provider, seconds)
     return seconds
 
 
