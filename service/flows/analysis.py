@@ -463,10 +463,10 @@ class _ReportSignal:
                     if not waiters:
                         del self._futures[study_instance_uid]
 
-    def _mark(self, study_instance_uid: str | None) -> tuple[int, int]:
-        return self._everyone, self._studies.get(study_instance_uid, 0) if study_instance_uid else 0
+    def _mark(self, study_instance_uid: str) -> tuple[int, int]:
+        return self._everyone, self._studies.get(study_instance_uid, 0)
 
-    def current(self, study_instance_uid: str | None = None) -> tuple[int, int]:
+    def current(self, study_instance_uid: str) -> tuple[int, int]:
         """A mark to pass to ``wait``: take it *before* looking for the report, so that a report stored between
         the look and the wait still wakes the waiter."""
         with self._lock:
