@@ -165,6 +165,8 @@ def occlusion_heatmap(
 # --- the hand-off from the preprocess stage to the infer stage (another process, often another machine) ----------
 
 PREPARED_MAGIC = b"CLINFER-PREPARED-1\n"
+
+
 class PreparedFormatError(ValueError):
     """Bytes that are not ``encode_prepared`` output (another version's format, a truncated blob)."""
 
