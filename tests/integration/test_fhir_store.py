@@ -247,3 +247,33 @@ def test_put_many_new_is_not_looked_for_yet_a_wrong_guess_writes_what_put_writes
     )
     with pytest.raises(Conflict):  # the checks of put hold for a resource wrongly said to be new
         fhir_store.put_many(session=session, requests=[fhir_store.PutRequest(**{**produced.__dict__, "new": True})])
+
+
+def test_search_values_are_stored_as_extracted(session: Session) -> None:
+    """PostgreSQL takes the values as arrays in one INSERT (unnest), SQLite row by row: every value of every kind
+    (token with and without system, reference, lower-case string, date range in UTC, nulls) comes back as extracted."""
+    from sqlalchemy import select
+
+    from service.store.tables import FhirSearchValue
+
+    body = {
+        **observation("o9", code="1988-5", when="2026-11-20T08:00:00+02:00"),
+        "category": [{"coding": [{"code": "laboratory"}]}],
+        "valueString": "Elevated",
+    }
+    row, _ = put(session, body)
+    expected = sorted(
+        ((v["param"], v["system"], v["value"], v["date_start"], v["date_end"]) for v in fhir_store._search_rows(row)),
+        key=str,
+    )
+    stored = sorted(
+        (
+            (v.param, v.system, v.value, v.date_start, v.date_end)
+            for v in session.scalars(select(FhirSearchValue).where(FhirSearchValue.resource_pk == row.id))
+        ),
+        key=str,
+    )
+    assert stored == expected
+    assert any(v[3] is not None for v in stored) and any(v[1] is None for v in stored)
+    dated = next(v for v in stored if v[3] is not None)
+    assert dated[3].utcoffset().total_seconds() == 0 and dated[3].hour == 6
