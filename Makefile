@@ -34,7 +34,7 @@ test: install lint typecheck
 	$(BIN)/python -m pytest tests
 
 bench: install
-	$(BIN)/clinfer bench --studies 200 --concurrency 8 --json bench-results/bench.json
+	$(BIN)/clinfer bench --studies 200 --concurrency 8 --repeat 3 --json bench-results/bench.json
 
 # retrain and export the demonstration model (deterministic with the seed; minutes on a CPU)
 models: install

@@ -604,7 +604,10 @@ def run(
     settings: Settings,
     api_workers: int = 1,
     preprocess_workers: int = 1,
+    repeat: int = 1,
 ) -> dict[str, Any]:
+    """The limits, then each end-to-end configuration ``repeat`` times, in rounds (every configuration once per
+    round), so that a drift of the machine's speed reaches all configurations alike; figures are the medians."""
     studies = make_studies(studies_n, size=size)
     registry = ModelRegistry(**settings.model_registry_options())
     registry.load()
@@ -645,7 +648,7 @@ def run(
         runs.insert(0, (1, True))
     if compare_batching:
         runs += [(16, True), (16, False)]
-    for clients, batching in runs:
+    for round_index, (clients, batching) in ((r, run) for r in range(max(1, repeat)) for run in runs):
         # measured again just before each run, and the run's ratio taken to it: a shared virtual machine's speed
         # drifts (this one's pipeline limit moved between 96 and 127 studies/s within minutes), which a single
         # measurement at the start would carry into every ratio
@@ -679,7 +682,7 @@ def run(
                 )
             if url and url != database_url:
                 _drop_postgres(database_url or "", url)
-            summary = summarize(measured) | {"batching": batching}
+            summary = summarize(measured) | {"batching": batching, "round": round_index + 1}
             if gpu.samples:
                 summary["gpu"] = gpu.summary()
             summary["pipeline_limit_before_run"] = adjacent["studies_per_second"]
@@ -690,10 +693,55 @@ def run(
                 summary.get("studies_per_second", 0) / model_figures["studies_per_second"], 3
             )
             results["end_to_end"].append(summary)
+    results["medians"] = medians(results["end_to_end"])
+    if compare_batching:
+        results["batching"] = batching_comparison(results["end_to_end"], model_figures)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
     return results
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration (clients, batching), the median of its runs' figures."""
+    grouped: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("studies"):
+            grouped.setdefault((row["concurrency"], row["batching"]), []).append(row)
+    return [
+        {
+            "concurrency": clients,
+            "batching": batching,
+            "runs": len(group),
+            "studies_per_second": round(statistics.median(r["studies_per_second"] for r in group), 2),
+            "p50_ms": round(statistics.median(r["latency_ms"]["p50"] for r in group), 1),
+            "ratio_to_pipeline_limit": round(statistics.median(r["ratio_to_pipeline_limit"] for r in group), 3),
+            "cpu_ms_per_study": round(statistics.median(r["cpu_ms_per_study"].get("total", 0.0) for r in group), 1),
+        }
+        for (clients, batching), group in grouped.items()
+    ]
+
+
+def batching_comparison(rows: list[dict[str, Any]], model_figures: dict[str, Any]) -> dict[str, Any]:
+    """Dynamic batching on against off at 16 clients: the throughput gain of each round's pair (run one after the
+    other, so the machine's drift between rounds cancels), their median, and the share of the model's own gain
+    from batch 1 to its best batch that the service keeps."""
+    by_round: dict[int, dict[bool, float]] = {}
+    for row in rows:
+        if row["concurrency"] == 16 and row.get("studies"):
+            by_round.setdefault(row.get("round", 1), {})[row["batching"]] = row["studies_per_second"]
+    gains = [pair[True] / pair[False] - 1 for _, pair in sorted(by_round.items()) if len(pair) == 2 and pair[False]]
+    batch_1 = next(r["studies_per_second"] for r in model_figures["by_batch_size"] if r["batch_size"] == 1)
+    model_gain = model_figures["studies_per_second"] / batch_1 - 1
+    comparison: dict[str, Any] = {
+        "model_gain": round(model_gain, 3),
+        "paired_gains": [round(g, 3) for g in gains],
+        "end_to_end_gain": round(statistics.median(gains), 3) if gains else None,
+    }
+    comparison["kept_of_model_gain"] = (
+        round(comparison["end_to_end_gain"] / model_gain, 2) if gains and model_gain > 0 else None
+    )
+    return comparison
 
 
 def _fresh_postgres(url: str) -> str:
@@ -767,3 +815,19 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{'':>7} {gpu['gpu']}: utilization mean {gpu['utilization_mean']:.0%},"
                 f" peak {gpu['utilization_max']:.0%}; memory in use at most {gpu['memory_used_max_mib']} MiB"
             )
+    if any(row["runs"] > 1 for row in results.get("medians", [])):
+        print("medians over the rounds:")
+        for row in results["medians"]:
+            print(
+                f"{row['concurrency']:>7} {'on' if row['batching'] else 'off':>8} {row['studies_per_second']:>9}"
+                f" p50 {row['p50_ms']} ms, vs pipeline {row['ratio_to_pipeline_limit']},"
+                f" CPU {row['cpu_ms_per_study']} ms/study ({row['runs']} runs)"
+            )
+    if comparison := results.get("batching"):
+        gain = comparison["end_to_end_gain"]
+        print(
+            f"batching at 16 clients: {'n/a' if gain is None else f'{gain:+.1%}'} studies/s on against off"
+            f" (each round's pair: {', '.join(f'{g:+.1%}' for g in comparison['paired_gains'])});"
+            f" the model alone {comparison['model_gain']:+.1%} from batch 1 to its best;"
+            f" kept {comparison['kept_of_model_gain']}"
+        )

@@ -373,6 +373,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             settings=settings,
             api_workers=args.api_workers,
             preprocess_workers=args.preprocess_workers,
+            repeat=args.repeat,
         )
     except RuntimeError as e:  # the service it started did not come up, or was not ready: say why, no traceback
         print(f"clinfer bench: {e}", file=sys.stderr)
@@ -380,6 +381,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.print_table(results)
     print(f"written: {args.json}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument(
         "--no-batching-comparison", action="store_true", help="skip the batching on/off runs at concurrency 16"
+    )
+    bench_parser.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=1,
+        help="rounds of the end-to-end runs (each configuration once per round); figures are their medians",
     )
     bench_parser.add_argument(
         "--providers",

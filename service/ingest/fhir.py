@@ -20,7 +20,6 @@ This module is the only place in ingest that imports fhir.resources.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import math
@@ -296,7 +295,7 @@ def parse_bundle(
             except InvalidInput as error:
                 reject(item.index, error)
                 continue
-            resource_json = _rewrite_references(copy.deepcopy(item.raw), url_map)
+            resource_json = _rewritten(item.raw, url_map)
             resource_json["id"] = item.resource_id
         parsed.resources.append(
             ParsedResource(
@@ -657,16 +656,18 @@ def _quantity(quantity: Quantity | None, raw_quantity: Any, where: str) -> tuple
     return float(quantity.value), unit
 
 
-def _rewrite_references(node: Any, url_map: dict[str, str]) -> Any:
+def _rewritten(node: Any, url_map: dict[str, str]) -> Any:
+    """A copy of a JSON value (the entry's own is left as received) with each reference to one of the Bundle's
+    fullUrls made Type/id; one pass, cheaper than a deep copy followed by a rewrite."""
     if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str) and value in url_map:
-                node[key] = url_map[value]
-            else:
-                _rewrite_references(value, url_map)
-    elif isinstance(node, list):
-        for value in node:
-            _rewrite_references(value, url_map)
+        return {
+            key: url_map.get(value, value)
+            if key == "reference" and isinstance(value, str)
+            else _rewritten(value, url_map)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_rewritten(value, url_map) for value in node]
     return node
 
 

@@ -26,6 +26,7 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
         compare_batching=False,
         model="cxr-fusion",
         settings=settings,
+        repeat=2,
     )
     written = json.loads(out.read_text())
     assert written["model_limit"] == results["model_limit"]
@@ -36,10 +37,15 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
     assert results["pipeline_limit"]["studies_per_second"] > 0
     assert results["provider"] == "CPUExecutionProvider"
     assert "NoSuchExecutionProvider: not in this onnxruntime build" in results["provider_fallback_reason"]
-    assert [(row["concurrency"], row["studies"], row["errors"]) for row in results["end_to_end"]] == [
-        (1, 4, 0),
-        (2, 4, 0),
+    # two rounds, each with every configuration once
+    assert [(row["round"], row["concurrency"], row["studies"], row["errors"]) for row in results["end_to_end"]] == [
+        (1, 1, 4, 0),
+        (1, 2, 4, 0),
+        (2, 1, 4, 0),
+        (2, 2, 4, 0),
     ]
+    assert [(m["concurrency"], m["runs"]) for m in results["medians"]] == [(1, 2), (2, 2)]
+    assert "batching" not in results  # not compared in this run
     for row in results["end_to_end"]:
         # every study went through the model on the provider the service really used, in batches that add up
         assert row["providers"] == {"CPUExecutionProvider": 4}
