@@ -146,6 +146,8 @@ def subscribe_report_events(on_event: Any, stop: threading.Event) -> threading.T
             try:
                 pubsub = _redis_client(settings.broker_url or "").pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(REPORTS_CHANNEL)
+                # reports announced while no subscription was open are lost: every waiter looks again
+                on_event(None)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:

@@ -110,6 +110,10 @@ async def analyze_study(study_instance_uid: str, runtime: RuntimeDep, principal:
     }
 
 
+_FIRST_FALLBACK_SECONDS = 1.0
+_LAST_FALLBACK_SECONDS = 8.0
+
+
 async def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: float) -> None:
     """Return once the study has a report and no job still running, or when ``seconds`` have passed. The waiting
     is done on the event loop: a thread of the server's pool is taken only for each look in the database."""
@@ -120,6 +124,7 @@ async def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: floa
             return bool(states) and not any(s in jobs.ACTIVE_STATES for s in states)
 
     deadline = time.monotonic() + seconds
+    fallback = _FIRST_FALLBACK_SECONDS
     while True:
         # before the look: a report stored during it still wakes us
         seen = analysis.REPORT_STORED.current(study_instance_uid)
@@ -128,10 +133,13 @@ async def _wait_for_reports(runtime: Any, study_instance_uid: str, seconds: floa
         if ready or remaining <= 0:
             return
         # woken at once by a report stored in this process (embedded worker) or announced by a worker (Redis
-        # pub/sub); the timeout is only the fallback
-        await analysis.REPORT_STORED.wait(
-            min(remaining, 0.5), since=seen, study_instance_uid=study_instance_uid
-        )
+        # pub/sub, which wakes every waiter after it subscribes again); the timeout is only the fallback for an
+        # announcement that was lost, and it grows: a look every half second by every waiting client cost each
+        # study a few looks more the longer it waited, CPU taken from the studies themselves
+        if not await analysis.REPORT_STORED.wait(
+            min(remaining, fallback), since=seen, study_instance_uid=study_instance_uid
+        ):
+            fallback = min(fallback * 2, _LAST_FALLBACK_SECONDS)
 
 
 @router.get("/studies/{study_instance_uid}/report")
