@@ -219,3 +219,23 @@ def test_resize_matches_area_mean_and_bilinear_shapes() -> None:
     image = np.arange(16, dtype=np.float32).reshape(4, 4)
     np.testing.assert_allclose(resize_bilinear(image, 2, 2), [[2.5, 4.5], [10.5, 12.5]])
     assert resize_bilinear(image, 3, 5).shape == (3, 5)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((1024, 1024), (256, 256)), ((512, 768), (128, 256)), ((6, 9), (2, 3))])
+def test_area_average_is_the_mean_of_each_block(shape: tuple[int, int], size: tuple[int, int]) -> None:
+    image = np.random.default_rng(3).random(shape, dtype=np.float32) * 4095
+    before = image.copy()
+    expected = image.reshape(size[0], shape[0] // size[0], size[1], shape[1] // size[1]).mean(axis=(1, 3))
+    resized = resize_bilinear(image, *size)
+    assert resized.dtype == np.float32 and resized.shape == size
+    np.testing.assert_allclose(resized, expected, rtol=1e-6)
+    assert np.array_equal(image, before)  # the caller's image is left as it was
+
+
+def test_windowing_leaves_the_decoded_pixels_as_they_were() -> None:
+    pixels = np.linspace(-100, 5000, 64, dtype=np.float32).reshape(8, 8)
+    before = pixels.copy()
+    spec = ImagePreprocessing(resize=(4, 4))
+    windowed = prepare_image(pixels, photometric_interpretation="MONOCHROME1", window=(2000, 3000), spec=spec)
+    assert np.array_equal(pixels, before)
+    assert windowed.dtype == np.float32

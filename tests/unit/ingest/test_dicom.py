@@ -130,6 +130,18 @@ def test_rescale_slope_and_intercept_give_modality_units() -> None:
     assert decoded.voi_lut_applied is False
 
 
+def test_a_fractional_slope_and_intercept_match_pydicoms_modality_lut() -> None:
+    data = _sample("CT_small.dcm")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.RescaleSlope, ds.RescaleIntercept = "0.37", "-1024.5"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    decoded = dicom.decode_image(buffer.getvalue(), max_pixels=MAX_PIXELS)
+    expected = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)  # float64
+    assert decoded.pixels.dtype == np.float32
+    np.testing.assert_allclose(decoded.pixels, expected, rtol=1e-6, atol=1e-3)
+
+
 def _lut_item(descriptor: list[int], values: np.ndarray) -> Dataset:
     item = Dataset()
     item.add_new("LUTDescriptor", "US", descriptor)
