@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -121,7 +120,7 @@ def store_instance(
                 meta.sop_class_uid,
                 meta.sop_instance_uid,
             )
-        runtime.blobs.put_file(blob_key, io.BytesIO(data))
+        runtime.blobs.put_bytes(blob_key, data)  # in memory already: written in one call
         try:
             instance, new = studies.add_instance(
                 session=session,

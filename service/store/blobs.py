@@ -44,7 +44,7 @@ class LocalBlobStore:
 
     def _put(self, key: str, write: Callable[[BinaryIO], object], *, durable: bool) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_directory(path.parent, durable=durable)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -56,6 +56,23 @@ class LocalBlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if durable:  # the rename is the blob's name in its directory: durable only once the directory is
+            _fsync_directory(path.parent)
+
+    def _make_directory(self, directory: Path, *, durable: bool) -> None:
+        """Create ``directory`` and its missing parents; durable: each new one's entry in its parent fsync'd too
+        (a new study's folders), or a crash could lose a blob whose own data and name were on disk."""
+        missing = []
+        ancestor = directory
+        while not ancestor.is_dir():
+            missing.append(ancestor)
+            ancestor = ancestor.parent
+        if not missing:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if durable:
+            for created in reversed(missing):
+                _fsync_directory(created.parent)
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -65,3 +82,14 @@ class LocalBlobStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the entries of a directory (a blob renamed into it, a folder made in it) durable (POSIX)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

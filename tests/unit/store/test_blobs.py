@@ -33,15 +33,45 @@ def test_put_replaces_whole_blob_and_leaves_no_temp_file(tmp_path: Path, durable
     assert sorted(p.name for p in (tmp_path / "jobs" / "j1").iterdir()) == ["prepared"]
 
 
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each fsync made durable: a file (by its final name, once renamed) or a directory."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return calls
+
+
 def test_only_durable_writes_are_fsynced(tmp_path: Path, fsyncs: list[int]) -> None:
     store = LocalBlobStore(tmp_path)
     store.put_file("instances/a.dcm", io.BytesIO(b"dicom"))
     store.put_bytes("results/b", b"result")
-    assert len(fsyncs) == 2
+    before = len(fsyncs)
+    assert before >= 2
     store.put_bytes("jobs/j1/prepared", b"inputs", durable=False)
     store.put_file("jobs/j1/other", io.BytesIO(b"inputs"), durable=False)
-    assert len(fsyncs) == 2
+    assert len(fsyncs) == before
     assert store.read_bytes("jobs/j1/prepared") == b"inputs"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc")
+def test_a_durable_blob_has_its_data_its_name_and_its_new_folders_fsynced(tmp_path: Path, fsynced: list[str]) -> None:
+    root = tmp_path.resolve()
+    store = LocalBlobStore(root)
+    store.put_bytes("instances/1.2.3/1.2.3.4/1.2.3.4.5.dcm", b"dicom")
+    series = root / "instances" / "1.2.3" / "1.2.3.4"
+    # the new folders' entries top-down, then the data (in its temporary file), then its name in the series folder
+    assert fsynced[:3] == [str(root), str(root / "instances"), str(root / "instances" / "1.2.3")]
+    assert Path(fsynced[3]).parent == series and Path(fsynced[3]).name.startswith(".tmp-")
+    assert fsynced[4:] == [str(series)]
+    fsynced.clear()
+    store.put_bytes("instances/1.2.3/1.2.3.4/1.2.3.4.6.dcm", b"dicom")  # the folders exist: file and name only
+    assert len(fsynced) == 2 and fsynced[1] == str(series)
 
 
 def test_failed_write_leaves_the_old_blob(tmp_path: Path) -> None:
