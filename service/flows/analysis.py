@@ -571,8 +571,22 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         if created:
             session.flush()
             report_fhir.publish(session, report=report, study=study, new_version=True)
+        # the job's state and its timings in one UPDATE (its row is locked since the SELECT), before the audit
+        _set_state(session, job, JobState.succeeded, JobStage.store)
+        _stamp(
+            job,
+            infer_started=infer_started,
+            batch_size=batched.batch_size,
+            batch_wait_seconds=round(batched.batch_wait_seconds, 6),
+            inference_seconds=round(batched.inference_seconds, 6),
+            postprocess_seconds=round(postprocess_seconds, 6),
+            provider=batched.provider,
+            store_started=store_started,
+            report_stored=time.time(),
+        )
+        if created:
             amended = report.version > 1
-            audit.append(
+            audit.append(  # last: the audit head is locked from here to the commit
                 session=session,
                 principal=SYSTEM_PRINCIPAL,
                 event_type="report.amend" if amended else "report.create",
@@ -588,19 +602,6 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
                     "positive": [f.code for f in findings.findings if f.positive],
                 },
             )
-        # set last, so that the job's state and its timings go in one UPDATE (its row is locked since the SELECT)
-        _set_state(session, job, JobState.succeeded, JobStage.store)
-        _stamp(
-            job,
-            infer_started=infer_started,
-            batch_size=batched.batch_size,
-            batch_wait_seconds=round(batched.batch_wait_seconds, 6),
-            inference_seconds=round(batched.inference_seconds, 6),
-            postprocess_seconds=round(postprocess_seconds, 6),
-            provider=batched.provider,
-            store_started=store_started,
-            report_stored=time.time(),
-        )
         timings = dict(job.timings or {})
     _observe_stages(model_name, timings)
     if created:

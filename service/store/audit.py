@@ -75,7 +75,12 @@ def append(
 
     Two statements on PostgreSQL: the UPDATE of the head that locks it and reads the last hash, then the event's
     INSERT and the head's new hash in one statement (a data-modifying WITH); three on SQLite.
+
+    The head stays locked until the transaction ends, and every audited transaction of every process waits for
+    it: the caller's pending changes are flushed first, so that only the event and the commit happen under the
+    lock (append last in the transaction, for the same reason).
     """
+    session.flush()
     head = session.execute(_LOCK_HEAD).scalar_one_or_none()
     if head is None:
         raise RuntimeError("audit_head row is missing: the schema was not migrated with `clinfer db upgrade`")
