@@ -648,7 +648,7 @@ def run(
         runs.insert(0, (1, True))
     if compare_batching:
         runs += [(16, True), (16, False)]
-    for round_index, (clients, batching) in ((r, run) for r in range(max(1, repeat)) for run in runs):
+    for round_index, (clients, batching) in rounds(runs, repeat=repeat, batching_pair=compare_batching):
         # measured again just before each run, and the run's ratio taken to it: a shared virtual machine's speed
         # drifts (this one's pipeline limit moved between 96 and 127 studies/s within minutes), which a single
         # measurement at the start would carry into every ratio
@@ -700,6 +700,16 @@ def run(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
     return results
+
+
+def rounds(
+    runs: list[tuple[int, bool]], *, repeat: int, batching_pair: bool
+) -> list[tuple[int, tuple[int, bool]]]:
+    """(round index, run) in the order to run them: each run once per round; with ``batching_pair`` (the last two
+    runs, batching on and off), every other round runs that pair the other way round, since a run can be slowed by
+    what the one before it left (a checkpoint, the page cache) and a fixed order would hand that to one side."""
+    swapped = [*runs[:-2], runs[-1], runs[-2]] if batching_pair else runs
+    return [(r, run) for r in range(max(1, repeat)) for run in (runs if r % 2 == 0 else swapped)]
 
 
 def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -73,3 +73,21 @@ def test_batching_comparison_without_a_complete_pair_says_so() -> None:
     comparison = bench.batching_comparison([row(16, True, 1, 11.0)], MODEL)
     assert comparison["paired_gains"] == [] and comparison["end_to_end_gain"] is None
     assert comparison["kept_of_model_gain"] is None
+
+
+def test_every_other_round_runs_the_batching_pair_the_other_way_round() -> None:
+    runs = [(1, True), (8, True), (16, True), (16, False)]
+    assert bench.rounds(runs, repeat=3, batching_pair=True) == [
+        *[(0, run) for run in runs],
+        (1, (1, True)),
+        (1, (8, True)),
+        (1, (16, False)),
+        (1, (16, True)),
+        *[(2, run) for run in runs],
+    ]
+    assert bench.rounds([(1, True), (2, True)], repeat=2, batching_pair=False) == [
+        (0, (1, True)),
+        (0, (2, True)),
+        (1, (1, True)),
+        (1, (2, True)),
+    ]
