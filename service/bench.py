@@ -648,12 +648,18 @@ def run(
         runs.insert(0, (1, True))
     if compare_batching:
         runs += [(16, True), (16, False)]
-    for round_index, (clients, batching) in rounds(runs, repeat=repeat, batching_pair=compare_batching):
-        # measured again just before each run, and the run's ratio taken to it: a shared virtual machine's speed
-        # drifts (this one's pipeline limit moved between 96 and 127 studies/s within minutes), which a single
-        # measurement at the start would carry into every ratio
+    for index, (round_index, (clients, batching)) in enumerate(
+        rounds(runs, repeat=repeat, batching_pair=compare_batching)
+    ):
+        # measured again just before each run (the first run's is the measurement just made), and the run's ratio
+        # taken to it: a shared virtual machine's speed drifts (this one's pipeline limit moved between 96 and 127
+        # studies/s within minutes), which a single measurement at the start would carry into every ratio
         best = model_figures["best_batch_size"]
-        adjacent = pipeline_limit(manifest, runner, studies, best_batch=best, max_pixels=settings.max_decoded_pixels)
+        adjacent = (
+            pipeline_figures
+            if index == 0
+            else pipeline_limit(manifest, runner, studies, best_batch=best, max_pixels=settings.max_decoded_pixels)
+        )
         with tempfile.TemporaryDirectory(prefix="clinfer-bench-") as state:
             url = database_url
             if database_url and database_url.startswith("postgresql"):
