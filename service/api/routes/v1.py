@@ -133,7 +133,7 @@ async def _wait_for_report(
             return body
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            continue
+            return await run_in_threadpool(_report, runtime, study_instance_uid, principal)
         # woken at once by a report stored in this process (embedded worker) or announced by a worker (Redis
         # pub/sub, which wakes every waiter after it subscribes again); the timeout is only the fallback for an
         # announcement that was lost, and it grows: a look every half second by every waiting client cost each
