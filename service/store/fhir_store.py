@@ -303,11 +303,18 @@ _SEARCH_VALUES = cast(Table, FhirSearchValue.__table__)
 
 # PostgreSQL takes a resource's search values as one array per column in a single INSERT: one statement for the
 # server to plan and run instead of one per row (a report's 73 values: 0.8 against 2.4 ms of client CPU)
-_SEARCH_COLUMNS = ("resource_pk", "param", "system", "value", "date_start", "date_end")
+_SEARCH_ARRAYS = {
+    "resource_pk": "BIGINT",
+    "param": "VARCHAR",
+    "system": "VARCHAR",
+    "value": "VARCHAR",
+    "date_start": "TIMESTAMPTZ",
+    "date_end": "TIMESTAMPTZ",
+}
 _UNNEST_SEARCH_VALUES = text(
-    "INSERT INTO fhir_search_values (resource_pk, param, system, value, date_start, date_end) "
-    "SELECT * FROM unnest(CAST(:resource_pk AS BIGINT[]), CAST(:param AS VARCHAR[]), CAST(:system AS VARCHAR[]), "
-    "CAST(:value AS VARCHAR[]), CAST(:date_start AS TIMESTAMPTZ[]), CAST(:date_end AS TIMESTAMPTZ[]))"
+    f"INSERT INTO {_SEARCH_VALUES.name} ({', '.join(_SEARCH_ARRAYS)}) SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{name} AS {sql_type}[])" for name, sql_type in _SEARCH_ARRAYS.items())
+    + ")"
 )
 _UTC = UtcDateTime()
 
@@ -317,7 +324,7 @@ def _insert_search_rows(session: Session, values: list[dict[str, Any]]) -> None:
     if dialect.name != "postgresql":
         session.execute(insert(_SEARCH_VALUES), values)
         return
-    columns: dict[str, list[Any]] = {name: [row[name] for row in values] for name in _SEARCH_COLUMNS}
+    columns: dict[str, list[Any]] = {name: [row[name] for row in values] for name in _SEARCH_ARRAYS}
     for name in ("date_start", "date_end"):  # as the column's type would bind them: UTC, never naive
         columns[name] = [_UTC.process_bind_param(value, dialect) for value in columns[name]]
     session.execute(_UNNEST_SEARCH_VALUES, columns)
