@@ -155,17 +155,27 @@ def _now() -> float:
     return time.time()
 
 
-def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
-    key = (
+def _cache_key(settings: Settings, token: str) -> tuple[str, ...]:
+    return (
         token,
         settings.auth_jwks_url or str(settings.effective_dev_key_path),
         settings.auth_issuer,
         settings.auth_audience,
     )
+
+
+def _cached_claims(settings: Settings, token: str) -> dict[str, Any] | None:
     with _verified_lock:
-        cached = _verified.get(key)
+        cached = _verified.get(_cache_key(settings, token))
     if cached is not None and _now() < cached[0]:
         return cached[1]
+    return None
+
+
+def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
+    cached = _cached_claims(settings, token)
+    if cached is not None:
+        return cached
     try:
         claims = jwt.decode(
             token,
@@ -179,6 +189,7 @@ def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
         raise Unauthenticated(f"invalid token: {e}") from e
     # PyJWT admits a token while now < exp (no leeway here); the cache never admits it longer
     until = min(float(claims["exp"]), _now() + VERIFIED_TOKEN_SECONDS)
+    key = _cache_key(settings, token)
     with _verified_lock:
         _verified[key] = (until, claims)
         _verified.move_to_end(key)
@@ -187,25 +198,25 @@ def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
     return claims
 
 
-def authenticate(settings: Settings, authorization: str | None, *, source_address: str | None) -> Principal:
-    """Validate a bearer token and return who it names.
+def _anonymous(source_address: str | None) -> Principal:
+    return Principal(
+        subject="anonymous",
+        role="admin",
+        scopes=frozenset(s for r in ROLE_SCOPES.values() for s in r),
+        source_address=source_address,
+    )
 
-    Raises:
-        Unauthenticated: no token, malformed, bad signature, expired, wrong issuer or audience.
-    """
-    if not settings.auth_enabled:
-        return Principal(
-            subject="anonymous",
-            role="admin",
-            scopes=frozenset(s for r in ROLE_SCOPES.values() for s in r),
-            source_address=source_address,
-        )
+
+def _bearer_token(authorization: str | None) -> str:
     if not authorization:
         raise Unauthenticated("a bearer token is required")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
-    claims = _verified_claims(settings, token.strip())
+    return token.strip()
+
+
+def _principal(claims: dict[str, Any], source_address: str | None) -> Principal:
     raw_scopes = claims.get("scope") or claims.get("scp") or ""
     scopes = frozenset(raw_scopes.split() if isinstance(raw_scopes, str) else raw_scopes)
     role = claims.get("clinfer_role")
@@ -217,6 +228,32 @@ def authenticate(settings: Settings, authorization: str | None, *, source_addres
         source_address=source_address,
         patient=patient if isinstance(patient, str) else None,
     )
+
+
+def authenticate(settings: Settings, authorization: str | None, *, source_address: str | None) -> Principal:
+    """Validate a bearer token and return who it names.
+
+    Raises:
+        Unauthenticated: no token, malformed, bad signature, expired, wrong issuer or audience.
+    """
+    if not settings.auth_enabled:
+        return _anonymous(source_address)
+    return _principal(_verified_claims(settings, _bearer_token(authorization)), source_address)
+
+
+def authenticate_verified(
+    settings: Settings, authorization: str | None, *, source_address: str | None
+) -> Principal | None:
+    """``authenticate`` for a token whose signature was checked lately (no cryptography, no JWKS fetch: fit for
+    the event loop); None when the token is yet to be verified.
+
+    Raises:
+        Unauthenticated: no token, or a malformed Authorization header.
+    """
+    if not settings.auth_enabled:
+        return _anonymous(source_address)
+    claims = _cached_claims(settings, _bearer_token(authorization))
+    return None if claims is None else _principal(claims, source_address)
 
 
 def authorize(principal: Principal, resource: str, permission: str) -> None:

@@ -1,11 +1,17 @@
-"""Typed dependencies: the runtime, and the authenticated, authorized principal (denials are audited)."""
+"""Typed dependencies: the runtime, and the authenticated, authorized principal (denials are audited).
+
+They are coroutines: FastAPI runs a plain function dependency in a worker thread, and each such hop cost 0.2 to
+0.45 ms of the API process's CPU (/healthz, one hop: 0.73 against 0.47 ms a request, measured side by side). What
+could block (a token's signature check, a JWKS fetch, the audit of a denial) goes to a worker thread explicitly.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from service import metrics
 from service.api import auth
@@ -15,7 +21,7 @@ from service.schemas import Principal
 from service.store import audit
 
 
-def runtime_dep() -> Runtime:
+async def runtime_dep() -> Runtime:
     return get_runtime()
 
 
@@ -42,27 +48,29 @@ def audit_denial(runtime: Runtime, request: Request, principal: Principal, error
     metrics.AUTH_DENIALS.labels(error.code).inc()
 
 
-def authenticated(request: Request, runtime: RuntimeDep) -> Principal:
+async def authenticated(request: Request, runtime: RuntimeDep) -> Principal:
+    """The request's principal: on the event loop for a token verified lately, else verified in a worker thread."""
     source = request.client.host if request.client else None
+    header = request.headers.get("authorization")
     try:
-        return auth.authenticate(runtime.settings, request.headers.get("authorization"), source_address=source)
+        principal = auth.authenticate_verified(runtime.settings, header, source_address=source)
+        if principal is None:
+            principal = await run_in_threadpool(auth.authenticate, runtime.settings, header, source_address=source)
+        return principal
     except Unauthenticated as e:
-        audit_denial(runtime, request, Principal(subject="unauthenticated", source_address=source), e)
+        denied = Principal(subject="unauthenticated", source_address=source)
+        await run_in_threadpool(audit_denial, runtime, request, denied, e)
         raise
 
 
 AuthenticatedDep = Annotated[Principal, Depends(authenticated)]
 
 
-def require(resource: str, permission: str) -> Callable[..., Principal]:
+def require(resource: str, permission: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency that admits principals whose scopes cover ``permission`` on ``resource``."""
 
-    def dependency(request: Request, runtime: RuntimeDep, principal: AuthenticatedDep) -> Principal:
-        try:
-            auth.authorize(principal, resource, permission)
-        except Forbidden as e:
-            audit_denial(runtime, request, principal, e)
-            raise
+    async def dependency(request: Request, runtime: RuntimeDep, principal: AuthenticatedDep) -> Principal:
+        await checked(request, runtime, principal, resource, permission)
         return principal
 
     return dependency
@@ -74,4 +82,13 @@ def check(request: Request, runtime: Runtime, principal: Principal, resource: st
         auth.authorize(principal, resource, permission)
     except Forbidden as e:
         audit_denial(runtime, request, principal, e)
+        raise
+
+
+async def checked(request: Request, runtime: Runtime, principal: Principal, resource: str, permission: str) -> None:
+    """``check`` for coroutines: a denial is audited in a worker thread, not on the event loop."""
+    try:
+        auth.authorize(principal, resource, permission)
+    except Forbidden as e:
+        await run_in_threadpool(audit_denial, runtime, request, principal, e)
         raise

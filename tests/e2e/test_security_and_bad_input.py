@@ -74,9 +74,21 @@ def test_health_is_open_and_metrics_need_a_token(client: TestClient, tokens: Tok
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["models"] == ["ct-head-ich", "cxr-fusion"]
     assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=tokens.header("ingest")).status_code == 403
     metrics = client.get("/metrics", headers=tokens.header("admin"))
     assert metrics.status_code == 200
     assert "clinfer_http_requests_total" in metrics.text
+
+
+def test_a_bundle_beyond_the_token_s_scopes_is_403_audited_and_writes_nothing(
+    client: TestClient, tokens: Tokens, runtime: Runtime
+) -> None:
+    response = client.post("/fhir", json=patient_bundle(), headers=tokens.header("clinician"))
+    assert response.status_code == 403, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert [(d.actor_role, d.entity_ref) for d in _denials(runtime)] == [("clinician", "POST /fhir")]
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count(Patient.id))) == 0, "a refused Bundle writes nothing"
 
 
 def test_the_embedded_service_warms_its_models_up_before_it_says_ready(runtime: Runtime) -> None:

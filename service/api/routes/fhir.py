@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.api.auth import patient_compartment
-from service.api.deps import AuthenticatedDep, RuntimeDep, check
+from service.api.deps import AuthenticatedDep, RuntimeDep, check, checked
 from service.api.errors import FHIR_JSON
 from service.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.flows import fhir as fhir_flow
@@ -181,7 +181,7 @@ def capability_statement(base: str) -> dict[str, Any]:
 
 
 @router.get("/metadata", summary="CapabilityStatement")
-def metadata(request: Request, principal: AuthenticatedDep) -> JSONResponse:
+async def metadata(request: Request, principal: AuthenticatedDep) -> JSONResponse:
     return fhir_response(capability_statement(_base(request)))
 
 
@@ -194,7 +194,7 @@ async def post_bundle(request: Request, runtime: RuntimeDep, principal: Authenti
     if body.get("resourceType") != "Bundle":
         raise InvalidInput("POST /fhir takes a Bundle of type transaction or batch")
     for resource_type, permission in sorted(fhir_flow.bundle_permissions(body)):
-        check(request, runtime, principal, resource_type, permission)
+        await checked(request, runtime, principal, resource_type, permission)
     response = await run_in_threadpool(fhir_flow.process_bundle, runtime, body, principal=principal)
     return fhir_response(response)
 
@@ -453,7 +453,7 @@ async def _write(
     """One REST write: the type is served and writable, the scope allows it, the body is R4 JSON."""
     _check_type(resource_type)
     _write_allowed(resource_type)
-    check(request, runtime, principal, resource_type, permission)
+    await checked(request, runtime, principal, resource_type, permission)
     body = await _json_body(request, runtime)
     outcome = await run_in_threadpool(
         fhir_flow.write_one, runtime, principal=principal, method=method, url=url, resource=body, **conditions

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,7 +20,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
@@ -68,8 +69,8 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics_endpoint(request: Request, runtime: RuntimeDep) -> Response:
+async def metrics_endpoint(request: Request, runtime: RuntimeDep) -> Response:
     if not runtime.settings.metrics_public:
-        principal = deps.authenticated(request, runtime)
-        deps.check(request, runtime, principal, "Device", "r")
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        principal = await deps.authenticated(request, runtime)
+        await deps.checked(request, runtime, principal, "Device", "r")
+    return Response(await run_in_threadpool(generate_latest), media_type=CONTENT_TYPE_LATEST)

@@ -119,3 +119,27 @@ def test_a_cached_token_is_verified_again_after_the_cache_period(
     monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
     authenticate(settings, f"Bearer {token}", source_address=None)
     assert decoded == [1]
+
+
+def test_only_a_token_verified_lately_is_admitted_without_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.api import auth
+
+    settings = Settings(state_dir=tmp_path)
+    token = mint_token(settings, role="clinician", ttl_seconds=600)
+    assert auth.authenticate_verified(settings, f"Bearer {token}", source_address=None) is None, "never verified"
+    for header in (None, "", "Basic abc", "Bearer  "):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate_verified(settings, header, source_address=None)
+    verified = authenticate(settings, f"Bearer {token}", source_address="10.0.0.1")
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: pytest.fail("a verified token is not decoded again"))
+    cached = auth.authenticate_verified(settings, f"bearer {token}", source_address="10.0.0.2")
+    assert cached is not None
+    assert (cached.subject, cached.role, cached.scopes) == (verified.subject, verified.role, verified.scopes)
+    assert cached.source_address == "10.0.0.2"
+    monkeypatch.setattr(auth, "_now", lambda: exp)  # expired: to be verified again (and refused)
+    assert auth.authenticate_verified(settings, f"Bearer {token}", source_address=None) is None
+    anonymous = auth.authenticate_verified(Settings(state_dir=tmp_path, auth_enabled=False), None, source_address=None)
+    assert anonymous is not None and anonymous.role == "admin"
