@@ -40,7 +40,7 @@ def window_image(
         center, width = window
         low, high = center - width / 2.0, center + width / 2.0
     else:
-        low, high = (float(v) for v in np.percentile(image, spec.percentiles))
+        low, high = percentiles(image, spec.percentiles)
     if high <= low:
         high = low + 1.0
     # one new array, then in place: (image - low) / (high - low), clipped to [0, 1], in float32 as before
@@ -50,6 +50,41 @@ def window_image(
     if spec.invert_monochrome1 and photometric_interpretation.strip().upper() == "MONOCHROME1":
         np.subtract(np.float32(1.0), out, out=out)
     return out
+
+
+# integer images whose values lie within this span of each other are ranked by counting
+_COUNTED_SPAN = 1 << 20
+
+
+def percentiles(image: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile(image, qs)`` (linear interpolation between the two nearest ranks), by counting the values
+    when the image holds integers over a modest span: stored values through an integer Rescale Slope/Intercept, the
+    usual case. A 1024² image takes about 3 ms, against 18 for ``np.percentile``, which partitions a copy; the
+    values are the same within float rounding. Any other image goes to ``np.percentile``."""
+    flat = image.ravel()
+    low, high = (float(v) for v in (flat.min(), flat.max())) if flat.size else (0.0, 0.0)
+    counted = flat.size > 0 and -(2.0**24) <= low <= high <= 2.0**24 and high - low <= _COUNTED_SPAN
+    ranks = flat.astype(np.int32) if counted else None
+    if ranks is None or not np.array_equal(ranks, flat):
+        first, second = (float(v) for v in np.percentile(image, qs))
+        return first, second
+    if low:
+        ranks -= int(low)
+    below_or_at = np.cumsum(np.bincount(ranks))  # [j]: how many values are <= low + j
+
+    def ranked(k: int) -> float:  # the k-th smallest value (from 0)
+        return low + float(np.searchsorted(below_or_at, k, side="right"))
+
+    n = flat.size
+    found = []
+    for q in qs:
+        quantile = float(q) / 100.0
+        virtual = n * quantile + (1.0 - quantile) - 1.0  # numpy's index for the "linear" method
+        previous = min(max(int(np.floor(virtual)), 0), n - 1)
+        gamma = min(max(virtual - previous, 0.0), 1.0)
+        a, b = ranked(previous), ranked(min(previous + 1, n - 1))
+        found.append(b - (b - a) * (1.0 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+    return found[0], found[1]
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:

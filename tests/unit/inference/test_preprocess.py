@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from service.inference.manifest import ClinicalFeature, FeatureSource, ImagePreprocessing
-from service.inference.preprocess import age_in_years, clinical_vector, prepare_image, resize_bilinear
+from service.inference.preprocess import (
+    age_in_years,
+    clinical_vector,
+    percentiles,
+    prepare_image,
+    resize_bilinear,
+)
 from service.schemas import ClinicalContext, ClinicalValue, ObservationFact
 
 STUDY_AT = dt.datetime(2026, 11, 20, 9, 30, tzinfo=dt.UTC)
@@ -239,3 +245,35 @@ def test_windowing_leaves_the_decoded_pixels_as_they_were() -> None:
     windowed = prepare_image(pixels, photometric_interpretation="MONOCHROME1", window=(2000, 3000), spec=spec)
     assert np.array_equal(pixels, before)
     assert windowed.dtype == np.float32
+
+
+def _images() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {
+        "ct-like, negative intercept": rng.integers(0, 4096, (512, 512)).astype(np.float32) - 1024,
+        "8-bit": rng.integers(0, 256, (300, 200)).astype(np.float32),
+        "uniform": np.full((64, 64), 7.0, np.float32),
+        "a few pixels": rng.integers(0, 4096, (5, 3)).astype(np.float32),
+        "fractional slope": (rng.integers(0, 4096, (256, 256)) * 0.37).astype(np.float32),
+        "continuous": rng.normal(0, 1000, (128, 128)).astype(np.float32),
+        "integers over a wide span": np.concatenate([np.zeros(1000), [3e6]]).astype(np.float32).reshape(7, 143),
+        "with a NaN": np.array([[1.0, np.nan], [3.0, 4.0]], np.float32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_images()))
+@pytest.mark.parametrize("qs", [(0.5, 99.5), (0.0, 100.0), (1.0, 99.0), (33.3, 66.7)])
+def test_percentiles_are_numpy_s_whichever_way_they_are_found(name: str, qs: tuple[float, float]) -> None:
+    image = _images()[name]
+    before = image.copy()
+    found = percentiles(image, qs)
+    np.testing.assert_allclose(found, np.percentile(image, qs), rtol=1e-12, atol=1e-9, equal_nan=True)
+    assert np.array_equal(image, before, equal_nan=True)  # the caller's image is left as it was
+
+
+def test_an_image_without_a_window_is_windowed_on_its_percentiles() -> None:
+    image = np.random.default_rng(6).integers(0, 4096, (64, 64)).astype(np.float32)
+    spec = ImagePreprocessing(resize=(64, 64), percentiles=(1.0, 99.0))
+    low, high = np.percentile(image, (1.0, 99.0))
+    windowed = prepare_image(image, photometric_interpretation="MONOCHROME2", window=None, spec=spec)
+    np.testing.assert_allclose(windowed[0], np.clip((image - low) / (high - low), 0, 1), atol=1e-6)
