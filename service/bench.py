@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime as dt
+import http.client
 import io
 import json
 import os
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -457,29 +459,71 @@ class _Timed:
     finished: float
 
 
-def _one_study(http: httpx.Client, study: Study, ingest: dict[str, str], clinician: dict[str, str]) -> _Timed:
+class RequestFailed(Exception):
+    """An answer of 400 or more to a timed request."""
+
+
+class _Client:
+    """One client's keep-alive connection for the timed requests, on the standard library's http.client.
+
+    The load generator shares the cores with the service it measures, so its CPU is taken from the service: a study's
+    four requests cost this client 3.1 ms of CPU against 6.9 with httpx (medians of six alternating rounds against
+    the same service).
+    """
+
+    def __init__(self, base: str, timeout: float) -> None:
+        parsed = urllib.parse.urlsplit(base)
+        self._host, self._port, self._timeout = parsed.hostname or "127.0.0.1", parsed.port, timeout
+        self._connection: http.client.HTTPConnection | None = None
+
+    def request(
+        self, method: str, path: str, *, headers: dict[str, str], body: bytes | None = None
+    ) -> tuple[int, bytes]:
+        if self._connection is None:
+            self._connection = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        try:
+            self._connection.request(method, path, body=body, headers=headers)
+            response = self._connection.getresponse()
+            data = response.read()
+        except BaseException:
+            self.close()  # the next request opens a new connection
+            raise
+        if response.status >= 400:
+            raise RequestFailed(f"{method} {path.split('?')[0]}: {response.status} {data[:200]!r}")
+        return response.status, data
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+_REQUEST_ERRORS = (OSError, http.client.HTTPException, RequestFailed, KeyError, ValueError)
+
+
+def _one_study(http: _Client, study: Study, ingest: dict[str, str], clinician: dict[str, str]) -> _Timed:
     started = time.time()
-    bundle = http.post("/fhir", json=study.bundle, headers=ingest)
-    bundle.raise_for_status()
+    http.request(
+        "POST", "/fhir", body=json.dumps(study.bundle).encode(), headers={**ingest, "Content-Type": "application/json"}
+    )
     boundary = "clinferbench"
     body = (
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         + study.part10
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    stored = http.post(
+    http.request(
+        "POST",
         "/dicomweb/studies",
-        content=body,
+        body=body,
         headers={**ingest, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
     )
-    stored.raise_for_status()
-    analyze = http.post(f"/v1/studies/{study.study_instance_uid}/analyze", headers=clinician)
-    analyze.raise_for_status()
+    uid = urllib.parse.quote(study.study_instance_uid)
+    _, analyzed = http.request("POST", f"/v1/studies/{uid}/analyze", headers=clinician)
     ingested = time.time()
-    report = http.get(f"/v1/studies/{study.study_instance_uid}/report", params={"wait": 120}, headers=clinician)
-    report.raise_for_status()
+    http.request("GET", f"/v1/studies/{uid}/report?wait=120", headers=clinician)
     finished = time.time()
-    return _Timed(analyze.json()["jobs"][0]["id"], started, ingested, finished)
+    return _Timed(json.loads(analyzed)["jobs"][0]["id"], started, ingested, finished)
 
 
 def _study_run(http: httpx.Client, timed: _Timed, clinician: dict[str, str]) -> StudyRun:
@@ -527,7 +571,8 @@ def end_to_end(
     timed: list[_Timed] = []
 
     def client() -> None:
-        with httpx.Client(base_url=base, timeout=180) as http:
+        http = _Client(base, timeout=180)
+        try:
             while True:
                 with lock:
                     if not pending:
@@ -537,10 +582,12 @@ def end_to_end(
                     one = _one_study(http, study, ingest, clinician)
                     with lock:
                         timed.append(one)
-                except (httpx.HTTPError, KeyError) as e:
+                except _REQUEST_ERRORS as e:
                     with lock:
                         result.errors.append(f"{type(e).__name__}: {e}")
                 progress.step()
+        finally:
+            http.close()
 
     meter = CpuMeter(processes or {})
     started = time.perf_counter()
