@@ -62,20 +62,26 @@ def percentiles(image: np.ndarray, qs: tuple[float, float]) -> tuple[float, floa
     usual case. A 1024² image takes about 3 ms, against 18 for ``np.percentile``, which partitions a copy; the
     values are the same within float rounding. Any other image goes to ``np.percentile``."""
     flat = image.ravel()
-    low, high = (float(v) for v in (flat.min(), flat.max())) if flat.size else (0.0, 0.0)
-    counted = flat.size > 0 and -(2.0**24) <= low <= high <= 2.0**24 and high - low <= _COUNTED_SPAN
-    ranks = flat.astype(np.int32) if counted else None
-    if ranks is None or not np.array_equal(ranks, flat):
-        first, second = (float(v) for v in np.percentile(image, qs))
-        return first, second
+    if flat.size:
+        low, high = float(flat.min()), float(flat.max())
+        if -(2.0**24) <= low <= high <= 2.0**24 and high - low <= _COUNTED_SPAN:
+            ranks = flat.astype(np.int32)
+            if np.array_equal(ranks, flat):
+                return _counted_percentiles(ranks, low, qs)
+    first, second = (float(v) for v in np.percentile(image, qs))
+    return first, second
+
+
+def _counted_percentiles(values: np.ndarray, low: float, qs: tuple[float, float]) -> tuple[float, float]:
+    """``percentiles`` of integer ``values`` (a copy: changed here) whose smallest is ``low``."""
     if low:
-        ranks -= int(low)
-    below_or_at = np.cumsum(np.bincount(ranks))  # [j]: how many values are <= low + j
+        values -= int(low)
+    below_or_at = np.cumsum(np.bincount(values))  # [j]: how many values are <= low + j
 
     def ranked(k: int) -> float:  # the k-th smallest value (from 0)
         return low + float(np.searchsorted(below_or_at, k, side="right"))
 
-    n = flat.size
+    n = values.size
     found = []
     for q in qs:
         quantile = float(q) / 100.0
