@@ -345,6 +345,7 @@ def running_service(
     providers: list[str],
     api_workers: int = 1,
     preprocess_workers: int = 1,
+    api_threads: int | None = None,
 ) -> Iterator[tuple[str, Settings, dict[str, int]]]:
     """`clinfer serve` (embedded worker) or `clinfer serve` + `clinfer worker` processes for the run."""
     port, *metrics_ports = _free_ports(2 + preprocess_workers)
@@ -359,6 +360,8 @@ def running_service(
         "CLINFER_WORKER_CONCURRENCY": str(workers),
         "CLINFER_EXECUTION_PROVIDERS": json.dumps(providers),
     }
+    if api_threads is not None:
+        env["CLINFER_API_THREADS"] = str(api_threads)
     if database_url:
         env["CLINFER_DATABASE_URL"] = database_url
     if broker_url:
@@ -652,6 +655,7 @@ def run(
     api_workers: int = 1,
     preprocess_workers: int = 1,
     repeat: int = 1,
+    api_threads: int | None = None,
 ) -> dict[str, Any]:
     """The limits, then each end-to-end configuration ``repeat`` times, in rounds (every configuration once per
     round), so that a drift of the machine's speed reaches all configurations alike; figures are the medians."""
@@ -685,6 +689,8 @@ def run(
             if broker_url
             else "embedded (SQLite, in-process worker)"
         ),
+        # the service's own environment leaves out the caller's CLINFER_ variables: its default unless given
+        "api_threads": api_threads if api_threads is not None else Settings.model_fields["api_threads"].default,
         "model_limit": model_figures,
         "pipeline_limit": pipeline_figures,
         "tensor_serialization": serialization,
@@ -721,6 +727,7 @@ def run(
                     providers=list(settings.execution_providers),
                     api_workers=api_workers,
                     preprocess_workers=preprocess_workers,
+                    api_threads=api_threads,
                 ) as (base, service_settings, processes),
                 GpuSampler() as gpu,
             ):
@@ -834,7 +841,7 @@ def print_table(results: dict[str, Any]) -> None:
     model, pipe = results["model_limit"], results["pipeline_limit"]
     print(
         f"model {results['model']} on {results['provider']}, {results['studies']} studies of {results['image_size']}²,"
-        f" {results['machine']['cpus']} CPUs; {results['deployment']}"
+        f" {results['machine']['cpus']} CPUs; {results['deployment']}, {results['api_threads']} API threads"
     )
     if results.get("gpus"):
         print(f"GPU(s): {', '.join(results['gpus'])}")

@@ -374,6 +374,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             api_workers=args.api_workers,
             preprocess_workers=args.preprocess_workers,
             repeat=args.repeat,
+            api_threads=args.api_threads,
         )
     except RuntimeError as e:  # the service it started did not come up, or was not ready: say why, no traceback
         print(f"clinfer bench: {e}", file=sys.stderr)
@@ -494,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--api-workers", type=int, default=1, help="`clinfer serve` processes (with Redis)")
     bench_parser.add_argument(
         "--preprocess-workers", type=int, default=1, help="`clinfer worker --queues preprocess` processes (with Redis)"
+    )
+    bench_parser.add_argument(
+        "--api-threads",
+        type=_positive_int,
+        help="threads of each `clinfer serve` process for its blocking work; default CLINFER_API_THREADS",
     )
     bench_parser.add_argument(
         "--no-batching-comparison", action="store_true", help="skip the batching on/off runs at concurrency 16"

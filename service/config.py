@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     max_fhir_bundle_bytes: int = Field(default=32 * 1024**2, gt=0)
     max_decoded_pixels: int = Field(default=16384 * 16384, gt=0)
 
+    api_threads: int = Field(
+        default=4,
+        ge=1,
+        description="threads of each API process for its blocking work (database, files): one runs Python at a "
+        "time, the others overlap their waits; more cost CPU in switching (README, Performance)",
+    )
     worker_concurrency: int = Field(
         default=8, ge=1, description="task threads of the embedded worker (and `clinfer worker`'s default)"
     )

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,6 +54,8 @@ def create_app(
         if runtime is not None:
             set_runtime(runtime)
         current = get_runtime() if runtime is not None else _build_and_install()
+        # the threads that run blocking endpoints and dependencies (anyio's default: 40 a process)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = current.settings.api_threads
         run_embedded = current.settings.embedded_worker if embedded_worker is None else embedded_worker
         worker = sweeper = listener = None
         if run_embedded and current.settings.dimse_embedded:

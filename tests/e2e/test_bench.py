@@ -27,6 +27,7 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
         model="cxr-fusion",
         settings=settings,
         repeat=2,
+        api_threads=2,
     )
     written = json.loads(out.read_text())
     assert written["model_limit"] == results["model_limit"]
@@ -46,6 +47,7 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
     ]
     assert [(m["concurrency"], m["runs"]) for m in results["medians"]] == [(1, 2), (2, 2)]
     assert "batching" not in results  # not compared in this run
+    assert results["api_threads"] == 2  # given to the service it started
     for row in results["end_to_end"]:
         # every study went through the model on the provider the service really used, in batches that add up
         assert row["providers"] == {"CPUExecutionProvider": 4}
