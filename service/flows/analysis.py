@@ -26,7 +26,7 @@ from service.ingest import dicom
 from service.routing.rules import InstanceAttributes
 from service.schemas import SYSTEM_PRINCIPAL, JobStage, JobState, Principal, StudyStatus
 from service.store import audit, clinical, jobs, reports, studies
-from service.store.tables import Instance, Job, Patient, Series, Study, utcnow
+from service.store.tables import Instance, Job, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def request_analysis(
     manifests = runtime.manifests()
     now = utcnow()
     with runtime.sessions.begin() as session:
-        study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        # the patient held: the audit below finds it in the session
+        study, patient = studies.get_with_patient_or_raise(session=session, study_instance_uid=study_instance_uid)
         pairs = studies.instances_of(session=session, study=study, origin="received")
         received_at = {instance.sop_instance_uid: instance.received_at for _, instance in pairs}
         attributes = instance_attributes(pairs)
@@ -267,7 +268,7 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
     the same inputs. States only move forward: queued -> preprocessing -> inferring -> succeeded | failed.
     """
     with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
+        job, study, patient = jobs.get_with_study(session=session, job_id=job_id, for_update=True)
         if job.state in FINAL_STATES:
             return
         if job.state == JobState.inferring.value and runtime.blobs.exists(_inputs_key(job_id)):
@@ -277,8 +278,6 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
         preprocess_started = time.time()
         _observe_wait(job, queue.PREPROCESS_QUEUE, "enqueued_preprocess", preprocess_started)
         _stamp(job, preprocess_started=preprocess_started)
-        study = session.get(Study, job.study_id)
-        assert study is not None
         model = runtime.registry.models.get(job.model_name)
         pairs = studies.instances_of(session=session, study=study, origin="received")
         source_uid = job.sop_instance_uid
@@ -287,7 +286,6 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
             source_uid = routing.routes[0].sop_instance_uid if routing.routes else None
         priority = job.priority
         blob_keys = {i.sop_instance_uid: i.blob_key for _, i in pairs}
-        patient = session.get(Patient, study.patient_id) if study.patient_id else None
         context = clinical.clinical_context(session=session, patient=patient)
         study_at = _study_datetime(study)
     started = time.perf_counter()
@@ -555,9 +553,8 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         return
     with runtime.sessions.begin() as session:
         store_started = time.time()
-        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
-        study = session.get(Study, job.study_id)
-        assert study is not None
+        # the patient held: the report's FHIR resources and the audit find it in the session
+        job, study, patient = jobs.get_with_study(session=session, job_id=job_id, for_update=True)
         study_instance_uid = study.study_instance_uid
         report, created = reports.create_once(
             session=session,

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from service.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
+from service.store import db
 from service.store.tables import FhirResource, FhirResourceVersion, FhirSearchValue, UtcDateTime, utcnow
 
 ParamType = Literal["token", "reference", "date", "string"]
@@ -590,14 +591,16 @@ def put_many(*, session: Session, requests: list[PutRequest]) -> list[tuple[Fhir
     ]
     if created_rows:
         columns = ("resource_type", "resource_id", "version", "origin", "body", "patient_id", "deleted", "updated_at")
-        try:
-            with session.begin_nested():  # one INSERT of all new rows, complete or not at all
-                inserted = session.execute(
-                    insert(_RESOURCES).returning(_RESOURCES.c.id, _RESOURCES.c.resource_type, _RESOURCES.c.resource_id),
-                    [{name: getattr(row, name) for name in columns} for row in created_rows],
-                )
-                ids = {(resource_type, resource_id): pk for pk, resource_type, resource_id in inserted}
-        except IntegrityError:  # one was created meanwhile by another request: write them one by one
+        inserted = session.execute(  # one INSERT of all new rows; one created meanwhile by another request is skipped
+            db.insert_skipping_clashes(session, _RESOURCES).returning(
+                _RESOURCES.c.id, _RESOURCES.c.resource_type, _RESOURCES.c.resource_id
+            ),
+            [{name: getattr(row, name) for name in columns} for row in created_rows],
+        )
+        ids = {(resource_type, resource_id): pk for pk, resource_type, resource_id in inserted}
+        if len(ids) < len(created_rows):  # then the ones inserted are taken back, and all written one by one
+            if ids:
+                session.execute(delete(_RESOURCES).where(_RESOURCES.c.id.in_(list(ids.values()))))
             return _put_each(session, requests)
         for row in created_rows:
             row.id = ids[(row.resource_type, row.resource_id)]

@@ -7,12 +7,12 @@ import uuid
 from typing import Any
 
 from sqlalchemy import exists, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
 from service.schemas import JobStage, JobState
-from service.store.tables import Job, Study
+from service.store import db
+from service.store.tables import Job, Patient, Study
 
 ACTIVE_STATES = (JobState.queued.value, JobState.preprocessing.value, JobState.inferring.value)
 
@@ -27,6 +27,28 @@ def get_or_raise(*, session: Session, job_id: str, for_update: bool = False) -> 
     if job is None:
         raise NotFound(f"job {job_id} not found")
     return job
+
+
+def get_with_study(*, session: Session, job_id: str, for_update: bool = False) -> tuple[Job, Study, Patient | None]:
+    """A job with its study and the study's patient (None when not joined to one), in one SELECT; ``for_update``
+    locks the job's row only (as :func:`get`). Hold the patient while the transaction asks for it again
+    (``clinical.patient_resource_id``): the session finds it then without a SELECT.
+
+    Raises:
+        NotFound: no such job.
+    """
+    query = (
+        select(Job, Study, Patient)
+        .join(Study, Study.id == Job.study_id)
+        .outerjoin(Patient, Patient.id == Study.patient_id)
+        .where(Job.id == job_id)
+    )
+    if for_update:
+        query = query.with_for_update(of=Job).execution_options(populate_existing=True)
+    row = session.execute(query).first()
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    return row[0], row[1], row[2]
 
 
 def latest(*, session: Session, study: Study, model_name: str, model_version: str) -> Job | None:
@@ -54,8 +76,8 @@ def get_or_create(
     timings: dict[str, Any] | None = None,
 ) -> tuple[Job, bool]:
     """The job of a study x model version x revision; the unique constraint makes a racing second request
-    return the first job. The caller asks for a revision it found no job of, so the INSERT is tried first and
-    the SELECT is made only when it clashes.
+    return the first job. The caller asks for a revision it found no job of, so the INSERT is tried first (one that
+    does nothing on a clash: no savepoint to send and release) and the SELECT is made only when it clashed.
 
     Args:
         enqueued_at, timings: a new job's, written in its INSERT (not for a job that already existed).
@@ -63,35 +85,35 @@ def get_or_create(
     Returns:
         (the job, True when this call created it).
     """
-    query = select(Job).where(
-        Job.study_id == study.id,
-        Job.model_name == model_name,
-        Job.model_version == model_version,
-        Job.revision == revision,
+    created = db.insert_unless_clash(
+        session,
+        Job,
+        id=str(uuid.uuid4()),
+        study_id=study.id,
+        model_name=model_name,
+        model_version=model_version,
+        revision=revision,
+        rule=rule,
+        sop_instance_uid=sop_instance_uid,
+        destinations=list(destinations or []),
+        state=JobState.queued.value,
+        stage=JobStage.enqueue.value,
+        priority=priority,
+        enqueued_at=enqueued_at,
+        timings=timings,
     )
-    try:
-        with session.begin_nested():
-            job = Job(
-                id=str(uuid.uuid4()),
-                study_id=study.id,
-                model_name=model_name,
-                model_version=model_version,
-                revision=revision,
-                rule=rule,
-                sop_instance_uid=sop_instance_uid,
-                destinations=list(destinations or []),
-                state=JobState.queued.value,
-                stage=JobStage.enqueue.value,
-                priority=priority,
-                enqueued_at=enqueued_at,
-                timings=timings,
-            )
-            session.add(job)
-        return job, True
-    except IntegrityError:
-        found = session.scalar(query)
-        assert found is not None
-        return found, False
+    if created is not None:
+        return created, True
+    found = session.scalar(
+        select(Job).where(
+            Job.study_id == study.id,
+            Job.model_name == model_name,
+            Job.model_version == model_version,
+            Job.revision == revision,
+        )
+    )
+    assert found is not None
+    return found, False
 
 
 def for_study(*, session: Session, study: Study) -> list[Job]:
@@ -105,20 +127,22 @@ def others_succeeded(*, session: Session, study: Study, job_id: str) -> bool:
     return not session.scalar(select(unfinished))
 
 
-def states_for_study(*, session: Session, study_instance_uid: str) -> list[str]:
-    """The states of a study's jobs, in one SELECT of two columns (polled while a client waits for a report).
+def study_with_states(*, session: Session, study_instance_uid: str) -> tuple[Study, Patient | None, list[str]]:
+    """A study, its patient (None when not joined to one) and the states of its jobs, in one SELECT (made by every
+    look of a client waiting for a report, and by the one that reads it).
 
     Raises:
         NotFound: no such study.
     """
     rows = session.execute(
-        select(Study.id, Job.state)
+        select(Study, Patient, Job.state)
+        .outerjoin(Patient, Patient.id == Study.patient_id)
         .outerjoin(Job, Job.study_id == Study.id)
         .where(Study.study_instance_uid == study_instance_uid)
     ).all()
     if not rows:
         raise NotFound(f"study {study_instance_uid} not found")
-    return [state for _, state in rows if state is not None]
+    return rows[0][0], rows[0][1], [state for _, _, state in rows if state is not None]
 
 
 def lost(*, session: Session, older_than: dt.datetime, limit: int = 100) -> list[Job]:
@@ -146,8 +170,10 @@ __all__ = [
     "get",
     "get_or_create",
     "get_or_raise",
+    "get_with_study",
     "latest",
     "list_jobs",
     "lost",
     "others_succeeded",
+    "study_with_states",
 ]

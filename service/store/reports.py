@@ -7,12 +7,12 @@ import datetime as dt
 import uuid
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import NotFound
 from service.schemas import Findings
+from service.store import db
 from service.store.tables import Finding, Job, Report, ReportVersion, Study, utcnow
 
 
@@ -61,13 +61,19 @@ def _version_row(report: Report, job: Job, findings: Findings) -> ReportVersion:
     )
 
 
-def _set_findings(session: Session, report: Report, findings: Findings) -> list[Finding]:
-    report.model_sha256 = findings.model.sha256
-    report.execution_provider = findings.model.execution_provider
-    report.intended_use = findings.model.intended_use
-    report.source_sop_instance_uid = findings.source_sop_instance_uid
-    report.clinical_inputs = [value.model_dump(mode="json") for value in findings.clinical_inputs]
-    report.missing_inputs = list(findings.missing_inputs)
+def _model_values(findings: Findings) -> dict[str, object]:
+    """The columns of a report version that come from its findings (the model, its inputs, the instance read)."""
+    return {
+        "model_sha256": findings.model.sha256,
+        "execution_provider": findings.model.execution_provider,
+        "intended_use": findings.model.intended_use,
+        "source_sop_instance_uid": findings.source_sop_instance_uid,
+        "clinical_inputs": [value.model_dump(mode="json") for value in findings.clinical_inputs],
+        "missing_inputs": list(findings.missing_inputs),
+    }
+
+
+def _add_findings(session: Session, report: Report, findings: Findings) -> list[Finding]:
     rows = [
         Finding(
             report_id=report.id,
@@ -92,6 +98,9 @@ def create_once(
     later revision (new instances arrived after the report). A task delivered twice, or an older revision
     finishing late, changes nothing.
 
+    The first version is inserted straight away, unless the study x model version has its report already
+    (``db.insert_unless_clash``); only then is that report read (locked) and amended or left alone.
+
     Args:
         dicom_requested_at: When the version this call stores is to get its DICOM results (``dicom_state``
             "pending"); given here so that the version's INSERT or UPDATE carries it, not an UPDATE of its own.
@@ -99,34 +108,33 @@ def create_once(
     Returns:
         (the report, True when this call created it or added a version).
     """
-    query = select(Report).where(
-        Report.study_id == study.id, Report.model_name == job.model_name, Report.model_version == job.model_version
+    report = db.insert_unless_clash(
+        session,
+        Report,
+        id=str(uuid.uuid4()),
+        study_id=study.id,
+        job_id=job.id,
+        patient_id=study.patient_id,
+        model_name=findings.model.name,
+        model_version=findings.model.version,
+        status="preliminary",
+        version=1,
+        dicom_state=_dicom_state(dicom_requested_at),
+        dicom_requested_at=dicom_requested_at,
+        **_model_values(findings),
     )
-    existing = session.scalar(query.with_for_update())
-    if existing is None:
-        try:
-            with session.begin_nested():
-                report = Report(
-                    id=str(uuid.uuid4()),
-                    study_id=study.id,
-                    job_id=job.id,
-                    patient_id=study.patient_id,
-                    model_name=findings.model.name,
-                    model_version=findings.model.version,
-                    status="preliminary",
-                    version=1,
-                    dicom_state=_dicom_state(dicom_requested_at),
-                    dicom_requested_at=dicom_requested_at,
-                )
-                rows = _set_findings(session, report, findings)
-                session.add(report)
-                session.flush()
-                set_committed_value(report, "findings", rows)  # known, in position order: no SELECT to load them
-                session.add(_version_row(report, job, findings))
-            return report, True
-        except IntegrityError:
-            existing = session.scalar(query.with_for_update())
-            assert existing is not None
+    if report is not None:
+        set_committed_value(report, "findings", _add_findings(session, report, findings))  # known, in order
+        session.add(_version_row(report, job, findings))
+        return report, True
+    existing = session.scalar(
+        select(Report)
+        .where(
+            Report.study_id == study.id, Report.model_name == job.model_name, Report.model_version == job.model_version
+        )
+        .with_for_update()
+    )
+    assert existing is not None
     if existing.job_id == job.id or session.scalar(select(ReportVersion.id).where(ReportVersion.job_id == job.id)):
         return existing, False
     current_job = session.get(Job, existing.job_id)
@@ -144,7 +152,9 @@ def create_once(
     existing.dicom_error = None
     existing.dicom_requested_at = dicom_requested_at
     existing.updated_at = utcnow()
-    _set_findings(session, existing, findings)
+    for name, value in _model_values(findings).items():
+        setattr(existing, name, value)
+    _add_findings(session, existing, findings)
     session.flush()
     session.add(_version_row(existing, job, findings))
     session.flush()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import NotFound
 from service.schemas import NormalizedInstance, StudyStatus
-from service.store.tables import Instance, Series, Study, utcnow
+from service.store import db
+from service.store.tables import Instance, Patient, Series, Study, utcnow
 
 
 def get(*, session: Session, study_instance_uid: str) -> Study | None:
@@ -23,6 +23,23 @@ def get_or_raise(*, session: Session, study_instance_uid: str) -> Study:
     if study is None:
         raise NotFound(f"study {study_instance_uid} not found")
     return study
+
+
+def get_with_patient_or_raise(*, session: Session, study_instance_uid: str) -> tuple[Study, Patient | None]:
+    """A study and its patient (None when not joined to one) in one SELECT. Hold the patient while the transaction
+    asks for it again (``clinical.patient_resource_id``): the session finds it then without a SELECT.
+
+    Raises:
+        NotFound: no such study.
+    """
+    row = session.execute(
+        select(Study, Patient)
+        .outerjoin(Patient, Patient.id == Study.patient_id)
+        .where(Study.study_instance_uid == study_instance_uid)
+    ).first()
+    if row is None:
+        raise NotFound(f"study {study_instance_uid} not found")
+    return row[0], row[1]
 
 
 def get_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
@@ -38,61 +55,32 @@ def study_of(*, session: Session, instance: Instance) -> Study:
     return study
 
 
-def _new_study(meta: NormalizedInstance) -> Study:
-    return Study(
-        study_instance_uid=meta.study_instance_uid,
-        dicom_patient_id=meta.patient_id,
-        issuer_of_patient_id=meta.issuer_of_patient_id,
-        study_date=meta.study_date,
-        study_time=meta.study_time,
-        accession_number=meta.accession_number,
-        description=meta.study_description,
-        status=StudyStatus.receiving.value,
-    )
+def _study_values(meta: NormalizedInstance) -> dict[str, object]:
+    return {
+        "study_instance_uid": meta.study_instance_uid,
+        "dicom_patient_id": meta.patient_id,
+        "issuer_of_patient_id": meta.issuer_of_patient_id,
+        "study_date": meta.study_date,
+        "study_time": meta.study_time,
+        "accession_number": meta.accession_number,
+        "description": meta.study_description,
+        "status": StudyStatus.receiving.value,
+    }
 
 
-def _new_series(study: Study, meta: NormalizedInstance) -> Series:
-    return Series(
-        study_id=study.id,
-        series_instance_uid=meta.series_instance_uid,
-        modality=meta.modality,
-        body_part_examined=meta.body_part_examined,
-        series_description=meta.series_description,
-        series_number=meta.series_number,
-    )
+def _series_values(study: Study, meta: NormalizedInstance) -> dict[str, object]:
+    return {
+        "study_id": study.id,
+        "series_instance_uid": meta.series_instance_uid,
+        "modality": meta.modality,
+        "body_part_examined": meta.body_part_examined,
+        "series_description": meta.series_description,
+        "series_number": meta.series_number,
+    }
 
 
 def _get_series(session: Session, series_instance_uid: str) -> Series | None:
     return session.scalar(select(Series).where(Series.series_instance_uid == series_instance_uid))
-
-
-def _get_or_create_study(session: Session, meta: NormalizedInstance) -> tuple[Study, bool]:
-    """The study of an instance, created when new; returns (study, True when this call created it)."""
-    study = get(session=session, study_instance_uid=meta.study_instance_uid)
-    if study is not None:
-        return study, False
-    try:
-        with session.begin_nested():
-            study = _new_study(meta)
-            session.add(study)
-        return study, True
-    except IntegrityError:  # another request created it first
-        return get_or_raise(session=session, study_instance_uid=meta.study_instance_uid), False
-
-
-def _get_or_create_series(session: Session, study: Study, meta: NormalizedInstance) -> Series:
-    series = _get_series(session, meta.series_instance_uid)
-    if series is not None:
-        return series
-    try:
-        with session.begin_nested():
-            series = _new_series(study, meta)
-            session.add(series)
-        return series
-    except IntegrityError:
-        found = _get_series(session, meta.series_instance_uid)
-        assert found is not None
-        return found
 
 
 def add_instance(
@@ -111,8 +99,9 @@ def add_instance(
     A received instance restarts the study's completeness clock (and reopens a reported study, so that it is
     analyzed again and its reports amended); our own results (origin "result") do not.
 
-    The rows that are missing (study, series, instance) are inserted under one SAVEPOINT; when one of them clashes
-    with a row another request stored meanwhile, they are inserted again one by one, each finding the other's.
+    The rows that are missing (study, series, instance) are each inserted unless another request stored the same
+    meanwhile (``db.insert_unless_clash``: no savepoint), and then found: a new study costs a SELECT and three
+    INSERTs, an instance of a known series two SELECTs and an INSERT.
 
     Args:
         checked_absent: the caller looked the instance up in this transaction and did not find it; an instance
@@ -125,54 +114,44 @@ def add_instance(
         existing = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
         if existing is not None:
             return existing, False
-
-    def new_instance(series: Series) -> Instance:
-        return Instance(
-            series_id=series.id,
-            sop_instance_uid=meta.sop_instance_uid,
-            sop_class_uid=meta.sop_class_uid,
-            transfer_syntax_uid=meta.transfer_syntax_uid,
-            instance_number=meta.instance_number,
-            rows=meta.rows,
-            columns=meta.columns,
-            photometric_interpretation=meta.photometric_interpretation,
-            number_of_frames=meta.number_of_frames,
-            view_position=meta.view_position,
-            manufacturer=meta.manufacturer,
-            calling_ae_title=calling_ae_title,
-            origin=origin,
-            blob_key=blob_key,
-            size_bytes=size_bytes,
-            sha256=sha256,
-        )
-
-    found_study = get(session=session, study_instance_uid=meta.study_instance_uid)
+    study = get(session=session, study_instance_uid=meta.study_instance_uid)
+    study_created = False
+    if study is None:
+        study = db.insert_unless_clash(session, Study, **_study_values(meta))
+        study_created = study is not None
+        if study is None:  # another request created it meanwhile
+            study = get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
     # a new study has no series yet, unless its series UID is (wrongly) another study's: then the INSERT clashes
-    found_series = _get_series(session, meta.series_instance_uid) if found_study is not None else None
-    try:
-        with session.begin_nested():
-            study, study_created = (found_study, False) if found_study is not None else (_new_study(meta), True)
-            if study_created:
-                session.add(study)
-                session.flush()
-            series = found_series
-            if series is None:
-                series = _new_series(study, meta)
-                session.add(series)
-                session.flush()
-            instance = new_instance(series)
-            session.add(instance)
-    except IntegrityError:  # a row stored meanwhile by another request: one step at a time, each finding it
-        study, study_created = _get_or_create_study(session, meta)
-        series = _get_or_create_series(session, study, meta)
-        try:
-            with session.begin_nested():
-                instance = new_instance(series)
-                session.add(instance)
-        except IntegrityError:
-            found = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
-            assert found is not None
-            return found, False
+    series = _get_series(session, meta.series_instance_uid) if not study_created else None
+    if series is None:
+        series = db.insert_unless_clash(session, Series, **_series_values(study, meta))
+        if series is None:  # created meanwhile, or another study's
+            series = _get_series(session, meta.series_instance_uid)
+            assert series is not None
+    instance = db.insert_unless_clash(
+        session,
+        Instance,
+        series_id=series.id,
+        sop_instance_uid=meta.sop_instance_uid,
+        sop_class_uid=meta.sop_class_uid,
+        transfer_syntax_uid=meta.transfer_syntax_uid,
+        instance_number=meta.instance_number,
+        rows=meta.rows,
+        columns=meta.columns,
+        photometric_interpretation=meta.photometric_interpretation,
+        number_of_frames=meta.number_of_frames,
+        view_position=meta.view_position,
+        manufacturer=meta.manufacturer,
+        calling_ae_title=calling_ae_title,
+        origin=origin,
+        blob_key=blob_key,
+        size_bytes=size_bytes,
+        sha256=sha256,
+    )
+    if instance is None:  # stored meanwhile by another request
+        found = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+        assert found is not None
+        return found, False
     # held by the instance, so that study_of finds them in the session (its identity map holds rows weakly)
     set_committed_value(instance, "series", series)
     set_committed_value(series, "study", study)

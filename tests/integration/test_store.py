@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, event, update
 from sqlalchemy.exc import IntegrityError
 
+from service.errors import NotFound
 from service.schemas import FindingResult, Findings, ModelIdentity, NormalizedInstance, Principal
-from service.store import audit, db, jobs, reports, studies
-from service.store.tables import AuditEvent, Instance, Report, Series, Study
+from service.store import audit, clinical, db, jobs, reports, studies
+from service.store.tables import AuditEvent, Instance, Job, Patient, Report, Series, Study
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -253,3 +254,103 @@ def test_concurrent_first_instances_of_one_study(postgres_engine: Engine) -> Non
     with sessions() as session:
         assert session.query(Study).count() == 1 and session.query(Series).count() == 1
         assert session.query(Instance).count() == 2
+
+
+def test_a_job_or_a_study_comes_with_its_patient_in_one_select(engine: Engine) -> None:
+    """The workers' and the report read's loads: job + study + patient, study + patient (+ job states), one SELECT
+    each; the patient then stays in the session, so the report's and the audit's reference to it costs none."""
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        patient = Patient(resource_id="p-1")
+        session.add(patient)
+        instance, _ = studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+        linked = studies.study_of(session=session, instance=instance)
+        session.flush()
+        linked.patient_id = patient.id
+        job, _ = jobs.get_or_create(session=session, study=linked, model_name="m", model_version="1")
+        lone_instance, _ = studies.add_instance(
+            session=session,
+            meta=_meta(study_instance_uid="1.2.4", series_instance_uid="1.2.4.1", sop_instance_uid="1.2.4.1.1"),
+            blob_key="b",
+            size_bytes=1,
+            sha256="y",
+        )
+        lone_job, _ = jobs.get_or_create(
+            session=session,
+            study=studies.study_of(session=session, instance=lone_instance),
+            model_name="m",
+            model_version="1",
+        )
+        job_id, lone_job_id, patient_id = job.id, lone_job.id, patient.id
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with sessions.begin() as session:
+            found, study, held = jobs.get_with_study(session=session, job_id=job_id, for_update=True)
+            assert (found.id, study.study_instance_uid, held is not None and held.id) == (job_id, "1.2.3", patient_id)
+            assert clinical.patient_reference(session=session, patient_id=study.patient_id) == "Patient/p-1"
+            assert len(statements) == 1, statements  # the reference came from the session
+        statements.clear()
+        with sessions.begin() as session:
+            study, held, states = jobs.study_with_states(session=session, study_instance_uid="1.2.3")
+            assert held is not None and held.resource_id == "p-1"
+            assert (study.study_instance_uid, states) == ("1.2.3", ["queued"])
+            assert clinical.patient_resource_id(session=session, patient_id=study.patient_id) == "p-1"
+            study, held = studies.get_with_patient_or_raise(session=session, study_instance_uid="1.2.3")
+            assert held is not None and held.resource_id == "p-1"
+            assert len(statements) == 2, statements
+        with sessions.begin() as session:  # a study joined to no patient
+            found, study, held = jobs.get_with_study(session=session, job_id=lone_job_id)
+            assert (found.id, study.study_instance_uid, held) == (lone_job_id, "1.2.4", None)
+            assert studies.get_with_patient_or_raise(session=session, study_instance_uid="1.2.4")[1] is None
+            for missing in (
+                lambda: jobs.get_with_study(session=session, job_id="no-such-job"),
+                lambda: jobs.study_with_states(session=session, study_instance_uid="9.9"),
+                lambda: studies.get_with_patient_or_raise(session=session, study_instance_uid="9.9"),
+            ):
+                with pytest.raises(NotFound):
+                    missing()
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_concurrent_requests_for_one_job(postgres_engine: Engine) -> None:
+    """Two analyses of the same study x model version x revision at once: the second INSERT waits for the first
+    commit, does nothing, and the second request gets the first job, created once."""
+    sessions = db.make_session_factory(postgres_engine)
+    with sessions.begin() as session:
+        studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+    first_created = threading.Event()
+    outcome: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            first_created.wait(10)
+            with sessions.begin() as session:
+                study = studies.get_or_raise(session=session, study_instance_uid="1.2.3")
+                job, created = jobs.get_or_create(session=session, study=study, model_name="m", model_version="1")
+                outcome.append((job.id, created))
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid="1.2.3")
+        job, created = jobs.get_or_create(
+            session=session, study=study, model_name="m", model_version="1", priority=2, timings={"enqueued": 1.0}
+        )
+        assert created and (job.priority, job.timings, job.state, job.revision) == (2, {"enqueued": 1.0}, "queued", 1)
+        first_id = job.id
+        first_created.set()
+        thread.join(0.5)  # the second request's INSERT waits on this transaction's row
+        assert not outcome
+    thread.join()
+    assert not errors and outcome == [(first_id, False)]
+    with sessions() as session:
+        assert session.query(Job).count() == 1

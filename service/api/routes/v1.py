@@ -160,25 +160,27 @@ async def get_report(
 
 def _report(runtime: Any, study_instance_uid: str, principal: Principal) -> dict[str, Any]:
     with runtime.sessions.begin() as session:
-        return _read_report(session, study_instance_uid, principal)
+        # the patient is held so that the report and its audit find it in the session
+        study, patient = studies.get_with_patient_or_raise(session=session, study_instance_uid=study_instance_uid)
+        return _read_report(session, study, principal)
 
 
 def _finished_report(runtime: Any, study_instance_uid: str, principal: Principal) -> dict[str, Any] | None:
     """The report once the study has jobs and none is still running; else None (nothing read, nothing audited)."""
     with runtime.sessions.begin() as session:
-        states = jobs.states_for_study(session=session, study_instance_uid=study_instance_uid)
+        study, patient, states = jobs.study_with_states(session=session, study_instance_uid=study_instance_uid)
         if not states or any(s in jobs.ACTIVE_STATES for s in states):
             return None
-        return _read_report(session, study_instance_uid, principal)
+        return _read_report(session, study, principal)  # the patient held, as in _report
 
 
-def _read_report(session: Any, study_instance_uid: str, principal: Principal) -> dict[str, Any]:
+def _read_report(session: Any, study: Study, principal: Principal) -> dict[str, Any]:
     """The study's reports, the read audited, in the caller's transaction.
 
     Raises:
-        NotFound: no such study, or no report yet.
+        NotFound: no report yet.
     """
-    study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+    study_instance_uid = study.study_instance_uid
     found = reports.for_study(session=session, study=study)
     if not found:
         states = sorted({j.state for j in jobs.for_study(session=session, study=study)}) or ["none requested"]

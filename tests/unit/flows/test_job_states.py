@@ -82,26 +82,26 @@ def test_damaged_inputs_go_back_to_preprocess(runtime: Runtime, sent: list[tuple
     assert _state(runtime, job_id)[0] == "succeeded"
 
 
-def test_states_for_study_follow_the_job(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+def test_a_studys_job_states_follow_the_job(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
     from service.errors import NotFound
 
     job_id = _job(runtime)
     with runtime.sessions() as session:
         job = jobs.get_or_raise(session=session, job_id=job_id)
         study_uid = session.get(Study, job.study_id).study_instance_uid  # type: ignore[union-attr]
-        assert jobs.states_for_study(session=session, study_instance_uid=study_uid) == ["queued"]
+        assert jobs.study_with_states(session=session, study_instance_uid=study_uid)[2] == ["queued"]
         with pytest.raises(NotFound, match="not found"):
-            jobs.states_for_study(session=session, study_instance_uid="1.2.999")
+            jobs.study_with_states(session=session, study_instance_uid="1.2.999")
     analysis.preprocess_job(runtime, job_id)
     analysis.infer_job(runtime, job_id)
     with runtime.sessions() as session:
-        assert jobs.states_for_study(session=session, study_instance_uid=study_uid) == ["succeeded"]
+        assert jobs.study_with_states(session=session, study_instance_uid=study_uid)[2] == ["succeeded"]
     other = generate_uid()
     ingest.store_instance(
         runtime, dx_instance(study_uid=other, size=64), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
     )
     with runtime.sessions() as session:
-        assert jobs.states_for_study(session=session, study_instance_uid=other) == []
+        assert jobs.study_with_states(session=session, study_instance_uid=other)[2] == []
 
 
 def test_a_study_is_reported_once_every_job_has_succeeded(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
