@@ -506,8 +506,8 @@ def _observe_stages(model_name: str, timings: dict[str, Any]) -> None:
 
 def infer_job(runtime: Runtime, job_id: str) -> None:
     """Stage 2 (GPU): run the model on the prepared inputs and store exactly one report per study x model version."""
-    with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
+    with runtime.sessions.begin() as session:  # a read: the store below locks the job
+        job = jobs.get_or_raise(session=session, job_id=job_id)
         if job.state in FINAL_STATES:
             return
         model_name, model_version, priority = job.model_name, job.model_version, job.priority

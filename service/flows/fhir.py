@@ -102,11 +102,11 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
     facts |= {("Condition", f.resource_id): f for f in parsed.conditions}
     facts |= {(f.resource_type, f.resource_id): f for f in parsed.others}
     ordered = sorted(resources, key=lambda r: (r.resource_type != "Patient", r.entry_index))
-    stored_observations = fhir_store.existing_ids(
-        session=session,
-        resource_type="Observation",
-        resource_ids=[r.resource_id for r in ordered if r.resource_type == "Observation" and r.json is not None],
-    )
+    # which of the resources written exist already: an Observation updated loses its earlier facts, and a
+    # resource not found is written as new (put_many does not look for it again; a clash still falls back)
+    looked_for = {(r.resource_type, r.resource_id) for r in ordered if r.json is not None}
+    stored = fhir_store.existing_keys(session=session, keys=looked_for)
+    stored_observations = {resource_id for resource_type, resource_id in stored if resource_type == "Observation"}
     pending: list[tuple[int, fhir_store.PutRequest]] = []
     observations: list[tuple[Patient, ObservationFact]] = []
 
@@ -168,16 +168,19 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
                 observations.extend((patient, c) for c in [fact, *parsed.components.get(resource.resource_id, [])])
             elif isinstance(fact, ConditionFact):
                 clinical.put_condition(session=session, patient=patient, fact=fact)
+        resource_id = resource.resource_id if resource.resource_type != "Patient" else patient.resource_id
+        key = (resource.resource_type, resource_id)
         pending.append(
             (
                 resource.entry_index,
                 fhir_store.PutRequest(
-                    resource_type=resource.resource_type,
-                    resource_id=resource.resource_id if resource.resource_type != "Patient" else patient.resource_id,
+                    resource_type=key[0],
+                    resource_id=key[1],
                     body=body,
                     patient_id=patient.id,
                     if_match=resource.if_match,
                     where=where,
+                    new=key in looked_for and key not in stored,
                 ),
             )
         )

@@ -346,17 +346,17 @@ def current(*, session: Session, resource_type: str, resource_id: str, for_updat
     return session.scalar(query.with_for_update() if for_update else query)
 
 
-def existing_ids(*, session: Session, resource_type: str, resource_ids: list[str]) -> set[str]:
-    """Which of these resources have a current row (deleted or not), in one SELECT."""
-    if not resource_ids:
+def existing_keys(*, session: Session, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (resource type, id) have a current row (deleted or not), in one SELECT."""
+    wanted = list(dict.fromkeys(keys))
+    if not wanted:
         return set()
-    return set(
-        session.scalars(
-            select(FhirResource.resource_id).where(
-                FhirResource.resource_type == resource_type, FhirResource.resource_id.in_(resource_ids)
-            )
+    rows = session.execute(
+        select(FhirResource.resource_type, FhirResource.resource_id).where(
+            tuple_(FhirResource.resource_type, FhirResource.resource_id).in_(wanted)
         )
     )
+    return {(resource_type, resource_id) for resource_type, resource_id in rows}
 
 
 def read(*, session: Session, resource_type: str, resource_id: str) -> FhirResource:
@@ -500,10 +500,10 @@ class PutRequest:
     ``where``: a label for error messages (``Bundle.entry[3]``), prefixed to them and given as their expression.
     ``complete``: called before ``body`` is stored with the versions (by ``Type/id``) that the requests before this
     one will have once written; it may change ``body`` in place (a Provenance that names the versions it covers).
-    ``new``: the writer made this id for this write (a new report's resources), so :func:`put_many` does not look
-    for its current row. The outcome is the same when that is wrong: the INSERT then fails on the unique key and
-    the requests are written one by one, with every check of :func:`put`. A request with ``if_match`` is looked
-    for all the same.
+    ``new``: the writer made this id for this write (a new report's resources), or looked for it in this transaction
+    and did not find it (a Bundle's new resources), so :func:`put_many` does not look for its current row. The
+    outcome is the same when that is wrong: the INSERT then clashes on the unique key and the requests are written
+    one by one, with every check of :func:`put`. A request with ``if_match`` is looked for all the same.
     """
 
     resource_type: str
