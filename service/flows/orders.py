@@ -79,22 +79,25 @@ def link_orders(session: Session, resource: dict[str, Any]) -> list[Study]:
 
 
 def order_for_new_study(session: Session, study: Study) -> None:
-    """A study that arrives after its order: find the order by accession number or by an ImagingStudy."""
+    """A study that arrives after its order: find the order by accession number or by an ImagingStudy (both
+    searches in one SELECT)."""
     if study.order_resource_id is not None:
         return
-    resolve = resolver(session)
+    identifier = f"{DICOM_UID_SYSTEM}|urn:oid:{study.study_instance_uid}"
+    searches = [fhir_store.SearchRequest("ImagingStudy", [("identifier", identifier)])]
     if study.accession_number:
-        found = resolve("ServiceRequest", f"identifier={study.accession_number}")
-        active = [
-            rid
-            for rid in found
-            if fhir_store.read(session=session, resource_type="ServiceRequest", resource_id=rid).body.get("status")
-            in ACTIVE_ORDER_STATUSES
-        ]
-        if active:
-            study.order_resource_id = active[0]
-            return
-    for imaging_id in resolve("ImagingStudy", f"identifier={DICOM_UID_SYSTEM}|urn:oid:{study.study_instance_uid}"):
+        searches.append(fhir_store.SearchRequest("ServiceRequest", [("identifier", study.accession_number)]))
+    imaging_ids, *order_ids = fhir_store.matching_ids_of_each(session=session, requests=searches)
+    active = [
+        rid
+        for rid in (order_ids[0] if order_ids else [])
+        if fhir_store.read(session=session, resource_type="ServiceRequest", resource_id=rid).body.get("status")
+        in ACTIVE_ORDER_STATUSES
+    ]
+    if active:
+        study.order_resource_id = active[0]
+        return
+    for imaging_id in imaging_ids:
         imaging = fhir_store.read(session=session, resource_type="ImagingStudy", resource_id=imaging_id).body
         for based_on in imaging.get("basedOn") or []:
             ref = fhir_store.normalize_reference(based_on.get("reference", ""))

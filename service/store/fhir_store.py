@@ -15,7 +15,23 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, Table, and_, delete, exists, false, func, insert, not_, or_, select, text, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    text,
+    tuple_,
+    union_all,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -874,6 +890,29 @@ def matching_ids(*, session: Session, request: SearchRequest) -> list[str]:
     if request.summary_count or request.count == 0:
         return []
     return list(session.scalars(_page(select(FhirResource.resource_id), request, _conditions(request, None))))
+
+
+def matching_ids_of_each(*, session: Session, requests: list[SearchRequest]) -> list[list[str]]:
+    """:func:`matching_ids` of several searches in one SELECT (a UNION ALL of their first pages), in the order of
+    the searches; each search's ids in the default order (of storage), so none may ask for another (``_sort``)."""
+    if any(request.sort is not None for request in requests):
+        raise ValueError("matching_ids_of_each keeps the default order only")
+    pages = [
+        _page(
+            select(literal(index).label("search"), FhirResource.id.label("pk"), FhirResource.resource_id),
+            request,
+            _conditions(request, None),
+        ).subquery()
+        for index, request in enumerate(requests)
+        if not (request.summary_count or request.count == 0)
+    ]
+    found: list[list[str]] = [[] for _ in requests]
+    if not pages:
+        return found
+    every = union_all(*(select(page.c.search, page.c.pk, page.c.resource_id) for page in pages)).subquery()
+    for search, _, resource_id in session.execute(select(every).order_by(every.c.search, every.c.pk)):
+        found[search].append(resource_id)
+    return found
 
 
 def _conditions(request: SearchRequest, patient_id: int | None) -> list[ColumnElement[bool]]:
