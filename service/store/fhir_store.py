@@ -32,7 +32,6 @@ from sqlalchemy import (
     tuple_,
     union_all,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from service.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
@@ -462,7 +461,9 @@ def put(
     if row is None:
         if if_match is not None:
             raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
-        row = FhirResource(
+        row = db.insert_unless_clash(
+            session,
+            FhirResource,
             resource_type=resource_type,
             resource_id=resource_id,
             version=1,
@@ -472,11 +473,7 @@ def put(
             deleted=False,
             updated_at=now,
         )
-        try:
-            with session.begin_nested():  # one INSERT, complete
-                session.add(row)
-                session.flush()
-        except IntegrityError:  # created meanwhile by another request: update it instead
+        if row is None:  # created meanwhile by another request: update it instead
             return put(
                 session=session,
                 resource_type=resource_type,

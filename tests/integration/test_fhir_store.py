@@ -277,3 +277,42 @@ def test_search_values_are_stored_as_extracted(session: Session) -> None:
     assert any(v[3] is not None for v in stored) and any(v[1] is None for v in stored)
     dated = next(v for v in stored if v[3] is not None)
     assert dated[3].utcoffset().total_seconds() == 0 and dated[3].hour == 6
+
+
+def test_concurrent_creates_of_one_resource_make_two_versions(postgres_url: str) -> None:
+    """Two writers create the same new resource at once: the second INSERT waits for the first commit, skips the
+    clash and the write becomes an update (version 2), not an error. PostgreSQL only: SQLite serializes writers."""
+    import threading
+
+    engine = db.make_engine(postgres_url)
+    db.upgrade(engine)
+    sessions = db.make_session_factory(engine)
+    first_written = threading.Event()
+    outcome: list[tuple[int, bool]] = []
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            first_written.wait(10)
+            with sessions.begin() as other:  # finds no row, then its INSERT waits on the first transaction's
+                row, created = put(other, observation("o1", code="1988-5", when="2026-11-20T09:00:00Z"))
+                outcome.append((row.version, created))
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    try:
+        with sessions.begin() as first:
+            row, created = put(first, observation("o1", code="1988-5", when="2026-11-20T08:00:00Z"))
+            assert created and row.version == 1
+            first_written.set()
+            thread.join(0.5)
+            assert not outcome  # still waiting on this transaction
+        thread.join()
+        assert not errors and outcome == [(2, False)]
+        with sessions() as session:
+            history = fhir_store.history(session=session, resource_type="Observation", resource_id="o1")
+            assert sorted(v.version for v in history) == [1, 2]
+    finally:
+        engine.dispose()
