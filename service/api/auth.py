@@ -164,16 +164,17 @@ def _cache_key(settings: Settings, token: str) -> tuple[str, ...]:
     )
 
 
-def _cached_claims(settings: Settings, token: str) -> dict[str, Any] | None:
+def _cached_claims(key: tuple[str, ...]) -> dict[str, Any] | None:
     with _verified_lock:
-        cached = _verified.get(_cache_key(settings, token))
+        cached = _verified.get(key)
     if cached is not None and _now() < cached[0]:
         return cached[1]
     return None
 
 
 def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
-    cached = _cached_claims(settings, token)
+    key = _cache_key(settings, token)
+    cached = _cached_claims(key)
     if cached is not None:
         return cached
     try:
@@ -189,7 +190,6 @@ def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
         raise Unauthenticated(f"invalid token: {e}") from e
     # PyJWT admits a token while now < exp (no leeway here); the cache never admits it longer
     until = min(float(claims["exp"]), _now() + VERIFIED_TOKEN_SECONDS)
-    key = _cache_key(settings, token)
     with _verified_lock:
         _verified[key] = (until, claims)
         _verified.move_to_end(key)
@@ -252,7 +252,7 @@ def authenticate_verified(
     """
     if not settings.auth_enabled:
         return _anonymous(source_address)
-    claims = _cached_claims(settings, _bearer_token(authorization))
+    claims = _cached_claims(_cache_key(settings, _bearer_token(authorization)))
     return None if claims is None else _principal(claims, source_address)
 
 
