@@ -17,7 +17,7 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, execution_providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
     out = tmp_path / "bench.json"
     results = bench.run(
-        studies_n=4,
+        studies_n=8,
         concurrency=2,
         size=1024,
         out=out,
@@ -40,18 +40,18 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
     assert "NoSuchExecutionProvider: not in this onnxruntime build" in results["provider_fallback_reason"]
     # two rounds, each with every configuration once
     assert [(row["round"], row["concurrency"], row["studies"], row["errors"]) for row in results["end_to_end"]] == [
-        (1, 1, 4, 0),
-        (1, 2, 4, 0),
-        (2, 1, 4, 0),
-        (2, 2, 4, 0),
+        (1, 1, 8, 0),
+        (1, 2, 8, 0),
+        (2, 1, 8, 0),
+        (2, 2, 8, 0),
     ]
     assert [(m["concurrency"], m["runs"]) for m in results["medians"]] == [(1, 2), (2, 2)]
     assert "batching" not in results  # not compared in this run
     assert results["api_threads"] == 2  # given to the service it started
     for row in results["end_to_end"]:
         # every study went through the model on the provider the service really used, in batches that add up
-        assert row["providers"] == {"CPUExecutionProvider": 4}
-        assert sum(size * count for size, count in row["batch_size_histogram"].items()) >= 4
+        assert row["providers"] == {"CPUExecutionProvider": 8}
+        assert sum(size * count for size, count in row["batch_size_histogram"].items()) >= 8
         assert set(row["stage_ms_mean"]) == set(bench.STAGES)
         # the stages are parts of one latency: their sum cannot exceed it by much nor miss much of it
         assert 0.7 <= row["stages_sum_vs_latency"] <= 1.15, row
@@ -61,7 +61,7 @@ def test_bench_writes_consistent_figures(tmp_path: Path) -> None:
         cpu = row["cpu_ms_per_study"]
         assert {"serve", "bench client", "other (database, broker, system)", "total"} <= set(cpu), cpu
         assert all(value >= 0 for value in cpu.values()) and cpu["serve"] > 0
-        # the machine's busy time holds the processes' (within the clock ticks' resolution: 10 ms over 4 studies)
+        # the machine's busy time holds the processes' (within the clock ticks' resolution: 10 ms over 8 studies)
         assert cpu["total"] >= 0.9 * (cpu["serve"] + cpu["bench client"]), cpu
         if metrics.load_nvml() is None:
             assert "gpu" not in row  # no GPU: no made-up utilization
