@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Insert, Table, Text, bindparam, func, insert, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from service.schemas import Principal
@@ -53,9 +53,19 @@ _HASHED = (
 
 
 def _content_hash(values: Mapping[str, Any], prev_hash: str) -> str:
+    return _chain(prev_hash, _canonical(values))
+
+
+def _canonical(values: Mapping[str, Any]) -> str:
+    """An event's hashed content as canonical JSON (sorted keys, no spaces, UTC instant with microseconds)."""
     content = {name: values[name] for name in _HASHED}
     content["recorded_at"] = _utc(values["recorded_at"]).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _chain(prev_hash: str, canonical: str) -> str:
+    """sha256 of the predecessor's hash followed by the content, in hex (PostgreSQL computes the same in
+    :data:`_APPEND_POSTGRESQL`)."""
     return hashlib.sha256((prev_hash + canonical).encode("utf-8")).hexdigest()
 
 
@@ -73,17 +83,15 @@ def append(
 ) -> None:
     """Append one event in the caller's transaction (so it commits, or rolls back, with the access it records).
 
-    Two statements on PostgreSQL: the UPDATE of the head that locks it and reads the last hash, then the event's
-    INSERT and the head's new hash in one statement (a data-modifying WITH); three on SQLite.
+    One statement on PostgreSQL (:data:`_APPEND_POSTGRESQL`: the head locked, chained and counted, and the event
+    inserted with the predecessor's hash and its own); three on SQLite (the head's UPDATE that locks it and reads
+    the last hash, the event's INSERT, the head's new hash).
 
     The head stays locked until the transaction ends, and every audited transaction of every process waits for
     it: the caller's pending changes are flushed first, so that only the event and the commit happen under the
     lock (append last in the transaction, for the same reason).
     """
     session.flush()
-    head = session.execute(_LOCK_HEAD).scalar_one_or_none()
-    if head is None:
-        raise RuntimeError("audit_head row is missing: the schema was not migrated with `clinfer db upgrade`")
     values: dict[str, Any] = {
         "recorded_at": dt.datetime.now(dt.UTC),
         "event_type": event_type,
@@ -96,21 +104,60 @@ def append(
         "entity_ref": entity_ref,
         "patient_ref": patient_ref,
         "detail": detail or {},
-        "prev_hash": head,
     }
-    values["hash"] = _content_hash(values, head)
-    new_head = update(_HEAD).where(_HEAD.c.id == 1).values(last_hash=values["hash"])
+    canonical = _canonical(values)
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(new_head.add_cte(insert(_EVENTS).values(values).cte("appended")))
-    else:
-        session.execute(insert(_EVENTS).values(values))
-        session.execute(new_head)
+        if session.execute(_APPEND_POSTGRESQL, {**values, "canonical": canonical}).first() is None:
+            raise _missing_head()
+        return
+    head = session.execute(_LOCK_HEAD).scalar_one_or_none()
+    if head is None:
+        raise _missing_head()
+    values["prev_hash"] = head
+    values["hash"] = _chain(head, canonical)
+    session.execute(_APPEND, values)
+    session.execute(_NEW_HEAD, values)
 
 
-# Core statements on the tables: an event is never loaded back, so the ORM's unit of work would be pure overhead
+def _missing_head() -> RuntimeError:
+    return RuntimeError("audit_head row is missing: the schema was not migrated with `clinfer db upgrade`")
+
+
+# Core statements on the tables, built once and given each event's values as parameters: an event is never loaded
+# back, so the ORM's unit of work would be pure overhead
 _EVENTS = cast(Table, AuditEvent.__table__)
 _HEAD = cast(Table, AuditHead.__table__)
 _LOCK_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(count=_HEAD.c.count + 1).returning(_HEAD.c.last_hash)
+_APPEND = insert(_EVENTS).values(
+    {name: bindparam(name, type_=_EVENTS.c[name].type) for name in (*_HASHED, "prev_hash", "hash")}
+)
+_NEW_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(last_hash=bindparam("hash", type_=_HEAD.c.last_hash.type))
+
+
+def _append_postgresql() -> Insert:
+    """One round trip: lock the head (``FOR UPDATE`` waits for the append before, then reads its hash), chain the
+    event's canonical content to it with PostgreSQL's sha256 (the bytes :func:`_chain` hashes: the hex hash, then
+    the content in UTF-8), count it, and insert the event with both hashes. The event's id is drawn after the lock,
+    so ids follow the chain."""
+    old = select(_HEAD.c.id, _HEAD.c.last_hash).where(_HEAD.c.id == 1).with_for_update().cte("old")
+    content = old.c.last_hash + bindparam("canonical", type_=Text())
+    chained = func.encode(func.sha256(func.convert_to(content, literal_column("'UTF8'"))), literal_column("'hex'"))
+    head = (
+        update(_HEAD)
+        .where(_HEAD.c.id == old.c.id)
+        .values(count=_HEAD.c.count + 1, last_hash=chained)
+        .returning(old.c.last_hash.label("prev_hash"), _HEAD.c.last_hash.label("hash"))
+        .cte("head")
+    )
+    event = [bindparam(name, type_=_EVENTS.c[name].type) for name in _HASHED]
+    return (
+        insert(_EVENTS)
+        .from_select([*_HASHED, "prev_hash", "hash"], select(*event, head.c.prev_hash, head.c.hash))
+        .returning(_EVENTS.c.id)  # no row: no head to chain to
+    )
+
+
+_APPEND_POSTGRESQL = _append_postgresql()
 
 
 def list_events(

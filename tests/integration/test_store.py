@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, delete, event, update
 from sqlalchemy.exc import IntegrityError
 
 from service.errors import NotFound
 from service.schemas import FindingResult, Findings, ModelIdentity, NormalizedInstance, Principal
 from service.store import audit, clinical, db, jobs, reports, studies
-from service.store.tables import AuditEvent, Instance, Job, Patient, Report, Series, Study
+from service.store.tables import AuditEvent, AuditHead, Instance, Job, Patient, Report, Series, Study
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -195,6 +195,47 @@ def test_appends_roll_back_with_their_transaction(engine: Engine) -> None:
         assert rows[-1].patient_ref == "Patient/p" and rows[-1].prev_hash == rows[-2].hash
 
 
+def test_an_append_is_one_statement_on_postgresql_and_chains_as_verify_does(engine: Engine) -> None:
+    """PostgreSQL chains the event itself (sha256 of the last hash and the canonical content, in one statement);
+    its hashes are the ones verify recomputes in Python, for content beyond ASCII too. SQLite takes three."""
+    sessions = db.make_session_factory(engine)
+    principal = Principal(subject="Zoë Ångström", role="clinician", source_address="10.0.0.7")
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda _c, _k, statement, *_: statements.append(statement))
+    details = [{"name": "Müller, 日本", "p": 0.125, "nested": {"a": [1, None, True]}}, {}, {"quote": '"\\'}]
+    for detail in details:
+        with sessions.begin() as session:
+            session.connection()  # BEGIN (and the pool's ping) before counting
+            statements.clear()
+            audit.append(
+                session=session,
+                principal=principal,
+                event_type="test",
+                action="R",
+                entity_ref="study:1.2.3",
+                patient_ref="Patient/é",
+                detail=detail,
+            )
+            assert len(statements) == (1 if engine.dialect.name == "postgresql" else 3)
+    with sessions() as session:
+        assert audit.verify(session=session) == (3, None)
+        rows = session.query(AuditEvent).order_by(AuditEvent.id).all()
+        assert [r.detail for r in rows] == details
+        assert rows[0].prev_hash == audit.GENESIS and rows[1].prev_hash == rows[0].hash
+        assert rows[2].hash == audit._chain(rows[1].hash, audit._canonical(vars(rows[2])))
+        assert session.get(AuditHead, 1).count == 3  # type: ignore[union-attr]
+
+
+def test_an_append_without_the_head_row_fails_and_writes_nothing(engine: Engine) -> None:
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        session.execute(delete(AuditHead))
+    with pytest.raises(RuntimeError, match="audit_head row is missing"), sessions.begin() as session:
+        audit.append(session=session, principal=Principal(subject="t"), event_type="test", action="C")
+    with sessions() as session:
+        assert session.query(AuditEvent).count() == 0
+
+
 def test_instance_whose_series_uid_belongs_to_another_study(engine: Engine) -> None:
     """The new study's series INSERT clashes: the rows are made one by one, as before (the series is found)."""
     sessions = db.make_session_factory(engine)
@@ -354,3 +395,4 @@ def test_concurrent_requests_for_one_job(postgres_engine: Engine) -> None:
     assert not errors and outcome == [(first_id, False)]
     with sessions() as session:
         assert session.query(Job).count() == 1
+
