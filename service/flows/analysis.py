@@ -313,12 +313,18 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
     runtime.blobs.put_bytes(_inputs_key(job_id), pipeline.encode_prepared(prepared), durable=False)
     preprocess_seconds = time.perf_counter() - started
     metrics.PREPROCESS_DURATION.labels(job.model_name).observe(preprocess_seconds)
+    timings = {**(job.timings or {}), "preprocess_seconds": round(preprocess_seconds, 6), "enqueued_infer": time.time()}
     with runtime.sessions.begin() as session:
-        job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
-        if job.state != JobState.preprocessing.value:
+        if not jobs.advance(
+            session=session,
+            job_id=job_id,
+            from_state=JobState.preprocessing,
+            state=JobState.inferring,
+            stage=JobStage.infer,
+            timings=timings,
+        ):
             return  # another delivery moved the job on meanwhile
-        _set_state(session, job, JobState.inferring, JobStage.infer)
-        _stamp(job, preprocess_seconds=round(preprocess_seconds, 6), enqueued_infer=time.time())
+    metrics.JOBS.labels(job.model_name, JobState.inferring.value).inc()
     _enqueue(runtime, job_id, JobStage.infer, priority)
 
 

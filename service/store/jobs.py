@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import exists, select
+from sqlalchemy import Table, bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
 from service.schemas import JobStage, JobState
 from service.store import db
-from service.store.tables import Job, Patient, Study
+from service.store.tables import Job, Patient, Study, utcnow
 
 ACTIVE_STATES = (JobState.queued.value, JobState.preprocessing.value, JobState.inferring.value)
 
@@ -49,6 +49,41 @@ def get_with_study(*, session: Session, job_id: str, for_update: bool = False) -
     if row is None:
         raise NotFound(f"job {job_id} not found")
     return row[0], row[1], row[2]
+
+
+def advance(
+    *, session: Session, job_id: str, from_state: JobState, state: JobState, stage: JobStage, timings: dict[str, Any]
+) -> bool:
+    """Move a job on from ``from_state`` in one UPDATE that takes effect only while the job is still there (no
+    SELECT ... FOR UPDATE first): its state, stage and timings (the whole dict, as the caller last read it and
+    added to it). False, and nothing written, when another delivery moved the job meanwhile.
+    """
+    moved = session.execute(
+        _ADVANCE,
+        {
+            "job_id": job_id,
+            "from_state": from_state.value,
+            "state": state.value,
+            "stage": stage.value,
+            "timings": timings,
+            "updated_at": utcnow(),
+        },
+    )
+    return moved.first() is not None
+
+
+_JOBS = cast(Table, Job.__table__)
+_ADVANCE = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.state == bindparam("from_state"))
+    .values(
+        state=bindparam("state"),
+        stage=bindparam("stage"),
+        timings=bindparam("timings", type_=_JOBS.c.timings.type),
+        updated_at=bindparam("updated_at", type_=_JOBS.c.updated_at.type),
+    )
+    .returning(_JOBS.c.id)
+)
 
 
 def latest(*, session: Session, study: Study, model_name: str, model_version: str) -> Job | None:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, delete, event, update
 from sqlalchemy.exc import IntegrityError
 
 from service.errors import NotFound
-from service.schemas import FindingResult, Findings, ModelIdentity, NormalizedInstance, Principal
+from service.schemas import FindingResult, Findings, JobStage, JobState, ModelIdentity, NormalizedInstance, Principal
 from service.store import audit, clinical, db, jobs, reports, studies
 from service.store.tables import AuditEvent, AuditHead, Instance, Job, Patient, Report, Series, Study
 
@@ -396,3 +396,25 @@ def test_concurrent_requests_for_one_job(postgres_engine: Engine) -> None:
     with sessions() as session:
         assert session.query(Job).count() == 1
 
+
+def test_a_job_advances_only_from_the_state_it_was_read_in(engine: Engine) -> None:
+    """The preprocess stage hands a job to the infer stage in one conditional UPDATE: it takes effect while the job
+    is still preprocessing, and a second delivery that finds it moved on changes nothing."""
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
+        study = studies.get_or_raise(session=session, study_instance_uid="1.2.3")
+        job, _ = jobs.get_or_create(session=session, study=study, model_name="m", model_version="1")
+        job.state = JobState.preprocessing.value
+        job_id, before = job.id, job.updated_at
+    timings = {"enqueued_preprocess": 1.0, "preprocess_seconds": 0.5, "enqueued_infer": 2.0}
+    moves = {"from_state": JobState.preprocessing, "state": JobState.inferring, "stage": JobStage.infer}
+    with sessions.begin() as session:
+        assert jobs.advance(session=session, job_id=job_id, timings=timings, **moves)  # type: ignore[arg-type]
+    with sessions.begin() as session:
+        assert not jobs.advance(session=session, job_id=job_id, timings={"lost": 1.0}, **moves)  # type: ignore[arg-type]
+        assert not jobs.advance(session=session, job_id="no-such-job", timings={}, **moves)  # type: ignore[arg-type]
+    with sessions() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        assert (job.state, job.stage, job.timings) == ("inferring", "infer", timings)
+        assert job.updated_at >= before
