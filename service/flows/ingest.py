@@ -15,7 +15,7 @@ from service.errors import InvalidInput
 from service.flows import orders
 from service.flows.runtime import Runtime
 from service.ingest import dicom
-from service.schemas import Principal
+from service.schemas import NormalizedInstance, Principal
 from service.store import audit, clinical, studies
 from service.store.tables import Patient, Study
 
@@ -58,6 +58,26 @@ def _link_study(session: Session, study: Study) -> Patient | None:
     if patient is not None:
         study.patient_id = patient.id
     return patient
+
+
+class _NewStudyPatient:
+    """The same rule for a study being created (``studies.add_instance``'s ``patient_of_new_study``): the patient
+    goes in the study's INSERT, and is held here for the audit that follows."""
+
+    def __init__(self, session: Session, meta: NormalizedInstance) -> None:
+        self.session, self.meta = session, meta
+        self.patient: Patient | None = None
+
+    def __call__(self) -> Patient | None:
+        if self.meta.patient_id:
+            self.patient = clinical.find_patient_by_identifier(
+                session=self.session, system=self.meta.issuer_of_patient_id, value=self.meta.patient_id
+            )
+        return self.patient
+
+    def of(self, study: Study) -> Patient | None:
+        """The patient found, when the study is the one created with it (not one another request made first)."""
+        return self.patient if self.patient is not None and self.patient.id == study.patient_id else None
 
 
 def store_instance(
@@ -121,6 +141,7 @@ def store_instance(
                 meta.sop_instance_uid,
             )
         runtime.blobs.put_bytes(blob_key, data)  # in memory already: written in one call
+        new_study_patient = _NewStudyPatient(session, meta)
         try:
             instance, new = studies.add_instance(
                 session=session,
@@ -131,9 +152,11 @@ def store_instance(
                 calling_ae_title=calling_ae_title,
                 origin=origin,
                 checked_absent=True,
+                patient_of_new_study=new_study_patient,
             )
             study = studies.study_of(session=session, instance=instance)
-            patient = _link_study(session, study)  # held, so that the audit below finds it without a SELECT
+            # held, so that the audit below finds it without a SELECT
+            patient = new_study_patient.of(study) or _link_study(session, study)
             if new and origin == "received":
                 orders.order_for_new_study(session, study)
             if new:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -93,6 +94,7 @@ def add_instance(
     calling_ae_title: str | None = None,
     origin: str = "received",
     checked_absent: bool = False,
+    patient_of_new_study: Callable[[], Patient | None] | None = None,
 ) -> tuple[Instance, bool]:
     """Record one stored instance; idempotent on SOP Instance UID.
 
@@ -106,6 +108,8 @@ def add_instance(
     Args:
         checked_absent: the caller looked the instance up in this transaction and did not find it; an instance
             stored meanwhile by another request is still found (by the unique constraint).
+        patient_of_new_study: when the study is new, called for the patient it belongs to, whose id then goes
+            in the study's INSERT rather than in an UPDATE after it.
 
     Returns:
         (the instance row, True when it was new).
@@ -117,7 +121,10 @@ def add_instance(
     study = get(session=session, study_instance_uid=meta.study_instance_uid)
     study_created = False
     if study is None:
-        study = db.insert_unless_clash(session, Study, **_study_values(meta))
+        patient = patient_of_new_study() if patient_of_new_study is not None else None
+        study = db.insert_unless_clash(
+            session, Study, **_study_values(meta), patient_id=patient.id if patient is not None else None
+        )
         study_created = study is not None
         if study is None:  # another request created it meanwhile
             study = get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
