@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, insert, or_, select, tuple_
+from typing import Any, cast
+
+from sqlalchemy import Table, delete, or_, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
@@ -101,40 +104,40 @@ def remove_facts(*, session: Session, resource_type: str, resource_id: str) -> N
         session.execute(delete(Condition).where(Condition.resource_id == resource_id))
 
 
-def _set_observation(row: Observation, patient: Patient, fact: ObservationFact) -> None:
-    row.patient_id = patient.id
-    row.loinc = fact.loinc
-    row.value = fact.value
-    row.ucum_unit = fact.ucum_unit
-    row.original_value = fact.original_value
-    row.original_unit = fact.original_unit
-    row.effective_at = fact.effective_at
-    row.status = fact.status
-
-
 def put_observations(*, session: Session, facts: list[tuple[Patient, ObservationFact]]) -> None:
-    """Store normalized observations (each with its patient), new or replacing the fact of the same resource id:
-    one SELECT, and the new rows in one INSERT."""
+    """Store normalized observations (each with its patient), new or replacing the fact of the same resource id,
+    in one executemany of ``INSERT ... ON CONFLICT (resource_id) DO UPDATE``: no SELECT first. Of two facts of one
+    resource id, the last is kept."""
     if not facts:
         return
-    found = {
-        row.resource_id: row
-        for row in session.scalars(
-            select(Observation).where(Observation.resource_id.in_({fact.resource_id for _, fact in facts}))
-        )
+    rows = {
+        fact.resource_id: {
+            "resource_id": fact.resource_id,
+            "patient_id": patient.id,
+            "loinc": fact.loinc,
+            "value": fact.value,
+            "ucum_unit": fact.ucum_unit,
+            "original_value": fact.original_value,
+            "original_unit": fact.original_unit,
+            "effective_at": fact.effective_at,
+            "status": fact.status,
+        }
+        for patient, fact in facts
     }
-    new: dict[str, Observation] = {}
-    for patient, fact in facts:
-        row = found.get(fact.resource_id) or new.get(fact.resource_id)
-        if row is None:
-            row = new[fact.resource_id] = Observation(resource_id=fact.resource_id)
-        _set_observation(row, patient, fact)
-    if new:
-        columns = [column.key for column in Observation.__table__.columns if column.key != "id"]
-        session.execute(
-            insert(Observation).execution_options(render_nulls=True),  # one executemany, None values included
-            [{name: getattr(row, name) for name in columns} for row in new.values()],
+    dialect = session.get_bind().dialect.name
+    statement = _UPSERT_OBSERVATIONS.get(dialect)
+    if statement is None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        upsert = insert(_OBSERVATIONS)
+        columns = [name for name in next(iter(rows.values())) if name != "resource_id"]
+        statement = _UPSERT_OBSERVATIONS[dialect] = upsert.on_conflict_do_update(
+            index_elements=[_OBSERVATIONS.c.resource_id], set_={name: upsert.excluded[name] for name in columns}
         )
+    session.execute(statement, list(rows.values()))
+
+
+_OBSERVATIONS = cast(Table, Observation.__table__)
+_UPSERT_OBSERVATIONS: dict[str, Any] = {}
 
 
 def put_condition(*, session: Session, patient: Patient, fact: ConditionFact) -> None:

@@ -12,9 +12,18 @@ from sqlalchemy import Engine, delete, event, update
 from sqlalchemy.exc import IntegrityError
 
 from service.errors import NotFound
-from service.schemas import FindingResult, Findings, JobStage, JobState, ModelIdentity, NormalizedInstance, Principal
+from service.schemas import (
+    FindingResult,
+    Findings,
+    JobStage,
+    JobState,
+    ModelIdentity,
+    NormalizedInstance,
+    ObservationFact,
+    Principal,
+)
 from service.store import audit, clinical, db, jobs, reports, studies
-from service.store.tables import AuditEvent, AuditHead, Instance, Job, Patient, Report, Series, Study
+from service.store.tables import AuditEvent, AuditHead, Instance, Job, Observation, Patient, Report, Series, Study
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -418,3 +427,43 @@ def test_a_job_advances_only_from_the_state_it_was_read_in(engine: Engine) -> No
         job = jobs.get_or_raise(session=session, job_id=job_id)
         assert (job.state, job.stage, job.timings) == ("inferring", "infer", timings)
         assert job.updated_at >= before
+
+
+def test_observation_facts_are_upserted_without_a_select(engine: Engine) -> None:
+    """New facts are inserted and a fact of a stored resource id replaced, in one statement (an executemany of
+    INSERT ... ON CONFLICT DO UPDATE); of two facts of one resource id in a call, the last is kept."""
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        first, second = Patient(resource_id="p1"), Patient(resource_id="p2")
+        session.add_all([first, second])
+        session.flush()
+
+        def fact(resource_id: str, value: float, status: str = "final") -> ObservationFact:
+            return ObservationFact(
+                resource_id=resource_id,
+                patient_ref="Patient/p1",
+                loinc="2160-0",
+                value=value,
+                ucum_unit="mg/dL",
+                original_value=value,
+                original_unit="mg/dL",
+                effective_at=dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.UTC),
+                status=status,
+            )
+
+        clinical.put_observations(session=session, facts=[(first, fact("o1", 1.0)), (first, fact("o2", 2.0))])
+        statements: list[str] = []
+        event.listen(engine, "before_cursor_execute", lambda _c, _k, statement, *_: statements.append(statement))
+        clinical.put_observations(
+            session=session,
+            facts=[(second, fact("o1", 1.5, "amended")), (first, fact("o3", 3.0)), (first, fact("o3", 3.5))],
+        )
+        assert len(statements) == 1 and not statements[0].lstrip().upper().startswith("SELECT")
+    with sessions() as session:
+        rows = {row.resource_id: row for row in session.query(Observation)}
+        assert {key: (row.value, row.status, row.patient_id) for key, row in rows.items()} == {
+            "o1": (1.5, "amended", second.id),
+            "o2": (2.0, "final", first.id),
+            "o3": (3.5, "final", first.id),
+        }
+        assert rows["o1"].effective_at == dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.UTC)
