@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import NotFound
@@ -28,13 +28,14 @@ def get_or_raise(*, session: Session, report_id: str) -> Report:
 
 
 def for_study(*, session: Session, study: Study) -> list[Report]:
+    """The study's reports with their findings, in one SELECT (a study has a report per model: a few rows)."""
     return list(
         session.scalars(
             select(Report)
-            .options(selectinload(Report.findings))
+            .options(joinedload(Report.findings))
             .where(Report.study_id == study.id)
-            .order_by(Report.created_at)
-        )
+            .order_by(Report.created_at, Report.id)
+        ).unique()
     )
 
 
