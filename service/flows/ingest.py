@@ -229,15 +229,16 @@ def store_instances(
 
 def upsert_patient(session: Session, facts: Any) -> Patient:
     """Find the patient by resource id or any identifier; create it when new. Identifiers never move patients."""
-    patient = clinical.get_patient(session=session, resource_id=facts.resource_id)
-    stored = clinical.identifier_rows(session=session, identifiers=facts.identifiers)
+    patient, stored = clinical.patient_and_identifier_rows(
+        session=session, resource_id=facts.resource_id, identifiers=facts.identifiers
+    )
     if patient is None:
         matches = {row.patient_id for row in stored.values()}
         if len(matches) > 1:
             raise InvalidInput(
                 f"Patient/{facts.resource_id}: its identifiers belong to {len(matches)} different patients"
             )
-        patient = session.get(Patient, matches.pop()) if matches else None
+        patient = next(row.patient for row in stored.values()) if matches else None
     if patient is None:
         patient = Patient(resource_id=facts.resource_id, gender=facts.gender, birth_date=facts.birth_date)
         session.add(patient)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, or_, select, tuple_
+from sqlalchemy import Table, and_, delete, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import NotFound
 from service.schemas import ClinicalContext, ConditionFact, ObservationFact, PatientIdentifier
@@ -75,6 +76,34 @@ def identifier_rows(*, session: Session, identifiers: list[PatientIdentifier]) -
     return {(row.system, row.value): row for row in rows}
 
 
+def patient_and_identifier_rows(
+    *, session: Session, resource_id: str, identifiers: list[PatientIdentifier]
+) -> tuple[Patient | None, dict[tuple[str, str], IdentifierRow]]:
+    """:func:`get_patient` and :func:`identifier_rows` in one SELECT: the patients that have this resource id or
+    any of these identifiers, each joined to those of its identifiers that are among them. Each identifier row
+    holds its patient (``row.patient``, loaded: no SELECT), which keeps it in the session for ``session.get``.
+
+    Returns:
+        (the patient of this resource id or None, the stored rows of these identifiers by (system, value)).
+    """
+    wanted = {(i.system, i.value) for i in identifiers}
+    if not wanted:
+        return get_patient(session=session, resource_id=resource_id), {}
+    pair = tuple_(IdentifierRow.system, IdentifierRow.value)
+    holders = select(IdentifierRow.patient_id).where(pair.in_(wanted)).scalar_subquery()
+    rows = session.execute(
+        select(Patient, IdentifierRow)
+        .outerjoin(IdentifierRow, and_(IdentifierRow.patient_id == Patient.id, pair.in_(wanted)))
+        .where(or_(Patient.resource_id == resource_id, Patient.id.in_(holders)))
+    ).all()
+    stored: dict[tuple[str, str], IdentifierRow] = {}
+    for holder, row in rows:
+        if row is not None:
+            set_committed_value(row, "patient", holder)
+            stored[(row.system, row.value)] = row
+    return next((found for found, _ in rows if found.resource_id == resource_id), None), stored
+
+
 def add_identifiers(
     *,
     session: Session,
@@ -82,7 +111,8 @@ def add_identifiers(
     identifiers: list[PatientIdentifier],
     stored: dict[tuple[str, str], IdentifierRow],
 ) -> None:
-    """Give the patient those of its identifiers not yet stored (``stored``: :func:`identifier_rows`); an
+    """Give the patient those of its identifiers not yet stored (``stored``: :func:`identifier_rows`, or
+    :func:`patient_and_identifier_rows`); an
     identifier held by another patient stays with it."""
     for identifier in identifiers:
         key = (identifier.system, identifier.value)

@@ -20,10 +20,12 @@ from service.schemas import (
     ModelIdentity,
     NormalizedInstance,
     ObservationFact,
+    PatientIdentifier,
     Principal,
 )
 from service.store import audit, clinical, db, jobs, reports, studies
 from service.store.tables import AuditEvent, AuditHead, Instance, Job, Observation, Patient, Report, Series, Study
+from service.store.tables import PatientIdentifier as PatientIdentifierRow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -467,3 +469,45 @@ def test_observation_facts_are_upserted_without_a_select(engine: Engine) -> None
             "o3": (3.5, "final", first.id),
         }
         assert rows["o1"].effective_at == dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.UTC)
+
+
+def test_a_patient_and_its_identifier_rows_in_one_select(engine: Engine) -> None:
+    """The Bundle's patient upsert looks for the patient of its resource id and for the stored rows of its
+    identifiers in one SELECT; each row comes with its patient loaded."""
+    sessions = db.make_session_factory(engine)
+    with sessions.begin() as session:
+        first, second = Patient(resource_id="r1"), Patient(resource_id="r2")
+        session.add_all([first, second])
+        session.flush()
+        session.add_all(
+            [
+                PatientIdentifierRow(patient_id=first.id, system="s", value="a"),
+                PatientIdentifierRow(patient_id=first.id, system="s", value="b"),
+                PatientIdentifierRow(patient_id=second.id, system="s", value="c"),
+            ]
+        )
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda _c, _k, statement, *_: statements.append(statement))
+
+    def ids(*values: str) -> list[PatientIdentifier]:
+        return [PatientIdentifier(system="s", value=value) for value in values]
+
+    with sessions() as session:
+        statements.clear()
+        patient, stored = clinical.patient_and_identifier_rows(
+            session=session, resource_id="r1", identifiers=ids("a", "c", "z")
+        )
+        assert patient is not None and patient.resource_id == "r1"
+        assert sorted(stored) == [("s", "a"), ("s", "c")]
+        assert stored[("s", "c")].patient.resource_id == "r2" and stored[("s", "a")].patient is patient
+        assert session.get(Patient, stored[("s", "c")].patient_id) is stored[("s", "c")].patient
+        assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1
+    with sessions() as session:
+        patient, stored = clinical.patient_and_identifier_rows(session=session, resource_id="new", identifiers=ids("b"))
+        assert patient is None and stored[("s", "b")].patient.resource_id == "r1"
+        patient, stored = clinical.patient_and_identifier_rows(session=session, resource_id="r2", identifiers=[])
+        assert patient is not None and patient.resource_id == "r2" and stored == {}
+        assert clinical.patient_and_identifier_rows(session=session, resource_id="new", identifiers=ids("z")) == (
+            None,
+            {},
+        )
