@@ -64,24 +64,12 @@ def find_patient_by_identifier(*, session: Session, system: str | None, value: s
     return rows[0] if len(rows) == 1 else None
 
 
-def identifier_rows(*, session: Session, identifiers: list[PatientIdentifier]) -> dict[tuple[str, str], IdentifierRow]:
-    """The stored rows of these identifiers, by (system, value), in one SELECT."""
-    if not identifiers:
-        return {}
-    rows = session.scalars(
-        select(IdentifierRow).where(
-            tuple_(IdentifierRow.system, IdentifierRow.value).in_({(i.system, i.value) for i in identifiers})
-        )
-    )
-    return {(row.system, row.value): row for row in rows}
-
-
 def patient_and_identifier_rows(
     *, session: Session, resource_id: str, identifiers: list[PatientIdentifier]
 ) -> tuple[Patient | None, dict[tuple[str, str], IdentifierRow]]:
-    """:func:`get_patient` and :func:`identifier_rows` in one SELECT: the patients that have this resource id or
-    any of these identifiers, each joined to those of its identifiers that are among them. Each identifier row
-    holds its patient (``row.patient``, loaded: no SELECT), which keeps it in the session for ``session.get``.
+    """The patient of a resource id and the stored rows of these identifiers, in one SELECT: the patients that have
+    this resource id or any of these identifiers, each joined to those of its identifiers that are among them.
+    Each identifier row holds its patient (``row.patient``, loaded: no SELECT), which keeps it in the session.
 
     Returns:
         (the patient of this resource id or None, the stored rows of these identifiers by (system, value)).
@@ -111,9 +99,8 @@ def add_identifiers(
     identifiers: list[PatientIdentifier],
     stored: dict[tuple[str, str], IdentifierRow],
 ) -> None:
-    """Give the patient those of its identifiers not yet stored (``stored``: :func:`identifier_rows`, or
-    :func:`patient_and_identifier_rows`); an
-    identifier held by another patient stays with it."""
+    """Give the patient those of its identifiers not yet stored (``stored``: from
+    :func:`patient_and_identifier_rows`); an identifier held by another patient stays with it."""
     for identifier in identifiers:
         key = (identifier.system, identifier.value)
         if key not in stored:
