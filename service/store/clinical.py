@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, delete, or_, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import NotFound
 from service.schemas import ClinicalContext, ConditionFact, ObservationFact, PatientIdentifier
+from service.store import db
 from service.store.tables import Condition, Observation, Patient
 from service.store.tables import PatientIdentifier as IdentifierRow
 
@@ -144,8 +144,7 @@ def put_observations(*, session: Session, facts: list[tuple[Patient, Observation
     dialect = session.get_bind().dialect.name
     statement = _UPSERT_OBSERVATIONS.get(dialect)
     if statement is None:
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        upsert = insert(_OBSERVATIONS)
+        upsert = db.dialect_insert(session)(_OBSERVATIONS)
         columns = [name for name in next(iter(rows.values())) if name != "resource_id"]
         statement = _UPSERT_OBSERVATIONS[dialect] = upsert.on_conflict_do_update(
             index_elements=[_OBSERVATIONS.c.resource_id], set_={name: upsert.excluded[name] for name in columns}

@@ -68,8 +68,12 @@ def insert_skipping_clashes(session: Session, target: Any) -> Any:
     than INSERT under SAVEPOINT). On PostgreSQL a row that clashes with one another transaction inserted but has not
     committed waits for that transaction; the caller's next SELECT then sees it.
     """
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    return insert(target).on_conflict_do_nothing()
+    return dialect_insert(session)(target).on_conflict_do_nothing()
+
+
+def dialect_insert(session: Session) -> Any:
+    """The ``insert`` of the session's dialect (PostgreSQL's or SQLite's), which has ``ON CONFLICT``."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def insert_unless_clash(session: Session, entity: type[Row], **values: Any) -> Row | None:
@@ -85,8 +89,7 @@ def insert_unless_clash(session: Session, entity: type[Row], **values: Any) -> R
     statement = _INSERTS.get((dialect, entity))
     if statement is None:
         table = cast(Table, entity.__table__)  # type: ignore[attr-defined]
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = select(entity).from_statement(insert(table).on_conflict_do_nothing().returning(*table.c))
+        statement = select(entity).from_statement(insert_skipping_clashes(session, table).returning(*table.c))
         _INSERTS[(dialect, entity)] = statement
     return session.scalars(statement, values).first()
 
