@@ -50,14 +50,19 @@ class StoreOutcome:
 
 def _link_study(session: Session, study: Study) -> Patient | None:
     """Join a study to the patient its DICOM PatientID (+ issuer) identifies; returns that patient, if any."""
-    if study.patient_id is not None or not study.dicom_patient_id:
+    if study.patient_id is not None:
         return None
-    patient = clinical.find_patient_by_identifier(
-        session=session, system=study.issuer_of_patient_id, value=study.dicom_patient_id
-    )
+    patient = _patient_of_dicom_id(session, study.dicom_patient_id, study.issuer_of_patient_id)
     if patient is not None:
         study.patient_id = patient.id
     return patient
+
+
+def _patient_of_dicom_id(session: Session, patient_id: str | None, issuer: str | None) -> Patient | None:
+    """The patient a DICOM PatientID (+ IssuerOfPatientID) identifies, if any."""
+    if not patient_id:
+        return None
+    return clinical.find_patient_by_identifier(session=session, system=issuer, value=patient_id)
 
 
 class _NewStudyPatient:
@@ -69,10 +74,7 @@ class _NewStudyPatient:
         self.patient: Patient | None = None
 
     def __call__(self) -> Patient | None:
-        if self.meta.patient_id:
-            self.patient = clinical.find_patient_by_identifier(
-                session=self.session, system=self.meta.issuer_of_patient_id, value=self.meta.patient_id
-            )
+        self.patient = _patient_of_dicom_id(self.session, self.meta.patient_id, self.meta.issuer_of_patient_id)
         return self.patient
 
     def of(self, study: Study) -> Patient | None:
