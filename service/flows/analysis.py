@@ -211,6 +211,26 @@ def _set_state(session: Session, job: Job, state: JobState, stage: JobStage) -> 
 FINAL_STATES = (JobState.succeeded.value, JobState.failed.value)
 
 
+def _settle_study(session: Session, study: Study, job: Job, *, failure: str | None = None) -> None:
+    """The study's status once ``job`` (in its final state, in this transaction) was the last of its jobs to
+    finish: "reported" when any of them has stored a report (the reason says how many failed, when some did),
+    "failed" when all failed (the reason is this one's error). While another job still runs, nothing changes.
+
+    The caller holds the study's row locked, so that the states read here include any job of the study that
+    finished in a transaction committed meanwhile.
+    """
+    states = [job.state, *jobs.other_states(session=session, study=study, job_id=job.id)]
+    if any(state not in FINAL_STATES for state in states):
+        return
+    failed = states.count(JobState.failed.value)
+    if failed == len(states):
+        study.status, study.status_reason = StudyStatus.failed.value, failure
+        return
+    study.status = StudyStatus.reported.value
+    if failed:
+        study.status_reason = f"{failed} of {len(states)} analyses failed; see the study's jobs"
+
+
 def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -> None:
     with runtime.sessions.begin() as session:
         job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
@@ -218,11 +238,9 @@ def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -
             return
         _set_state(session, job, JobState.failed, stage)
         job.error_code, job.error_message = error.code, error.message
-        study = session.get(Study, job.study_id)
+        study = session.get(Study, job.study_id, with_for_update=True)  # locked: see _settle_study
         assert study is not None
-        if all(j.state == JobState.failed.value for j in jobs.for_study(session=session, study=study)):
-            study.status = StudyStatus.failed.value
-            study.status_reason = error.message
+        _settle_study(session, study, job, failure=error.message)
         audit.append(
             session=session,
             principal=SYSTEM_PRINCIPAL,
@@ -560,7 +578,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
     with runtime.sessions.begin() as session:
         store_started = time.time()
         # the patient held: the report's FHIR resources and the audit find it in the session
-        job, study, patient = jobs.get_with_study(session=session, job_id=job_id, for_update=True)
+        job, study, patient = jobs.get_with_study(session=session, job_id=job_id, for_update=True, lock_study=True)
         study_instance_uid = study.study_instance_uid
         report, created = reports.create_once(
             session=session,
@@ -569,8 +587,6 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             findings=findings,
             dicom_requested_at=utcnow() if runtime.settings.dicom_results else None,
         )
-        if jobs.others_succeeded(session=session, study=study, job_id=job.id):
-            study.status = StudyStatus.reported.value
         if created:
             session.flush()
             report_fhir.publish(session, report=report, study=study, new_version=True)
@@ -587,6 +603,7 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             store_started=store_started,
             report_stored=time.time(),
         )
+        _settle_study(session, study, job)  # after the job's state and timings: they go in one UPDATE
         if created:
             amended = report.version > 1
             audit.append(  # last: the audit head is locked from here to the commit

@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, exists, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
@@ -29,9 +29,12 @@ def get_or_raise(*, session: Session, job_id: str, for_update: bool = False) -> 
     return job
 
 
-def get_with_study(*, session: Session, job_id: str, for_update: bool = False) -> tuple[Job, Study, Patient | None]:
+def get_with_study(
+    *, session: Session, job_id: str, for_update: bool = False, lock_study: bool = False
+) -> tuple[Job, Study, Patient | None]:
     """A job with its study and the study's patient (None when not joined to one), in one SELECT; ``for_update``
-    locks the job's row only (as :func:`get`). Hold the patient while the transaction asks for it again
+    locks the job's row (as :func:`get`), and ``lock_study`` the study's too (a job that finishes settles the
+    study's status: see :func:`other_states`). Hold the patient while the transaction asks for it again
     (``clinical.patient_resource_id``): the session finds it then without a SELECT.
 
     Raises:
@@ -44,7 +47,7 @@ def get_with_study(*, session: Session, job_id: str, for_update: bool = False) -
         .where(Job.id == job_id)
     )
     if for_update:
-        query = query.with_for_update(of=Job).execution_options(populate_existing=True)
+        query = query.with_for_update(of=[Job, Study] if lock_study else Job).execution_options(populate_existing=True)
     row = session.execute(query).first()
     if row is None:
         raise NotFound(f"job {job_id} not found")
@@ -155,11 +158,15 @@ def for_study(*, session: Session, study: Study) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.created_at)))
 
 
-def others_succeeded(*, session: Session, study: Study, job_id: str) -> bool:
-    """Whether every job of the study but ``job_id`` has succeeded (a study is reported when its last job
-    stores its report), in one SELECT EXISTS rather than loading the study's jobs."""
-    unfinished = exists().where(Job.study_id == study.id, Job.id != job_id, Job.state != JobState.succeeded.value)
-    return not session.scalar(select(unfinished))
+def other_states(*, session: Session, study: Study, job_id: str) -> list[str]:
+    """The states of the study's jobs but ``job_id``, in one SELECT of one column.
+
+    A job that finishes settles its study's status from them. Lock the study's row first (``lock_study``, or
+    ``session.get(Study, ..., with_for_update=True)``) and ask after the lock is held, in a statement of its own:
+    two jobs of one study finishing at once then settle it one after the other, the second seeing the first
+    committed, instead of each seeing the other still running and neither settling it.
+    """
+    return list(session.scalars(select(Job.state).where(Job.study_id == study.id, Job.id != job_id)))
 
 
 def study_with_states(*, session: Session, study_instance_uid: str) -> tuple[Study, Patient | None, list[str]]:
@@ -201,6 +208,7 @@ def list_jobs(*, session: Session, state: str | None = None, limit: int = 100) -
 
 __all__ = [
     "ACTIVE_STATES",
+    "advance",
     "for_study",
     "get",
     "get_or_create",
@@ -209,6 +217,6 @@ __all__ = [
     "latest",
     "list_jobs",
     "lost",
-    "others_succeeded",
+    "other_states",
     "study_with_states",
 ]

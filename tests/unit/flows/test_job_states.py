@@ -116,8 +116,52 @@ def test_a_study_is_reported_once_every_job_has_succeeded(runtime: Runtime, sent
     with runtime.sessions.begin() as session:
         study = session.get(Study, study_id)
         assert study is not None and study.status != "reported"  # the other job has not run
-        assert not jobs.others_succeeded(session=session, study=study, job_id=job_id)
-        assert jobs.others_succeeded(session=session, study=study, job_id=other_id)
-        jobs.get_or_raise(session=session, job_id=other_id).state = "succeeded"
-        session.flush()
-        assert jobs.others_succeeded(session=session, study=study, job_id=job_id)
+        assert jobs.other_states(session=session, study=study, job_id=job_id) == ["queued"]
+        assert jobs.other_states(session=session, study=study, job_id=other_id) == ["succeeded"]
+
+
+def _two_jobs(runtime: Runtime) -> tuple[str, str, int]:
+    """A chest radiograph's cxr-fusion job, and a job of the head CT model on the same study: it fails at
+    pre-processing, as no instance of the study is a head CT."""
+    job_id = _job(runtime)
+    with runtime.sessions.begin() as session:
+        study = session.get(Study, jobs.get_or_raise(session=session, job_id=job_id).study_id)
+        assert study is not None
+        ct, _ = jobs.get_or_create(session=session, study=study, model_name="ct-head-ich", model_version="1")
+        return job_id, ct.id, study.id
+
+
+def _study(runtime: Runtime, study_id: int) -> tuple[str, str | None]:
+    with runtime.sessions() as session:
+        study = session.get(Study, study_id)
+        assert study is not None
+        return study.status, study.status_reason
+
+
+@pytest.mark.parametrize("failing_first", [True, False])
+def test_a_study_with_a_report_and_a_failed_job_is_reported(
+    runtime: Runtime, sent: list[tuple[str, str]], failing_first: bool
+) -> None:
+    """The study of a model that succeeded and one that failed is no longer "analyzing" once both have finished,
+    whichever finished last: it is reported, and its reason says that an analysis failed."""
+    cxr_id, ct_id, study_id = _two_jobs(runtime)
+    analysis.preprocess_job(runtime, cxr_id)
+    if failing_first:
+        analysis.preprocess_job(runtime, ct_id)
+        assert _state(runtime, ct_id)[0] == "failed"
+        assert _study(runtime, study_id)[0] == "analyzing"  # the chest radiograph's job still runs
+    analysis.infer_job(runtime, cxr_id)
+    if not failing_first:
+        assert _study(runtime, study_id)[0] == "analyzing"
+        analysis.preprocess_job(runtime, ct_id)
+    assert _state(runtime, ct_id)[0] == "failed" and _state(runtime, cxr_id)[0] == "succeeded"
+    assert _study(runtime, study_id) == ("reported", "1 of 2 analyses failed; see the study's jobs")
+
+
+def test_a_study_whose_every_job_failed_has_failed(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    cxr_id, ct_id, study_id = _two_jobs(runtime)
+    analysis.preprocess_job(runtime, ct_id)
+    runtime.registry.models.pop("cxr-fusion")  # no longer served: its job fails too
+    analysis.preprocess_job(runtime, cxr_id)
+    assert _state(runtime, cxr_id)[0] == "failed"
+    assert _study(runtime, study_id) == ("failed", "model cxr-fusion is no longer served")
