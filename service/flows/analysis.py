@@ -212,14 +212,20 @@ FINAL_STATES = (JobState.succeeded.value, JobState.failed.value)
 
 
 def _settle_study(session: Session, study: Study, job: Job, *, failure: str | None = None) -> None:
-    """The study's status once ``job`` (in its final state, in this transaction) was the last of its jobs to
-    finish: "reported" when any of them has stored a report (the reason says how many failed, when some did),
-    "failed" when all failed (the reason is this one's error). While another job still runs, nothing changes.
+    """The study's status once ``job`` (in its final state, in this transaction) was the last of its analyses to
+    finish: "reported" when any stored a report (the reason says how many failed, when some did), "failed" when all
+    failed (the reason is this one's error). While another still runs, nothing changes. An analysis is the latest
+    revision of the study's job for one model version: a revision that an amendment superseded no longer counts.
 
     The caller holds the study's row locked, so that the states read here include any job of the study that
     finished in a transaction committed meanwhile.
     """
-    states = [job.state, *jobs.other_states(session=session, study=study, job_id=job.id)]
+    latest: dict[tuple[str, str], tuple[int, str]] = {}
+    others = jobs.other_states(session=session, study=study, job_id=job.id)
+    for name, version, revision, state in [(job.model_name, job.model_version, job.revision, job.state), *others]:
+        if (name, version) not in latest or revision > latest[(name, version)][0]:
+            latest[(name, version)] = (revision, state)
+    states = [state for _, state in latest.values()]
     if any(state not in FINAL_STATES for state in states):
         return
     failed = states.count(JobState.failed.value)

@@ -158,15 +158,20 @@ def for_study(*, session: Session, study: Study) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.created_at)))
 
 
-def other_states(*, session: Session, study: Study, job_id: str) -> list[str]:
-    """The states of the study's jobs but ``job_id``, in one SELECT of one column.
+def other_states(*, session: Session, study: Study, job_id: str) -> list[tuple[str, str, int, str]]:
+    """The study's jobs but ``job_id``, each as (model name, model version, revision, state), in one SELECT.
 
     A job that finishes settles its study's status from them. Lock the study's row first (``lock_study``, or
     ``session.get(Study, ..., with_for_update=True)``) and ask after the lock is held, in a statement of its own:
     two jobs of one study finishing at once then settle it one after the other, the second seeing the first
     committed, instead of each seeing the other still running and neither settling it.
     """
-    return list(session.scalars(select(Job.state).where(Job.study_id == study.id, Job.id != job_id)))
+    rows = session.execute(
+        select(Job.model_name, Job.model_version, Job.revision, Job.state).where(
+            Job.study_id == study.id, Job.id != job_id
+        )
+    )
+    return [(name, version, revision, state) for name, version, revision, state in rows]
 
 
 def study_with_states(*, session: Session, study_instance_uid: str) -> tuple[Study, Patient | None, list[str]]:

@@ -116,8 +116,8 @@ def test_a_study_is_reported_once_every_job_has_succeeded(runtime: Runtime, sent
     with runtime.sessions.begin() as session:
         study = session.get(Study, study_id)
         assert study is not None and study.status != "reported"  # the other job has not run
-        assert jobs.other_states(session=session, study=study, job_id=job_id) == ["queued"]
-        assert jobs.other_states(session=session, study=study, job_id=other_id) == ["succeeded"]
+        assert jobs.other_states(session=session, study=study, job_id=job_id) == [("other-model", "1", 1, "queued")]
+        assert jobs.other_states(session=session, study=study, job_id=other_id) == [("cxr-fusion", "1", 1, "succeeded")]
 
 
 def _two_jobs(runtime: Runtime) -> tuple[str, str, int]:
@@ -165,3 +165,35 @@ def test_a_study_whose_every_job_failed_has_failed(runtime: Runtime, sent: list[
     analysis.preprocess_job(runtime, cxr_id)
     assert _state(runtime, cxr_id)[0] == "failed"
     assert _study(runtime, study_id) == ("failed", "model cxr-fusion is no longer served")
+
+
+def test_a_failed_revision_that_an_amendment_superseded_no_longer_counts(
+    runtime: Runtime, sent: list[tuple[str, str]]
+) -> None:
+    """Revision 1 of the chest radiograph's job failed; revision 2 (new instances arrived) stored the report: the
+    study is reported, with no failure in its reason."""
+    first = _job(runtime)
+    with runtime.sessions.begin() as session:
+        job = jobs.get_or_raise(session=session, job_id=first)
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        second, _ = jobs.get_or_create(
+            session=session,
+            study=study,
+            model_name="cxr-fusion",
+            model_version="1",
+            revision=2,
+            rule=job.rule,
+            sop_instance_uid=job.sop_instance_uid,
+        )
+        second_id, study_id = second.id, study.id
+    served = runtime.registry.models.pop("cxr-fusion")
+    analysis.preprocess_job(runtime, first)  # fails: the model is not served at that moment
+    assert _state(runtime, first)[0] == "failed"
+    assert _study(runtime, study_id)[0] == "analyzing"  # its second revision is still to run
+    runtime.registry.models["cxr-fusion"] = served
+    analysis.preprocess_job(runtime, second_id)
+    analysis.infer_job(runtime, second_id)
+    assert _state(runtime, second_id)[0] == "succeeded"
+    assert _study(runtime, study_id)[0] == "reported"
+    assert "failed" not in (_study(runtime, study_id)[1] or "")
