@@ -147,9 +147,12 @@ def publish_results(runtime: Runtime, job_id: str) -> None:
     except ServiceError as e:
         errors.append(f"SR: {e.message}")
     with runtime.sessions.begin() as session:
-        report = reports.get_or_raise(session=session, report_id=report_id)
-        if report.version != version:
+        # locked, and read again: an amendment committed meanwhile, or another run of this publication (a re-sent
+        # or re-delivered task) that recorded its results first, leaves nothing for this run to write
+        locked = session.get(Report, report_id, with_for_update=True, populate_existing=True)
+        if locked is None or locked.version != version or locked.dicom_state in ("stored", "failed"):
             return
+        report = locked
         report.sr_sop_instance_uid, report.heatmap_sop_instance_uid = sr_uid, heatmap_uid
         report.dicom_state = "stored" if sr_uid else "failed"
         report.dicom_error = "; ".join(errors) or None

@@ -52,7 +52,7 @@ def test_two_jobs_finishing_at_once_settle_the_study(pg_runtime: Runtime, monkey
     readers: list[str] = []
     real_other_states = jobs.other_states
 
-    def other_states_then_wait(**kwargs: object) -> list[str]:
+    def other_states_then_wait(**kwargs: object) -> list[tuple[str, str, int, str]]:
         states = real_other_states(**kwargs)  # type: ignore[arg-type]
         with read:
             readers.append(str(kwargs["job_id"]))
