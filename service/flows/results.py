@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import metrics
+from service.config import Settings
 from service.destinations import DeliveryRejected, Destination
 from service.destinations.dimse import DimseDestination, TlsClientConfig
 from service.destinations.stow import StowDestination
@@ -239,24 +240,38 @@ def destination_for(name: str, spec: DimseDestinationSpec | StowDestinationSpec)
 
 def deliver(runtime: Runtime, delivery_id: str) -> None:
     """One try of one push. A refusal fails it at once; a transient error is retried with exponential back-off
-    (from CLINFER_DELIVERY_RETRY_SECONDS) until CLINFER_DELIVERY_MAX_ATTEMPTS tries, then it fails visibly."""
+    (from CLINFER_DELIVERY_RETRY_SECONDS) until CLINFER_DELIVERY_MAX_ATTEMPTS tries, then it fails visibly; so does
+    an unexpected error (a fault of ours or of a transport library: retrying would repeat it).
+
+    Each try is numbered when it claims the row (``attempts``), and records its outcome only while it is still the
+    latest try: a re-sent task that claimed the row meanwhile (the sweeper re-sends a try that outlives the
+    reconcile period) owns the outcome, so a late try cannot turn "delivered" back into "pending", nor audit twice.
+    """
     settings = runtime.settings
     with runtime.sessions.begin() as session:
         delivery = session.get(Delivery, delivery_id, with_for_update=True, populate_existing=True)
         if delivery is None or delivery.state != "pending":
             return
+        report = reports.get_or_raise(session=session, report_id=delivery.report_id)
+        name, version, report_id = delivery.destination, delivery.report_version, report.id
+        if delivery.attempts >= settings.delivery_max_attempts:  # the last tries ended with their worker
+            gave_up = f"no outcome was recorded for the last of {delivery.attempts} tries (its worker stopped)"
+            _record_push(
+                session, delivery, state="failed", error=gave_up, attempts=delivery.attempts, settings=settings
+            )
+            metrics.DELIVERIES.labels(name, "failed").inc()
+            log.warning("push of report %s v%d to %s: %s", report_id, version, name, gave_up)
+            return
         delivery.attempts += 1
         # while this try runs, the sweeper leaves it alone; if the worker dies, it is tried again after this
         delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=settings.reconcile_after_seconds)
-        attempts, name, version = delivery.attempts, delivery.destination, delivery.report_version
-        report = reports.get_or_raise(session=session, report_id=delivery.report_id)
+        attempts = delivery.attempts
         uids = result_uids(report.id, version)
         keys = [
             instance.blob_key
             for uid in (uids.sr, uids.heatmap)
             if (instance := studies.get_instance(session=session, sop_instance_uid=uid)) is not None
         ]
-        report_id, patient_id = report.id, report.patient_id
     spec = runtime.routing.destinations.get(name)
     state, error = "delivered", None
     try:
@@ -272,30 +287,57 @@ def deliver(runtime: Runtime, delivery_id: str) -> None:
         state, error = "failed", e.message
     except OSError as e:  # an unreadable token file or blob
         state, error = "failed", f"{type(e).__name__}: {e}"
+    except Exception as e:
+        log.exception("push of report %s v%d to %s failed unexpectedly", report_id, version, name)
+        state, error = "failed", f"internal error ({type(e).__name__}: {e}); see the worker log"
     with runtime.sessions.begin() as session:
         delivery = session.get(Delivery, delivery_id, with_for_update=True, populate_existing=True)
         assert delivery is not None
-        delivery.state, delivery.last_error = state, error
-        delivery.next_attempt_at = (
-            utcnow() + dt.timedelta(seconds=settings.delivery_retry_seconds * 2 ** (attempts - 1))
-            if state == "pending"
-            else None
-        )
-        if state != "pending":
-            audit.append(
-                session=session,
-                principal=SYSTEM_PRINCIPAL,
-                event_type="report.push",
-                action="E",
-                outcome=audit.SUCCESS if state == "delivered" else audit.SERIOUS_FAILURE,
-                entity_type="DiagnosticReport",
-                entity_ref=f"report:{report_id}",
-                patient_ref=clinical.patient_reference(session=session, patient_id=patient_id),
-                detail={"destination": name, "version": version, "attempts": attempts, "error": error},
+        if delivery.attempts != attempts or delivery.state != "pending":
+            log.warning(
+                "push of report %s v%d to %s (try %d): a later try owns the outcome; this one was %s",
+                report_id,
+                version,
+                name,
+                attempts,
+                state,
             )
+            return
+        _record_push(session, delivery, state=state, error=error, attempts=attempts, settings=settings)
     metrics.DELIVERIES.labels(name, "retry" if state == "pending" else state).inc()
     if error:
         log.warning("push of report %s v%d to %s (try %d): %s", report_id, version, name, attempts, error)
+
+
+def _record_push(
+    session: Session, delivery: Delivery, *, state: str, error: str | None, attempts: int, settings: Settings
+) -> None:
+    """A try's outcome on the (locked) delivery row; a final one is audited."""
+    delivery.state, delivery.last_error = state, error
+    delivery.next_attempt_at = (
+        utcnow() + dt.timedelta(seconds=settings.delivery_retry_seconds * 2 ** (attempts - 1))
+        if state == "pending"
+        else None
+    )
+    if state == "pending":
+        return
+    report = reports.get_or_raise(session=session, report_id=delivery.report_id)
+    audit.append(
+        session=session,
+        principal=SYSTEM_PRINCIPAL,
+        event_type="report.push",
+        action="E",
+        outcome=audit.SUCCESS if state == "delivered" else audit.SERIOUS_FAILURE,
+        entity_type="DiagnosticReport",
+        entity_ref=f"report:{report.id}",
+        patient_ref=clinical.patient_reference(session=session, patient_id=report.patient_id),
+        detail={
+            "destination": delivery.destination,
+            "version": delivery.report_version,
+            "attempts": attempts,
+            "error": error,
+        },
+    )
 
 
 def sweep_results(runtime: Runtime, *, limit: int = 100) -> tuple[int, int]:
@@ -315,11 +357,12 @@ def sweep_results(runtime: Runtime, *, limit: int = 100) -> tuple[int, int]:
             report.dicom_requested_at = now  # one re-send per reconcile period
             republish.append(report.job_id)
         due = list(
-            session.scalars(
+            session.scalars(  # rows another sweeper is re-sending are skipped, not sent twice
                 select(Delivery)
                 .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
                 .order_by(Delivery.next_attempt_at)
                 .limit(limit)
+                .with_for_update(skip_locked=True)
             )
         )
         for delivery in due:

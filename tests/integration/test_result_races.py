@@ -3,6 +3,7 @@ commits while a publication is under way."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from service.flows import analysis, ingest, queue, results
 from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.schemas import SYSTEM_PRINCIPAL, Findings
 from service.store import jobs, reports
-from service.store.tables import AuditEvent, Report, ReportVersion, utcnow
+from service.store.tables import AuditEvent, Delivery, Report, ReportVersion, utcnow
 from tests.conftest import make_settings
 from tests.factories import dx_instance
 
@@ -174,3 +175,37 @@ def test_two_runs_of_one_publication_at_once_record_its_results_once(
     assert (report.dicom_state, report.sr_sop_instance_uid) == ("stored", uids.sr)
     assert report.heatmap_sop_instance_uid == uids.heatmap and report.dicom_error is None
     assert _dicom_events(runtime, report_id) == 1
+
+
+def test_a_sweeper_skips_the_pushes_another_sweeper_is_resending(
+    pg_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers' sweepers at once: a due push that one of them holds (it is setting its next try) is left to it,
+    not sent a second time by the other."""
+    runtime = pg_runtime
+    _, report_id = _reported_job(runtime)
+    with runtime.sessions.begin() as session:
+        for name in ("held", "free"):
+            session.add(
+                Delivery(
+                    id=name,
+                    report_id=report_id,
+                    report_version=1,
+                    destination=name,
+                    state="pending",
+                    attempts=1,
+                    next_attempt_at=utcnow() - dt.timedelta(seconds=1),
+                )
+            )
+    sent: list[str] = []
+    monkeypatch.setattr(queue, "send", lambda task, row_id, **kwargs: sent.append(row_id))
+    swept: list[tuple[int, int]] = []
+    with runtime.sessions.begin() as other_sweeper:
+        other_sweeper.get(Delivery, "held", with_for_update=True)
+        sweeper = threading.Thread(target=lambda: swept.append(results.sweep_results(runtime)))
+        sweeper.start()
+        sweeper.join(timeout=20)
+        finished = not sweeper.is_alive()
+    sweeper.join(timeout=20)
+    assert finished, "the sweeper waited for the row the other sweeper holds"
+    assert swept == [(0, 1)] and sent == ["free"]
