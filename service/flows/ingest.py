@@ -82,6 +82,36 @@ class _NewStudyPatient:
         return self.patient if self.patient is not None and self.patient.id == study.patient_id else None
 
 
+def _stored_before(
+    stored_sha256: str, meta: NormalizedInstance, sha256: str, *, part: int, protocol: str
+) -> StoredInstance | FailedInstance:
+    """The answer for an object whose SOP Instance UID is stored already (with ``stored_sha256``): a duplicate when
+    the bytes are the same, else a refusal (the stored object stays as it is)."""
+    if stored_sha256 == sha256:
+        metrics.INGEST_INSTANCES.labels(protocol, "duplicate").inc()
+        return StoredInstance(
+            meta.sop_class_uid, meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, new=False
+        )
+    metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
+    return FailedInstance(
+        part,
+        FAILURE_DUPLICATE_SOP_INSTANCE,
+        "an instance with this SOP Instance UID and different content is already stored",
+        meta.sop_class_uid,
+        meta.sop_instance_uid,
+    )
+
+
+def _blob_committed(runtime: Runtime, sop_instance_uid: str, blob_key: str) -> bool:
+    try:
+        with runtime.sessions() as session:
+            stored = studies.get_instance(session=session, sop_instance_uid=sop_instance_uid)
+            return stored is not None and stored.blob_key == blob_key
+    except Exception:  # the database is unreachable: keep the file (an orphan costs space, a lost object more)
+        log.warning("cannot tell whether instance %s is stored; its file is kept", sop_instance_uid)
+        return True
+
+
 def store_instance(
     runtime: Runtime,
     data: bytes,
@@ -121,27 +151,15 @@ def store_instance(
             meta.sop_instance_uid,
         )
     sha256 = hashlib.sha256(data).hexdigest()
-    blob_key = f"instances/{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
+    # named by its content too: two requests storing different objects under one SOP Instance UID at the same
+    # moment never write the same file, so the one whose row is committed keeps the bytes its sha256 describes
+    blob_key = (
+        f"instances/{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.{sha256[:16]}.dcm"
+    )
     with runtime.sessions() as session:  # one session: the duplicate check, then (after the blob) the rows
         existing = studies.get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
         if existing is not None:
-            if existing.sha256 == sha256:
-                metrics.INGEST_INSTANCES.labels(protocol, "duplicate").inc()
-                return StoredInstance(
-                    meta.sop_class_uid,
-                    meta.sop_instance_uid,
-                    meta.study_instance_uid,
-                    meta.series_instance_uid,
-                    new=False,
-                )
-            metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
-            return FailedInstance(
-                part,
-                FAILURE_DUPLICATE_SOP_INSTANCE,
-                "an instance with this SOP Instance UID and different content is already stored",
-                meta.sop_class_uid,
-                meta.sop_instance_uid,
-            )
+            return _stored_before(existing.sha256, meta, sha256, part=part, protocol=protocol)
         runtime.blobs.put_bytes(blob_key, data)  # in memory already: written in one call
         new_study_patient = _NewStudyPatient(session, meta)
         try:
@@ -156,35 +174,42 @@ def store_instance(
                 checked_absent=True,
                 patient_of_new_study=new_study_patient,
             )
+            if not new:  # stored meanwhile by another request: the same object, or a conflicting one
+                stored_key, stored_sha256 = instance.blob_key, instance.sha256
+                session.rollback()
+                if stored_key != blob_key:
+                    runtime.blobs.delete(blob_key)  # ours alone: the committed row names another file
+                return _stored_before(stored_sha256, meta, sha256, part=part, protocol=protocol)
             study = studies.study_of(session=session, instance=instance)
             # held, so that the audit below finds it without a SELECT
             patient = new_study_patient.of(study) or _link_study(session, study)
-            if new and origin == "received":
+            if origin == "received":
                 orders.order_for_new_study(session, study)
-            if new:
-                audit.append(
-                    session=session,
-                    principal=principal,
-                    event_type="dicom.store",
-                    action="C",
-                    entity_type="ImagingStudy",
-                    entity_ref=f"study:{meta.study_instance_uid}",
-                    patient_ref=f"Patient/{patient.resource_id}"
-                    if patient is not None
-                    else clinical.patient_reference(session=session, patient_id=study.patient_id),
-                    detail={
-                        "protocol": protocol,
-                        "sop_instance_uid": meta.sop_instance_uid,
-                        "sop_class_uid": meta.sop_class_uid,
-                        "bytes": len(data),
-                    },
-                )
+            audit.append(
+                session=session,
+                principal=principal,
+                event_type="dicom.store",
+                action="C",
+                entity_type="ImagingStudy",
+                entity_ref=f"study:{meta.study_instance_uid}",
+                patient_ref=f"Patient/{patient.resource_id}"
+                if patient is not None
+                else clinical.patient_reference(session=session, patient_id=study.patient_id),
+                detail={
+                    "protocol": protocol,
+                    "sop_instance_uid": meta.sop_instance_uid,
+                    "sop_class_uid": meta.sop_class_uid,
+                    "bytes": len(data),
+                },
+            )
             session.commit()
         except Exception:
-            # nothing half-written: the rows roll back, so the blob must go too (unless an identical one was stored)
+            # nothing half-written: the rows roll back, so the blob must go too, unless a row another request
+            # committed names it (the same object, stored at the same moment)
             session.rollback()
             log.exception("storing instance of part %d failed", part)
-            runtime.blobs.delete(blob_key)
+            if not _blob_committed(runtime, meta.sop_instance_uid, blob_key):
+                runtime.blobs.delete(blob_key)
             metrics.INGEST_INSTANCES.labels(protocol, "failed").inc()
             return FailedInstance(
                 part,
@@ -193,11 +218,10 @@ def store_instance(
                 meta.sop_class_uid,
                 meta.sop_instance_uid,
             )
-    metrics.INGEST_INSTANCES.labels(protocol, "stored" if new else "duplicate").inc()
-    if new:
-        metrics.INGEST_BYTES.labels(protocol).inc(len(data))
+    metrics.INGEST_INSTANCES.labels(protocol, "stored").inc()
+    metrics.INGEST_BYTES.labels(protocol).inc(len(data))
     return StoredInstance(
-        meta.sop_class_uid, meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, new=new
+        meta.sop_class_uid, meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, new=True
     )
 
 

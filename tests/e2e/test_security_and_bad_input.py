@@ -128,8 +128,9 @@ def test_stow_with_a_corrupt_part_stores_the_others(client: TestClient, tokens: 
     assert by_part["part 3"]["00081197"]["Value"] == [0xC000]
     with runtime.sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 2
-    assert sorted(p.name for p in (runtime.settings.effective_blob_dir / "instances").rglob("*.dcm")) == sorted(
-        f"{uid}.dcm" for uid in [i["00081155"]["Value"][0] for i in payload["00081199"]["Value"]]
+    files = (runtime.settings.effective_blob_dir / "instances").rglob("*.dcm")
+    assert sorted(p.name.rsplit(".", 2)[0] for p in files) == sorted(  # <SOP Instance UID>.<content hash>.dcm
+        i["00081155"]["Value"][0] for i in payload["00081199"]["Value"]
     )
 
 

@@ -1,0 +1,80 @@
+"""Two requests storing objects with one SOP Instance UID at the same moment, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from service.flows import ingest
+from service.flows.runtime import Runtime, build_runtime, set_runtime
+from service.schemas import SYSTEM_PRINCIPAL
+from service.store import studies
+from tests.conftest import make_settings
+from tests.factories import dx_instance
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
+    overrides: dict[str, Any] = {}
+    if request.param == "postgresql":
+        overrides["database_url"] = request.getfixturevalue("postgres_url")
+    runtime = build_runtime(make_settings(tmp_path, **overrides))
+    set_runtime(runtime)
+    yield runtime
+    runtime.engine.dispose()
+
+
+def test_a_conflicting_object_stored_at_the_same_moment_is_refused_and_the_first_kept_intact(
+    any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A and B carry one SOP Instance UID and different pixels. Both find it absent and write their file; A's rows
+    are committed first. B must be refused, and the stored object must be A's bytes. Before, both wrote the same
+    file, so it held B's bytes under A's row (and its sha256), and B was answered as a duplicate."""
+    runtime = any_runtime
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "sop_uid": generate_uid()}
+    first, second = (dx_instance(**uids, size=64, seed=seed) for seed in (1, 2))  # type: ignore[arg-type]
+    sop_uid = uids["sop_uid"]
+    assert first != second
+    second_written, first_done = threading.Event(), threading.Event()
+    real_add = studies.add_instance
+
+    def add_in_order(**kwargs: Any) -> Any:
+        if kwargs["sha256"] == hashlib.sha256(second).hexdigest():
+            second_written.set()  # its file is written; its rows wait for the first's to be committed
+            assert first_done.wait(30)
+        else:
+            assert second_written.wait(30)
+        return real_add(**kwargs)
+
+    monkeypatch.setattr(studies, "add_instance", add_in_order)
+    outcomes: dict[str, Any] = {}
+
+    def store(name: str, data: bytes) -> None:
+        try:
+            outcomes[name] = ingest.store_instance(runtime, data, principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
+        finally:
+            if name == "first":
+                first_done.set()
+
+    threads = [threading.Thread(target=store, args=("first", first))]
+    threads[0].start()
+    threads.append(threading.Thread(target=store, args=("second", second)))
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert isinstance(outcomes["first"], ingest.StoredInstance) and outcomes["first"].new
+    assert isinstance(outcomes["second"], ingest.FailedInstance)
+    assert "different content" in outcomes["second"].message
+    with runtime.sessions() as session:
+        stored = studies.get_instance(session=session, sop_instance_uid=sop_uid)
+        assert stored is not None
+        kept = runtime.blobs.read_bytes(stored.blob_key)
+    assert kept == first and stored.sha256 == hashlib.sha256(first).hexdigest()
+    files = [p for p in Path(runtime.settings.effective_blob_dir).rglob("*.dcm")]
+    assert len(files) == 1, files  # the refused object's file is gone
