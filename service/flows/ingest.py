@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from service import metrics
@@ -40,6 +41,8 @@ class FailedInstance:
     message: str
     sop_class_uid: str | None = None
     sop_instance_uid: str | None = None
+    transient: bool = False
+    """the database or the blob store failed (not the object): the same object may be stored on a later try"""
 
 
 @dataclass
@@ -203,7 +206,7 @@ def store_instance(
                 },
             )
             session.commit()
-        except Exception:
+        except Exception as e:
             # nothing half-written: the rows roll back, so the blob must go too, unless a row another request
             # committed names it (the same object, stored at the same moment)
             session.rollback()
@@ -217,6 +220,7 @@ def store_instance(
                 "the instance could not be stored",
                 meta.sop_class_uid,
                 meta.sop_instance_uid,
+                transient=isinstance(e, OperationalError | InterfaceError | OSError),
             )
     metrics.INGEST_INSTANCES.labels(protocol, "stored").inc()
     metrics.INGEST_BYTES.labels(protocol).inc(len(data))

@@ -67,6 +67,8 @@ def _store_result(runtime: Runtime, data: bytes) -> None:
         runtime, data, principal=SYSTEM_PRINCIPAL, part=1, protocol="result", origin="result"
     )
     if isinstance(outcome, ingest.FailedInstance):
+        if outcome.transient:  # the task is tried again (the report's results stay pending meanwhile)
+            raise TransientError(f"storing a DICOM result failed: {outcome.message}")
         raise ServiceError(f"storing a DICOM result failed: {outcome.message}", code="result-store")
 
 
@@ -141,6 +143,8 @@ def publish_results(runtime: Runtime, job_id: str) -> None:
             metrics.DICOM_RESULTS.labels(findings.model.name, "heatmap").inc()
         except FileNotFoundError:
             errors.append("no heatmap was made for this version")
+        except TransientError:
+            raise
         except ServiceError as e:
             errors.append(f"heatmap: {e.message}")
     except TransientError:

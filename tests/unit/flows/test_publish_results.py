@@ -1,0 +1,49 @@
+"""A report version's DICOM results when storing them fails for a while: tried again, not failed for good."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from service.errors import TransientError
+from service.flows import analysis, ingest, queue, results
+from service.flows.runtime import Runtime
+from service.schemas import SYSTEM_PRINCIPAL
+from service.store import studies
+from service.store.tables import Report
+from tests.factories import dx_instance
+
+
+def test_a_database_outage_while_storing_the_sr_leaves_the_results_pending_for_a_retry(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue, "send", lambda *args, **kwargs: None)
+    study_uid = generate_uid()
+    ingest.store_instance(
+        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+    )
+    [job] = analysis.request_analysis(
+        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
+    ).jobs
+    analysis.preprocess_job(runtime, job.id)
+    analysis.infer_job(runtime, job.id)
+    real_add = studies.add_instance
+
+    def database_gone(**kwargs: Any) -> Any:
+        raise OperationalError("INSERT INTO instances ...", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(studies, "add_instance", database_gone)
+    with pytest.raises(TransientError, match="storing a DICOM result failed"):  # Celery tries the task again
+        results.publish_results(runtime, job.id)
+    with runtime.sessions() as session:
+        report = session.scalar(select(Report).where(Report.job_id == job.id))
+        assert report is not None and (report.dicom_state, report.sr_sop_instance_uid) == ("pending", None)
+    monkeypatch.setattr(studies, "add_instance", real_add)
+    results.publish_results(runtime, job.id)
+    with runtime.sessions() as session:
+        report = session.scalar(select(Report).where(Report.job_id == job.id))
+        assert report is not None and report.dicom_state == "stored" and report.sr_sop_instance_uid
