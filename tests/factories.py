@@ -147,3 +147,21 @@ def patient_bundle(
         else:
             entries.append(observation(patient_url, key, value))
     return {"resourceType": "Bundle", "type": bundle_type, "entry": entries}
+
+
+def reported_job_id(runtime: Any) -> str:
+    """A chest radiograph stored, analyzed and reported through the stage functions themselves (the caller has
+    stopped ``queue.send``): the id of its cxr-fusion job."""
+    from service.flows import analysis, ingest
+    from service.schemas import SYSTEM_PRINCIPAL
+
+    study_uid = generate_uid()
+    ingest.store_instance(
+        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+    )
+    [job] = analysis.request_analysis(
+        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
+    ).jobs
+    analysis.preprocess_job(runtime, job.id)
+    analysis.infer_job(runtime, job.id)
+    return str(job.id)

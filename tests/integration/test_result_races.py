@@ -9,16 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from service.flows import analysis, ingest, queue, results
+from service.flows import queue, results
 from service.flows.runtime import Runtime, build_runtime, set_runtime
-from service.schemas import SYSTEM_PRINCIPAL, Findings
+from service.schemas import Findings
 from service.store import jobs, reports
 from service.store.tables import AuditEvent, Delivery, Report, ReportVersion, utcnow
 from tests.conftest import make_settings
-from tests.factories import dx_instance
+from tests.factories import reported_job_id
 
 
 @pytest.fixture
@@ -32,19 +31,11 @@ def pg_runtime(tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatc
 
 def _reported_job(runtime: Runtime) -> tuple[str, str]:
     """(job id, report id) of a chest radiograph analyzed, its report's DICOM results still to make."""
-    study_uid = generate_uid()
-    ingest.store_instance(
-        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
-    )
-    [job] = analysis.request_analysis(
-        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
-    ).jobs
-    analysis.preprocess_job(runtime, job.id)
-    analysis.infer_job(runtime, job.id)
+    job_id = reported_job_id(runtime)
     with runtime.sessions() as session:
-        report = session.scalar(select(Report).where(Report.job_id == job.id))
+        report = session.scalar(select(Report).where(Report.job_id == job_id))
         assert report is not None and (report.version, report.dicom_state) == (1, "pending")
-        return job.id, report.id
+        return job_id, report.id
 
 
 def _report(runtime: Runtime, report_id: str) -> Report:
