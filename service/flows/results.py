@@ -256,8 +256,7 @@ def deliver(runtime: Runtime, delivery_id: str) -> None:
         delivery = session.get(Delivery, delivery_id, with_for_update=True, populate_existing=True)
         if delivery is None or delivery.state != "pending":
             return
-        report = reports.get_or_raise(session=session, report_id=delivery.report_id)
-        name, version, report_id = delivery.destination, delivery.report_version, report.id
+        name, version, report_id = delivery.destination, delivery.report_version, delivery.report_id
         if delivery.attempts >= settings.delivery_max_attempts:  # the last tries ended with their worker
             gave_up = f"no outcome was recorded for the last of {delivery.attempts} tries (its worker stopped)"
             _record_push(
@@ -270,7 +269,7 @@ def deliver(runtime: Runtime, delivery_id: str) -> None:
         # while this try runs, the sweeper leaves it alone; if the worker dies, it is tried again after this
         delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=settings.reconcile_after_seconds)
         attempts = delivery.attempts
-        uids = result_uids(report.id, version)
+        uids = result_uids(report_id, version)
         keys = [
             instance.blob_key
             for uid in (uids.sr, uids.heatmap)
@@ -325,7 +324,8 @@ def _record_push(
     )
     if state == "pending":
         return
-    report = reports.get_or_raise(session=session, report_id=delivery.report_id)
+    report = session.get(Report, delivery.report_id)  # its patient, for the audit (a report is never deleted)
+    assert report is not None
     audit.append(
         session=session,
         principal=SYSTEM_PRINCIPAL,

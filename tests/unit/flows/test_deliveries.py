@@ -30,9 +30,9 @@ def pushing(tmp_path: Path) -> Runtime:
     rules.write_text(
         f"""
 destinations:
-  pacs: {{kind: dimse, host: 127.0.0.1, port: {free_port()}, ae_title: PACS}}
+  unit-archive: {{kind: dimse, host: 127.0.0.1, port: {free_port()}, ae_title: PACS}}
 rules:
-  - {{name: chest, match: {{Modality: [DX]}}, models: [cxr-fusion], destinations: [pacs]}}
+  - {{name: chest, match: {{Modality: [DX]}}, models: [cxr-fusion], destinations: [unit-archive]}}
 """
     )
     runtime = build_runtime(make_settings(tmp_path, routing_rules=rules, batching=False, delivery_max_attempts=3))
@@ -46,7 +46,8 @@ class _Destination:
 
 
 def _delivery(runtime: Runtime, sent: list[tuple[str, str]]) -> str:
-    """A chest radiograph analyzed and its results stored: the id of its pending push to "pacs"."""
+    """A chest radiograph analyzed and its results stored: the id of its pending push to "unit-archive" (not
+    "pacs": the e2e tests count that destination's pushes in the process-wide metrics)."""
     job_id = reported_job_id(runtime)
     results.publish_results(runtime, job_id)
     [delivery_id] = [row_id for task, row_id in sent if task == queue.DELIVER_TASK]
