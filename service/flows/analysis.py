@@ -74,10 +74,14 @@ def request_analysis(
             stable_seconds of quiet, default CLINFER_STUDY_STABLE_SECONDS).
     """
     manifests = runtime.manifests()
-    now = utcnow()
     with runtime.sessions.begin() as session:
-        # the patient held: the audit below finds it in the session
-        study, patient = studies.get_with_patient_or_raise(session=session, study_instance_uid=study_instance_uid)
+        # the study locked (as a received instance locks it): an instance stored at this moment is either seen
+        # below or stamped after this request, so the study is due again; the patient held: the audit below
+        # finds it in the session
+        study, patient = studies.get_with_patient_or_raise(
+            session=session, study_instance_uid=study_instance_uid, for_update=True
+        )
+        now = utcnow()
         pairs = studies.instances_of(session=session, study=study, origin="received")
         received_at = {instance.sop_instance_uid: instance.received_at for _, instance in pairs}
         attributes = instance_attributes(pairs)
@@ -116,6 +120,7 @@ def request_analysis(
                 sop_instance_uid=route.sop_instance_uid,
                 destinations=list(route.destinations),
                 enqueued_at=now,
+                created_at=now,
                 timings={"enqueued_preprocess": time.time()},
             )
             if latest is not None and latest in all_jobs:

@@ -112,6 +112,7 @@ def get_or_create(
     destinations: list[str] | None = None,
     enqueued_at: dt.datetime | None = None,
     timings: dict[str, Any] | None = None,
+    created_at: dt.datetime | None = None,
 ) -> tuple[Job, bool]:
     """The job of a study x model version x revision; the unique constraint makes a racing second request
     return the first job. The caller asks for a revision it found no job of, so the INSERT is tried first (one that
@@ -119,6 +120,8 @@ def get_or_create(
 
     Args:
         enqueued_at, timings: a new job's, written in its INSERT (not for a job that already existed).
+        created_at: a new job's creation time (default now): the moment of the request that made it, against
+            which instances received later count as newer.
 
     Returns:
         (the job, True when this call created it).
@@ -139,6 +142,7 @@ def get_or_create(
         priority=priority,
         enqueued_at=enqueued_at,
         timings=timings,
+        created_at=created_at or utcnow(),
     )
     if created is not None:
         return created, True

@@ -15,29 +15,41 @@ from service.store import db
 from service.store.tables import Instance, Patient, Series, Study, utcnow
 
 
-def get(*, session: Session, study_instance_uid: str) -> Study | None:
-    return session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+def get(*, session: Session, study_instance_uid: str, for_update: bool = False) -> Study | None:
+    """A study; ``for_update`` locks its row until the transaction ends (and reads it afresh)."""
+    query = select(Study).where(Study.study_instance_uid == study_instance_uid)
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(query)
 
 
-def get_or_raise(*, session: Session, study_instance_uid: str) -> Study:
-    study = get(session=session, study_instance_uid=study_instance_uid)
+def get_or_raise(*, session: Session, study_instance_uid: str, for_update: bool = False) -> Study:
+    study = get(session=session, study_instance_uid=study_instance_uid, for_update=for_update)
     if study is None:
         raise NotFound(f"study {study_instance_uid} not found")
     return study
 
 
-def get_with_patient_or_raise(*, session: Session, study_instance_uid: str) -> tuple[Study, Patient | None]:
+def get_with_patient_or_raise(
+    *, session: Session, study_instance_uid: str, for_update: bool = False
+) -> tuple[Study, Patient | None]:
     """A study and its patient (None when not joined to one) in one SELECT. Hold the patient while the transaction
     asks for it again (``clinical.patient_resource_id``): the session finds it then without a SELECT.
+
+    Args:
+        for_update: lock the study's row (not the patient's) until the transaction ends, and read it afresh.
 
     Raises:
         NotFound: no such study.
     """
-    row = session.execute(
+    query = (
         select(Study, Patient)
         .outerjoin(Patient, Patient.id == Study.patient_id)
         .where(Study.study_instance_uid == study_instance_uid)
-    ).first()
+    )
+    if for_update:
+        query = query.with_for_update(of=Study).execution_options(populate_existing=True)
+    row = session.execute(query).first()
     if row is None:
         raise NotFound(f"study {study_instance_uid} not found")
     return row[0], row[1]
@@ -118,7 +130,10 @@ def add_instance(
         existing = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
         if existing is not None:
             return existing, False
-    study = get(session=session, study_instance_uid=meta.study_instance_uid)
+    # a received instance locks its study: an analysis request (which locks it too) then either sees the instance
+    # or ran before it, and the instance is stamped after that request (see _received_stamp)
+    lock = origin == "received"
+    study = get(session=session, study_instance_uid=meta.study_instance_uid, for_update=lock)
     study_created = False
     if study is None:
         patient = patient_of_new_study() if patient_of_new_study is not None else None
@@ -127,7 +142,8 @@ def add_instance(
         )
         study_created = study is not None
         if study is None:  # another request created it meanwhile
-            study = get_or_raise(session=session, study_instance_uid=meta.study_instance_uid)
+            study = get_or_raise(session=session, study_instance_uid=meta.study_instance_uid, for_update=lock)
+    received_at = _received_stamp(study) if lock and not study_created else utcnow()
     # a new study has no series yet, unless its series UID is (wrongly) another study's: then the INSERT clashes
     series = _get_series(session, meta.series_instance_uid) if not study_created else None
     if series is None:
@@ -154,6 +170,7 @@ def add_instance(
         blob_key=blob_key,
         size_bytes=size_bytes,
         sha256=sha256,
+        received_at=received_at,
     )
     if instance is None:  # stored meanwhile by another request
         found = get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
@@ -164,7 +181,7 @@ def add_instance(
     set_committed_value(series, "study", study)
     if origin == "received":
         if not study_created:  # a new study's clock started when it was created, a moment ago
-            study.last_instance_at = utcnow()
+            study.last_instance_at = received_at
         if study.status in _REOPENED:
             study.status = StudyStatus.receiving.value
             study.status_reason = None
@@ -172,6 +189,17 @@ def add_instance(
 
 
 _REOPENED = (StudyStatus.reported.value, StudyStatus.no_route.value, StudyStatus.failed.value)
+
+
+def _received_stamp(study: Study) -> dt.datetime:
+    """The arrival time of an instance of a study whose row this transaction has locked: now, and always after the
+    study's last analysis request (whose jobs were created at that moment), even when the request's host clock ran
+    ahead; so the study is due again (``stable_unanalyzed``) and the instance counts as newer than those jobs."""
+    now = utcnow()
+    requested = study.analysis_requested_at
+    if requested is not None and now <= requested:
+        return requested + dt.timedelta(microseconds=1)
+    return now
 
 
 def instances_of(*, session: Session, study: Study, origin: str | None = None) -> list[tuple[Series, Instance]]:
