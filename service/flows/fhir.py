@@ -27,7 +27,7 @@ from service.flows.runtime import Runtime
 from service.ingest import fhir
 from service.results.fhir import issue_code_for_status, operation_outcome
 from service.schemas import ConditionFact, ObservationFact, Principal
-from service.store import audit, clinical, fhir_store
+from service.store import audit, clinical, fhir_store, studies
 from service.store.tables import Patient
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,27 @@ def _outcome(row: Any, status: int) -> WriteOutcome:
     )
 
 
+def _lock_links(session: Session, resources: list[fhir.ParsedResource], facts: dict[tuple[str, str], Any]) -> None:
+    """Serialize with the studies being stored at this moment (``studies.lock_links``) on what the resources
+    written here join studies by: then such a study either finds these patients and orders, or is found by their
+    links below (``upsert_patient``, ``orders.link_orders``)."""
+    patient_ids: list[str] = []
+    accession_numbers: list[str] = []
+    study_uids: list[str] = []
+    for resource in resources:
+        if resource.json is None or resource.existing:
+            continue
+        if resource.resource_type == "Patient":
+            patient_ids += [i.value for i in getattr(facts.get(("Patient", resource.resource_id)), "identifiers", ())]
+        elif resource.resource_type == "ServiceRequest":
+            accession_numbers += orders.accession_numbers(resource.json)
+        elif resource.resource_type == "ImagingStudy":
+            study_uids += orders.study_uids(resource.json)
+    studies.lock_links(
+        session=session, patient_ids=patient_ids, accession_numbers=accession_numbers, study_uids=study_uids
+    )
+
+
 def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> dict[int, WriteOutcome]:
     """Write the chosen entries in one transaction: Patients first, so that references to them resolve.
 
@@ -102,6 +123,7 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
     facts |= {("Condition", f.resource_id): f for f in parsed.conditions}
     facts |= {(f.resource_type, f.resource_id): f for f in parsed.others}
     ordered = sorted(resources, key=lambda r: (r.resource_type != "Patient", r.entry_index))
+    _lock_links(session, resources, facts)  # before anything is read
     # which of the resources written exist already: an Observation updated loses its earlier facts, and a
     # resource not found is written as new (put_many does not look for it again; a clash still falls back)
     looked_for = {(r.resource_type, r.resource_id) for r in ordered if r.json is not None}

@@ -77,7 +77,15 @@ class _NewStudyPatient:
         self.patient: Patient | None = None
 
     def __call__(self) -> Patient | None:
-        self.patient = _patient_of_dicom_id(self.session, self.meta.patient_id, self.meta.issuer_of_patient_id)
+        meta = self.meta
+        # before looking for its patient here and its order (orders.order_for_new_study) after the INSERT
+        studies.lock_links(
+            session=self.session,
+            patient_ids=[meta.patient_id],
+            accession_numbers=[meta.accession_number],
+            study_uids=[meta.study_instance_uid],
+        )
+        self.patient = _patient_of_dicom_id(self.session, meta.patient_id, meta.issuer_of_patient_id)
         return self.patient
 
     def of(self, study: Study) -> Patient | None:

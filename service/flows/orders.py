@@ -27,7 +27,7 @@ def resolver(session: Session) -> Callable[[str, str], list[str]]:
     return resolve
 
 
-def _accession_numbers(resource: dict[str, Any]) -> set[str]:
+def accession_numbers(resource: dict[str, Any]) -> set[str]:
     numbers = set()
     for identifier in resource.get("identifier") or []:
         codings = ((identifier.get("type") or {}).get("coding")) or []
@@ -36,7 +36,7 @@ def _accession_numbers(resource: dict[str, Any]) -> set[str]:
     return numbers
 
 
-def _study_uids(resource: dict[str, Any]) -> set[str]:
+def study_uids(resource: dict[str, Any]) -> set[str]:
     return {
         str(i["value"]).removeprefix("urn:oid:")
         for i in resource.get("identifier") or []
@@ -51,7 +51,7 @@ def link_orders(session: Session, resource: dict[str, Any]) -> list[Study]:
     if resource.get("resourceType") == "ServiceRequest":
         if resource.get("status") not in ACTIVE_ORDER_STATUSES:
             return linked
-        for accession in _accession_numbers(resource):
+        for accession in accession_numbers(resource):
             for study in studies.by_accession(session=session, accession_number=accession):
                 if study.order_resource_id != resource["id"]:
                     study.order_resource_id = resource["id"]
@@ -59,7 +59,7 @@ def link_orders(session: Session, resource: dict[str, Any]) -> list[Study]:
         # an ImagingStudy stored earlier may name this order
         for row_id in resolver(session)("ImagingStudy", f"basedon=ServiceRequest/{resource['id']}"):
             imaging = fhir_store.read(session=session, resource_type="ImagingStudy", resource_id=row_id).body
-            for uid in _study_uids(imaging):
+            for uid in study_uids(imaging):
                 named = studies.get(session=session, study_instance_uid=uid)
                 if named is not None and named.order_resource_id != resource["id"]:
                     named.order_resource_id = resource["id"]
@@ -70,7 +70,7 @@ def link_orders(session: Session, resource: dict[str, Any]) -> list[Study]:
             for ref in (fhir_store.normalize_reference(b.get("reference", "")) for b in resource.get("basedOn") or [])
             if ref and ref.startswith("ServiceRequest/")
         ]
-        for uid in _study_uids(resource):
+        for uid in study_uids(resource):
             found = studies.get(session=session, study_instance_uid=uid)
             if found is not None and orders and found.order_resource_id != orders[0]:
                 found.order_resource_id = orders[0]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -95,6 +96,28 @@ def insert_unless_clash(session: Session, entity: type[Row], **values: Any) -> R
 
 
 _INSERTS: dict[tuple[str, type], Any] = {}
+
+
+def serialize_on(session: Session, keys: Iterable[str]) -> None:
+    """Make this transaction, from now until it ends, wait for and then exclude every other transaction that calls
+    this with one of ``keys``; for a read that decides a write another transaction's read-then-write depends on
+    (two transactions that each read before the other commits would both miss the other's row).
+
+    PostgreSQL: one transaction-level advisory lock per key (a 64-bit hash of it), taken in one statement in a
+    fixed order, so two callers never wait on each other in a cycle. SQLite: nothing; it has one writer at a time,
+    and a read made after the transaction's first write sees every transaction committed before it.
+    """
+    wanted = sorted({_advisory_key(key) for key in keys})
+    if wanted and session.get_bind().dialect.name == "postgresql":
+        # a function scan yields the array's elements in order: the locks are taken in that order
+        session.execute(_ADVISORY_LOCKS, {"keys": wanted})
+
+
+def _advisory_key(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8, person=b"clinfer").digest(), "big", signed=True)
+
+
+_ADVISORY_LOCKS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k")
 
 
 def alembic_config(engine: Engine) -> Config:
