@@ -27,7 +27,7 @@ from service.flows.runtime import Runtime
 from service.ingest import fhir
 from service.results.fhir import issue_code_for_status, operation_outcome
 from service.schemas import ConditionFact, ObservationFact, Principal
-from service.store import audit, clinical, fhir_store, studies
+from service.store import audit, clinical, db, fhir_store, studies
 from service.store.tables import Patient
 
 log = logging.getLogger(__name__)
@@ -87,27 +87,6 @@ def _outcome(row: Any, status: int) -> WriteOutcome:
     )
 
 
-def _lock_links(session: Session, resources: list[fhir.ParsedResource], facts: dict[tuple[str, str], Any]) -> None:
-    """Serialize with the studies being stored at this moment (``studies.lock_links``) on what the resources
-    written here join studies by: then such a study either finds these patients and orders, or is found by their
-    links below (``upsert_patient``, ``orders.link_orders``)."""
-    patient_ids: list[str] = []
-    accession_numbers: list[str] = []
-    study_uids: list[str] = []
-    for resource in resources:
-        if resource.json is None or resource.existing:
-            continue
-        if resource.resource_type == "Patient":
-            patient_ids += [i.value for i in getattr(facts.get(("Patient", resource.resource_id)), "identifiers", ())]
-        elif resource.resource_type == "ServiceRequest":
-            accession_numbers += orders.accession_numbers(resource.json)
-        elif resource.resource_type == "ImagingStudy":
-            study_uids += orders.study_uids(resource.json)
-    studies.lock_links(
-        session=session, patient_ids=patient_ids, accession_numbers=accession_numbers, study_uids=study_uids
-    )
-
-
 def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> dict[int, WriteOutcome]:
     """Write the chosen entries in one transaction: Patients first, so that references to them resolve.
 
@@ -123,7 +102,6 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
     facts |= {("Condition", f.resource_id): f for f in parsed.conditions}
     facts |= {(f.resource_type, f.resource_id): f for f in parsed.others}
     ordered = sorted(resources, key=lambda r: (r.resource_type != "Patient", r.entry_index))
-    _lock_links(session, resources, facts)  # before anything is read
     # which of the resources written exist already: an Observation updated loses its earlier facts, and a
     # resource not found is written as new (put_many does not look for it again; a clash still falls back)
     looked_for = {(r.resource_type, r.resource_id) for r in ordered if r.json is not None}
@@ -250,9 +228,79 @@ def _audit(
         )
 
 
-def _parse(runtime: Runtime, body: dict[str, Any]) -> fhir.ParsedBundle:
-    with runtime.sessions() as session:
-        return fhir.parse_bundle(body, collect_errors=True, resolve=orders.resolver(session))
+class _Parsing:
+    """A Bundle, parsed (outside the write transaction), and what its conditional entries (``ifNoneExist``,
+    ``PUT Type?query``) matched then."""
+
+    def __init__(self, runtime: Runtime, body: dict[str, Any]) -> None:
+        self.body = body
+        self.matches: dict[tuple[str, str], list[str]] = {}
+        with runtime.sessions() as session:
+            self.parsed = self._parse(session)
+
+    def _parse(self, session: Session) -> fhir.ParsedBundle:
+        resolve = orders.resolver(session)
+        matches: dict[tuple[str, str], list[str]] = {}
+
+        def recorded(resource_type: str, query: str) -> list[str]:
+            matches[(resource_type, query)] = found = resolve(resource_type, query)
+            return found
+
+        parsed = fhir.parse_bundle(self.body, collect_errors=True, resolve=recorded)
+        self.matches = matches
+        return parsed
+
+    def settle(self, session: Session, indexes: set[int]) -> fhir.ParsedBundle:
+        """In the write transaction of the entries at ``indexes``, before anything is read: serialize with every
+        other write of the same resources, conditions and study joins (``_write_keys``), then check the
+        conditions again and parse the Bundle again, here, when one matches otherwise than it did (another
+        request created or changed a resource meanwhile). So two identical conditional creates make one resource,
+        and two first writes of one resource or Patient identifier never clash."""
+        keys = _write_keys(self.parsed, indexes) + [_condition_key(t, q) for t, q in self.matches]
+        db.serialize_on(session, keys)
+        resolve = orders.resolver(session)
+        if any(resolve(t, q) != found for (t, q), found in self.matches.items()):
+            self.parsed = self._parse(session)
+        return self.parsed
+
+
+def _condition_key(resource_type: str, query: str) -> str:
+    return f"fhir-condition:{resource_type}?{'&'.join(sorted(query.split('&')))}"
+
+
+def _write_keys(parsed: fhir.ParsedBundle, indexes: set[int]) -> list[str]:
+    """What the entries at ``indexes`` write (a resource of a client-chosen id: PUT, DELETE) and what they join
+    studies by (``studies.link_keys``: their Patients' identifiers, their orders' accession numbers, their
+    ImagingStudies' UIDs); created resources get new ids, which nothing else writes."""
+    identifiers = {facts.resource_id: facts.identifiers for facts in parsed.patients}
+    keys: list[str] = []
+    patient_ids: list[str] = []
+    accession_numbers: list[str] = []
+    study_uids: list[str] = []
+    for resource in parsed.resources:
+        if resource.entry_index not in indexes or resource.existing:
+            continue
+        if resource.method != "POST":
+            keys.append(f"fhir:{resource.resource_type}/{resource.resource_id}")
+        if resource.json is None:
+            continue
+        if resource.resource_type == "Patient":
+            patient_ids += [identifier.value for identifier in identifiers.get(resource.resource_id, ())]
+        elif resource.resource_type == "ServiceRequest":
+            accession_numbers += orders.accession_numbers(resource.json)
+        elif resource.resource_type == "ImagingStudy":
+            study_uids += orders.study_uids(resource.json)
+    return keys + studies.link_keys(patient_ids=patient_ids, accession_numbers=accession_numbers, study_uids=study_uids)
+
+
+def _settled(parsing: _Parsing, session: Session, indexes: set[int]) -> fhir.ParsedBundle:
+    """``_Parsing.settle``; an entry at ``indexes`` that the Bundle parsed again here refuses fails as it would
+    have on the first parse."""
+    parsed = parsing.settle(session, indexes)
+    for index, error in parsed.errors:
+        if index in indexes:
+            raise error
+    return parsed
 
 
 def _error_entry(error: ServiceError) -> dict[str, Any]:
@@ -287,13 +335,15 @@ def process_bundle(runtime: Runtime, body: dict[str, Any], *, principal: Princip
     Raises:
         ServiceError: the Bundle is malformed, or a transaction entry failed (with that entry's status).
     """
-    parsed = _parse(runtime, body)
+    parsing = _Parsing(runtime, body)
+    parsed = parsing.parsed
     total = len(body.get("entry") or [])
     if parsed.bundle_type == "transaction":
         if parsed.errors:
             index, error = parsed.errors[0]
             raise error
         with runtime.sessions.begin() as session:
+            parsed = _settled(parsing, session, {r.entry_index for r in parsed.resources})
             outcomes = _apply(session, parsed, {r.entry_index for r in parsed.resources})
             _audit(session, principal, "transaction", parsed, outcomes)
         entries = [_entry(outcomes[i]) for i in range(total)]
@@ -302,8 +352,9 @@ def process_bundle(runtime: Runtime, body: dict[str, Any], *, principal: Princip
         for resource in parsed.resources:
             try:
                 with runtime.sessions.begin() as session:
-                    outcomes = _apply(session, parsed, {resource.entry_index})
-                    _audit(session, principal, "batch", parsed, outcomes)
+                    current = _settled(parsing, session, {resource.entry_index})
+                    outcomes = _apply(session, current, {resource.entry_index})
+                    _audit(session, principal, "batch", current, outcomes)
                 results[resource.entry_index] = _entry(outcomes[resource.entry_index])
             except ServiceError as e:
                 results[resource.entry_index] = _error_entry(e)
@@ -333,10 +384,11 @@ def write_one(
     entry: dict[str, Any] = {"request": request}
     if resource is not None:
         entry["resource"] = resource
-    parsed = _parse(runtime, {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
-    if parsed.errors:
-        raise parsed.errors[0][1]
+    parsing = _Parsing(runtime, {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    if parsing.parsed.errors:
+        raise parsing.parsed.errors[0][1]
     with runtime.sessions.begin() as session:
+        parsed = _settled(parsing, session, {0})
         outcomes = _apply(session, parsed, {0})
         _audit(session, principal, "single", parsed, outcomes)
     metrics.FHIR_RESOURCES.labels(outcomes[0].resource_type, "stored").inc()

@@ -17,7 +17,7 @@ from service.flows import orders
 from service.flows.runtime import Runtime
 from service.ingest import dicom
 from service.schemas import NormalizedInstance, Principal
-from service.store import audit, clinical, studies
+from service.store import audit, clinical, db, studies
 from service.store.tables import Patient, Study
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,12 @@ class _NewStudyPatient:
     def __call__(self) -> Patient | None:
         meta = self.meta
         # before looking for its patient here and its order (orders.order_for_new_study) after the INSERT
-        studies.lock_links(
-            session=self.session,
+        keys = studies.link_keys(
             patient_ids=[meta.patient_id],
             accession_numbers=[meta.accession_number],
             study_uids=[meta.study_instance_uid],
         )
+        db.serialize_on(self.session, keys)
         self.patient = _patient_of_dicom_id(self.session, meta.patient_id, meta.issuer_of_patient_id)
         return self.patient
 

@@ -103,14 +103,19 @@ def serialize_on(session: Session, keys: Iterable[str]) -> None:
     this with one of ``keys``; for a read that decides a write another transaction's read-then-write depends on
     (two transactions that each read before the other commits would both miss the other's row).
 
-    PostgreSQL: one transaction-level advisory lock per key (a 64-bit hash of it), taken in one statement in a
-    fixed order, so two callers never wait on each other in a cycle. SQLite: nothing; it has one writer at a time,
-    and a read made after the transaction's first write sees every transaction committed before it.
+    Take them in one call per transaction, before any row lock: then two callers never wait on each other in a
+    cycle. PostgreSQL: one transaction-level advisory lock per key (a 64-bit hash of it), taken in one statement in
+    a fixed order. SQLite: the database's write lock, taken now rather than at the transaction's first write (one
+    writer at a time: all keys alike).
     """
     wanted = sorted({_advisory_key(key) for key in keys})
-    if wanted and session.get_bind().dialect.name == "postgresql":
+    if not wanted:
+        return
+    if session.get_bind().dialect.name == "postgresql":
         # a function scan yields the array's elements in order: the locks are taken in that order
         session.execute(_ADVISORY_LOCKS, {"keys": wanted})
+    else:
+        session.execute(_SQLITE_WRITE_LOCK)
 
 
 def _advisory_key(key: str) -> int:
@@ -118,6 +123,7 @@ def _advisory_key(key: str) -> int:
 
 
 _ADVISORY_LOCKS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k")
+_SQLITE_WRITE_LOCK = text("UPDATE audit_head SET id = id WHERE 0")  # writes nothing; begins the write transaction
 
 
 def alembic_config(engine: Engine) -> Config:

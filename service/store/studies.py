@@ -55,21 +55,21 @@ def get_with_patient_or_raise(
     return row[0], row[1]
 
 
-def lock_links(
+def link_keys(
     *,
-    session: Session,
     patient_ids: Iterable[str | None] = (),
     accession_numbers: Iterable[str | None] = (),
     study_uids: Iterable[str | None] = (),
-) -> None:
-    """Serialize the joins of studies to patients and orders on what they are joined by (DICOM PatientID,
-    accession number, Study Instance UID): a new study looking for its patient and order, and a FHIR write looking
-    for the studies of its Patient's identifiers or of its order, each call this before they look. Then one of two
-    such transactions sees what the other committed, instead of both missing it (the study would stay unlinked)."""
+) -> list[str]:
+    """The keys (``db.serialize_on``) that serialize the joins of studies to patients and orders on what they are
+    joined by (DICOM PatientID, accession number, Study Instance UID): a new study looking for its patient and
+    order, and a FHIR write looking for the studies of its Patient's identifiers or of its order, each lock them
+    before they look. Then one of two such transactions sees what the other committed, instead of both missing it
+    (the study would stay unlinked)."""
     keys = [f"patient-id:{v}" for v in patient_ids if v]
     keys += [f"accession:{v}" for v in accession_numbers if v]
     keys += [f"study:{v}" for v in study_uids if v]
-    db.serialize_on(session, keys)
+    return keys
 
 
 def get_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:

@@ -18,7 +18,7 @@ from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.schemas import SYSTEM_PRINCIPAL
 from service.store import clinical, studies
 from tests.conftest import make_settings
-from tests.factories import dx_instance, patient_bundle
+from tests.factories import dx_instance, observation, patient_bundle
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -141,3 +141,185 @@ def test_a_study_and_its_order_stored_at_once_are_joined(any_runtime: Runtime, m
     )
     assert set(rendezvous.arrived) == {"dicom", "fhir"}
     assert _study(runtime, study_uid)[1] == outcome[0].resource_id
+
+
+def _patient_resource(mrn: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": mrn}],
+        "gender": "female",
+        "birthDate": "1961-05-02",
+    }
+
+
+def test_two_identical_conditional_creates_make_one_patient(
+    any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``POST Patient`` with ``If-None-Exist: identifier=...`` at the same moment. Each looks for a match (none)
+    before either commits. Before, the condition was only checked before the write transaction, so both created
+    a Patient (and the second then clashed on the identifier: an unhandled error). Now the write transaction
+    serializes on the condition and checks it again: one 201 Created, one 200 with the same resource."""
+    runtime = any_runtime
+    rendezvous = Rendezvous()
+    real_resolver = orders.resolver
+
+    def resolver_then_wait(session: Any) -> Any:
+        resolve = real_resolver(session)
+
+        def resolved(resource_type: str, query: str) -> list[str]:
+            found = resolve(resource_type, query)
+            if threading.current_thread().name in ("one", "two") and len(rendezvous.arrived) < 2:
+                rendezvous.arrive()  # the first look of each request: in its parse, outside the write transaction
+            return found
+
+        return resolved
+
+    monkeypatch.setattr(orders, "resolver", resolver_then_wait)
+    outcomes: dict[str, Any] = {}
+
+    def create(name: str) -> Callable[[], None]:
+        def run() -> None:
+            outcomes[name] = fhir.write_one(
+                runtime,
+                principal=SYSTEM_PRINCIPAL,
+                method="POST",
+                url="Patient",
+                resource=_patient_resource("MRN-4004"),
+                if_none_exist="identifier=urn:oid:1.2.3.4.5|MRN-4004",
+            )
+
+        return run
+
+    _run_together(one=create("one"), two=create("two"))
+    assert sorted(outcome.status for outcome in outcomes.values()) == [200, 201]
+    assert outcomes["one"].resource_id == outcomes["two"].resource_id
+    with runtime.sessions() as session:
+        ids = orders.resolver(session)("Patient", "identifier=MRN-4004")
+    assert ids == [outcomes["one"].resource_id]
+
+
+def test_two_first_writes_of_one_patient_identifier_make_one_patient(
+    any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two Bundles, each with a new Patient of the same MRN, at the same moment. Before, both looked the MRN up
+    before either committed, both created a patient, and the second's identifier clashed: an IntegrityError (a
+    500 for the sender). Now the second waits, then finds the first's patient and updates it."""
+    runtime = any_runtime
+    rendezvous = Rendezvous()
+    monkeypatch.setattr(
+        clinical, "patient_and_identifier_rows", rendezvous.after(clinical.patient_and_identifier_rows, "one")
+    )
+    monkeypatch.setattr(
+        clinical, "patient_and_identifier_rows", rendezvous.after(clinical.patient_and_identifier_rows, "two")
+    )
+    responses: dict[str, Any] = {}
+
+    def send(name: str, seed: int) -> Callable[[], None]:
+        def run() -> None:
+            bundle = patient_bundle(patient_id="MRN-5005", seed=seed)
+            responses[name] = fhir.process_bundle(runtime, bundle, principal=SYSTEM_PRINCIPAL)
+
+        return run
+
+    _run_together(one=send("one", 1), two=send("two", 2))
+    assert {entry["response"]["status"][:3] for r in responses.values() for entry in r["entry"]} <= {"200", "201"}
+    with runtime.sessions() as session:
+        assert orders.resolver(session)("Patient", "identifier=MRN-5005") != []
+        assert len(orders.resolver(session)("Patient", "identifier=MRN-5005")) == 1
+
+
+def test_two_first_writes_of_one_condition_id_both_succeed(
+    any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PUT Condition/<id>`` twice at the same moment, the resource new. Before, both wrote the derived condition
+    row after finding none, and the second clashed: an unhandled IntegrityError. Now they are serialized on the
+    resource: version 1, then version 2."""
+    runtime = any_runtime
+    patient = fhir.write_one(
+        runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource("MRN-6006")
+    )
+    rendezvous = Rendezvous()
+    real_put_condition = clinical.put_condition
+
+    def wait_then_put(**kwargs: Any) -> None:
+        rendezvous.arrive()  # both about to look for the condition's row
+        real_put_condition(**kwargs)
+
+    monkeypatch.setattr(clinical, "put_condition", wait_then_put)
+    condition_id = "cond-" + generate_uid().rsplit(".", 1)[-1]
+    outcomes: dict[str, Any] = {}
+
+    def put(name: str, code: str) -> Callable[[], None]:
+        def run() -> None:
+            outcomes[name] = fhir.write_one(
+                runtime,
+                principal=SYSTEM_PRINCIPAL,
+                method="PUT",
+                url=f"Condition/{condition_id}",
+                resource={
+                    "resourceType": "Condition",
+                    "id": condition_id,
+                    "clinicalStatus": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
+                        ]
+                    },
+                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}]},
+                    "subject": {"reference": f"Patient/{patient.resource_id}"},
+                },
+            )
+
+        return run
+
+    _run_together(one=put("one", "13645005"), two=put("two", "195967001"))
+    assert sorted(outcome.version for outcome in outcomes.values()) == [1, 2]
+    assert sorted(outcome.status for outcome in outcomes.values()) == [200, 201]
+
+
+def test_two_identical_conditional_creates_of_an_observation_make_one(
+    any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for an Observation, which no unique key protects: before, both requests created one (two heart
+    rates where the sender asked for one). Now the second's write transaction finds the first's Observation when
+    it checks the condition again, and answers 200 with it."""
+    runtime = any_runtime
+    patient = fhir.write_one(
+        runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource("MRN-7007")
+    )
+    rendezvous = Rendezvous()
+    real_resolver = orders.resolver
+
+    def resolver_then_wait(session: Any) -> Any:
+        resolve = real_resolver(session)
+
+        def resolved(resource_type: str, query: str) -> list[str]:
+            found = resolve(resource_type, query)
+            if threading.current_thread().name in ("one", "two") and len(rendezvous.arrived) < 2:
+                rendezvous.arrive()
+            return found
+
+        return resolved
+
+    monkeypatch.setattr(orders, "resolver", resolver_then_wait)
+    body = observation(f"Patient/{patient.resource_id}", "heart_rate", 88.0)["resource"]
+    body["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": "hr-7007-1"}]
+    outcomes: dict[str, Any] = {}
+
+    def create(name: str) -> Callable[[], None]:
+        def run() -> None:
+            outcomes[name] = fhir.write_one(
+                runtime,
+                principal=SYSTEM_PRINCIPAL,
+                method="POST",
+                url="Observation",
+                resource=body,
+                if_none_exist="identifier=urn:oid:1.2.3.4.5.6|hr-7007-1",
+            )
+
+        return run
+
+    _run_together(one=create("one"), two=create("two"))
+    assert sorted(outcome.status for outcome in outcomes.values()) == [200, 201]
+    assert outcomes["one"].resource_id == outcomes["two"].resource_id
+    with runtime.sessions() as session:
+        assert real_resolver(session)("Observation", "identifier=hr-7007-1") == [outcomes["one"].resource_id]
