@@ -94,11 +94,14 @@ def publish_results(runtime: Runtime, job_id: str) -> None:
         version, report_id, created_at = version_row.version, report.id, version_row.created_at
         destinations = [str(d) for d in job.destinations]
         uids = result_uids(report_id, version)
-        previous = (
-            studies.get_instance(session=session, sop_instance_uid=result_uids(report_id, version - 1).sr)
-            if version > 1
-            else None
+        previous_sr = result_uids(report_id, version - 1).sr if version > 1 else None
+        stored = studies.get_instances(
+            session=session, sop_instance_uids=[uids.sr, uids.heatmap, *([previous_sr] if previous_sr else [])]
         )
+        # an SR or heatmap an earlier run of this publication stored is kept as it is: built again, it could
+        # differ (its predecessor's SR may have been stored since) and be refused under the same UID
+        sr_stored, heatmap_stored = uids.sr in stored, uids.heatmap in stored
+        previous = stored.get(previous_sr) if previous_sr else None
         predecessor = (
             (study.study_instance_uid, uids.sr_series, previous.sop_class_uid, previous.sop_instance_uid)
             if previous is not None
@@ -113,34 +116,23 @@ def publish_results(runtime: Runtime, job_id: str) -> None:
         source_dataset = dicom.parse_instance(
             runtime.blobs.read_bytes(source_key), max_pixels=runtime.settings.max_decoded_pixels
         ).dataset
-        sr = dicom_sr.build_findings_sr(
-            source_dataset,
-            findings,
-            series_instance_uid=uids.sr_series,
-            sop_instance_uid=uids.sr,
-            instance_number=version,
-            content_datetime=created_at,
-            predecessor=predecessor,
-        )
-        _store_result(runtime, dicom_sr.to_part10(sr))
-        sr_uid = uids.sr
-        metrics.DICOM_RESULTS.labels(findings.model.name, "sr").inc()
-        try:
-            with np.load(io.BytesIO(runtime.blobs.read_bytes(heatmap_key(job_id)))) as arrays:
-                heatmap, finding_index = arrays["heatmap"], int(arrays["finding_index"])
-            sc = dicom_sr.build_heatmap_sc(
+        if not sr_stored:
+            sr = dicom_sr.build_findings_sr(
                 source_dataset,
-                heatmap,
-                finding_display=findings.findings[finding_index].display,
-                model=findings.model,
-                series_instance_uid=uids.heatmap_series,
-                sop_instance_uid=uids.heatmap,
+                findings,
+                series_instance_uid=uids.sr_series,
+                sop_instance_uid=uids.sr,
                 instance_number=version,
                 content_datetime=created_at,
+                predecessor=predecessor,
             )
-            _store_result(runtime, dicom_sr.to_part10(sc))
+            _store_result(runtime, dicom_sr.to_part10(sr))
+            metrics.DICOM_RESULTS.labels(findings.model.name, "sr").inc()
+        sr_uid = uids.sr
+        try:
+            if not heatmap_stored:
+                _store_heatmap(runtime, source_dataset, findings, job_id, uids, version, created_at)
             heatmap_uid = uids.heatmap
-            metrics.DICOM_RESULTS.labels(findings.model.name, "heatmap").inc()
         except FileNotFoundError:
             errors.append("no heatmap was made for this version")
         except TransientError:
@@ -183,6 +175,36 @@ def publish_results(runtime: Runtime, job_id: str) -> None:
         _send_delivery(delivery_id)
     if sr_uid:
         runtime.blobs.delete(heatmap_key(job_id))
+
+
+def _store_heatmap(
+    runtime: Runtime,
+    source_dataset: Any,
+    findings: Findings,
+    job_id: str,
+    uids: ResultUids,
+    version: int,
+    created_at: dt.datetime,
+) -> None:
+    """Make and store the heatmap Secondary Capture of a report version, from the map its inference left.
+
+    Raises:
+        FileNotFoundError: no heatmap was made for the version.
+    """
+    with np.load(io.BytesIO(runtime.blobs.read_bytes(heatmap_key(job_id)))) as arrays:
+        heatmap, finding_index = arrays["heatmap"], int(arrays["finding_index"])
+    sc = dicom_sr.build_heatmap_sc(
+        source_dataset,
+        heatmap,
+        finding_display=findings.findings[finding_index].display,
+        model=findings.model,
+        series_instance_uid=uids.heatmap_series,
+        sop_instance_uid=uids.heatmap,
+        instance_number=version,
+        content_datetime=created_at,
+    )
+    _store_result(runtime, dicom_sr.to_part10(sc))
+    metrics.DICOM_RESULTS.labels(findings.model.name, "heatmap").inc()
 
 
 def _create_deliveries(session: Session, report: Report, destinations: list[str], *, lease_seconds: float) -> list[str]:

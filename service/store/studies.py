@@ -76,6 +76,17 @@ def get_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
+def get_instances(*, session: Session, sop_instance_uids: Iterable[str]) -> dict[str, Instance]:
+    """The stored instances among ``sop_instance_uids``, by UID, in one SELECT."""
+    wanted = list(dict.fromkeys(sop_instance_uids))
+    if not wanted:
+        return {}
+    return {
+        row.sop_instance_uid: row
+        for row in session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(wanted)))
+    }
+
+
 def study_of(*, session: Session, instance: Instance) -> Study:
     """The study of an instance (from the session when it was loaded there: no SELECT)."""
     series = session.get(Series, instance.series_id)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from service.flows import queue, results
+from service.errors import TransientError
+from service.flows import analysis, queue, results
 from service.flows.runtime import Runtime, build_runtime, set_runtime
 from service.schemas import Findings
 from service.store import jobs, reports
@@ -200,3 +201,59 @@ def test_a_sweeper_skips_the_pushes_another_sweeper_is_resending(
     sweeper.join(timeout=20)
     assert finished, "the sweeper waited for the row the other sweeper holds"
     assert swept == [(0, 1)] and sent == ["free"]
+
+
+def test_an_amendment_s_sr_stored_before_its_predecessor_s_is_kept_on_a_retry(
+    pg_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1's publication is under way when the amendment (version 2) commits. Version 2's publication stores
+    its SR (no predecessor: version 1's SR is not stored yet) and then fails for a while on its heatmap; version 1's
+    publication then stores its SR (and records nothing: it is superseded). The retry of version 2's publication
+    must keep the SR it stored. Before, it built the SR again, now naming version 1's as its predecessor: other
+    bytes under the same UID, refused, and version 2's results failed for good."""
+    runtime = pg_runtime
+    first_job, report_id = _reported_job(runtime)
+    with runtime.sessions.begin() as session:
+        job, study, _ = jobs.get_with_study(session=session, job_id=first_job)
+        second, _ = jobs.get_or_create(
+            session=session,
+            study=study,
+            model_name=job.model_name,
+            model_version=job.model_version,
+            revision=2,
+            rule=job.rule,
+            sop_instance_uid=job.sop_instance_uid,
+        )
+        second_job = second.id
+        findings = Findings.model_validate(
+            session.scalar(select(ReportVersion.findings).where(ReportVersion.job_id == first_job))
+        )
+    heatmap = runtime.blobs.read_bytes(analysis.heatmap_key(first_job))
+    runtime.blobs.put_bytes(analysis.heatmap_key(second_job), heatmap)  # as its inference would have left it
+    real_store = results._store_result
+    calls: list[str] = []
+
+    def store(runtime: Runtime, data: bytes) -> None:
+        calls.append("store")
+        if len(calls) == 1:  # version 1's SR, about to be stored: the amendment commits, its publication runs
+            with runtime.sessions.begin() as session:
+                job, study, _ = jobs.get_with_study(session=session, job_id=second_job, for_update=True)
+                report, created = reports.create_once(
+                    session=session, job=job, study=study, findings=findings, dicom_requested_at=utcnow()
+                )
+                assert created and report.version == 2
+            with pytest.raises(TransientError):
+                results.publish_results(runtime, second_job)
+        elif len(calls) == 3:  # version 2's heatmap: the file system is gone for a while
+            raise TransientError("storing a DICOM result failed: the disk is full")
+        real_store(runtime, data)
+
+    monkeypatch.setattr(results, "_store_result", store)
+    results.publish_results(runtime, first_job)  # version 1: stores its SR and heatmap, records nothing
+    assert len(calls) == 4  # version 1: SR, heatmap; version 2: SR, heatmap (failed)
+    assert _report(runtime, report_id).dicom_state == "pending"
+    monkeypatch.setattr(results, "_store_result", real_store)
+    results.publish_results(runtime, second_job)  # the retry
+    report = _report(runtime, report_id)
+    assert (report.version, report.dicom_state, report.dicom_error) == (2, "stored", None)
+    assert report.sr_sop_instance_uid == results.result_uids(report_id, 2).sr
