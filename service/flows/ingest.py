@@ -216,11 +216,14 @@ def store_instance(
             session.commit()
         except Exception as e:
             # nothing half-written: the rows roll back, so the blob must go too, unless a row another request
-            # committed names it (the same object, stored at the same moment)
+            # committed names it (the same object, stored at the same moment); when such a row is committed
+            # while the file goes, the file is written again (here, or by that request: below)
             session.rollback()
             log.exception("storing instance of part %d failed", part)
             if not _blob_committed(runtime, meta.sop_instance_uid, blob_key):
                 runtime.blobs.delete(blob_key)
+                if _blob_committed(runtime, meta.sop_instance_uid, blob_key):
+                    runtime.blobs.put_bytes(blob_key, data)
             metrics.INGEST_INSTANCES.labels(protocol, "failed").inc()
             return FailedInstance(
                 part,
@@ -230,6 +233,8 @@ def store_instance(
                 meta.sop_instance_uid,
                 transient=isinstance(e, OperationalError | InterfaceError | OSError),
             )
+    if not runtime.blobs.exists(blob_key):  # removed by a failed store of the same object at the same moment
+        runtime.blobs.put_bytes(blob_key, data)
     metrics.INGEST_INSTANCES.labels(protocol, "stored").inc()
     metrics.INGEST_BYTES.labels(protocol).inc(len(data))
     return StoredInstance(
