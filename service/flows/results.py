@@ -94,13 +94,12 @@ def publish_results(runtime: Runtime, job_id: str) -> None:
         version, report_id, created_at = version_row.version, report.id, version_row.created_at
         destinations = [str(d) for d in job.destinations]
         uids = result_uids(report_id, version)
+        # an amendment's SR names its predecessor's when that is stored; an SR an earlier run of this publication
+        # stored is kept as it is (built again, it could name a predecessor stored since: other bytes under the
+        # same UID, refused). Everything else is built the same on every run: stored again, it is a duplicate
         previous_sr = result_uids(report_id, version - 1).sr if version > 1 else None
-        stored = studies.get_instances(
-            session=session, sop_instance_uids=[uids.sr, uids.heatmap, *([previous_sr] if previous_sr else [])]
-        )
-        # an SR or heatmap an earlier run of this publication stored is kept as it is: built again, it could
-        # differ (its predecessor's SR may have been stored since) and be refused under the same UID
-        sr_stored, heatmap_stored = uids.sr in stored, uids.heatmap in stored
+        stored = studies.get_instances(session=session, sop_instance_uids=[uids.sr, previous_sr]) if previous_sr else {}
+        sr_stored = uids.sr in stored
         previous = stored.get(previous_sr) if previous_sr else None
         predecessor = (
             (study.study_instance_uid, uids.sr_series, previous.sop_class_uid, previous.sop_instance_uid)
@@ -130,8 +129,7 @@ def publish_results(runtime: Runtime, job_id: str) -> None:
             metrics.DICOM_RESULTS.labels(findings.model.name, "sr").inc()
         sr_uid = uids.sr
         try:
-            if not heatmap_stored:
-                _store_heatmap(runtime, source_dataset, findings, job_id, uids, version, created_at)
+            _store_heatmap(runtime, source_dataset, findings, job_id, uids, version, created_at)
             heatmap_uid = uids.heatmap
         except FileNotFoundError:
             errors.append("no heatmap was made for this version")
