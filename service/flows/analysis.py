@@ -590,6 +590,11 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         store_started = time.time()
         # the patient held: the report's FHIR resources and the audit find it in the session
         job, study, patient = jobs.get_with_study(session=session, job_id=job_id, for_update=True, lock_study=True)
+        if job.state in FINAL_STATES:  # another run of this job (a re-sent task) finished it: keep its outcome
+            if job.state == JobState.failed.value:  # nothing will read this run's inputs or heatmap
+                runtime.blobs.delete(_inputs_key(job_id))
+                runtime.blobs.delete(heatmap_key(job_id))
+            return
         study_instance_uid = study.study_instance_uid
         report, created = reports.create_once(
             session=session,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
+from service.errors import ServiceError
 from service.flows import analysis, ingest, queue
 from service.flows.runtime import Runtime
-from service.schemas import SYSTEM_PRINCIPAL
+from service.inference import pipeline
+from service.schemas import SYSTEM_PRINCIPAL, JobStage
 from service.store import jobs
 from service.store.tables import Report, Study
 from tests.factories import dx_instance
@@ -197,3 +201,29 @@ def test_a_failed_revision_that_an_amendment_superseded_no_longer_counts(
     assert _state(runtime, second_id)[0] == "succeeded"
     assert _study(runtime, study_id)[0] == "reported"
     assert "failed" not in (_study(runtime, study_id)[1] or "")
+
+
+def test_a_run_that_fails_the_job_while_another_run_infers_keeps_the_failure(
+    runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs of one job's infer stage (the reconciler re-sent it): one fails the job (its batch's model call
+    failed) while the other is post-processing. The failure recorded first stands. Before, the other run then
+    stored a report and marked the job "succeeded" over the failure: a succeeded job with an error, a "reported"
+    study with the failure as its reason, and both a job.failed and a report.create in the audit trail."""
+    job_id = _job(runtime)
+    analysis.preprocess_job(runtime, job_id)
+    real_post_process = pipeline.post_process
+
+    def fail_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        analysis._fail(runtime, job_id, JobStage.infer, ServiceError("model call failed", code="inference"))
+        return real_post_process(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "post_process", fail_meanwhile)
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[0] == "failed"
+    with runtime.sessions() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        assert session.scalar(select(func.count(Report.id)).where(Report.job_id == job_id)) == 0
+        study = session.get(Study, job.study_id)
+        assert study is not None and (study.status, study.status_reason) == ("failed", "model call failed")
+    assert not runtime.blobs.exists(analysis.heatmap_key(job_id))
