@@ -66,8 +66,8 @@ def request_analysis(
     """Create the jobs the routing rules ask for (idempotently) and enqueue the new ones after commit.
 
     A model whose job already ran gets a new revision (its report will be amended) only when instances its rule
-    accepts arrived after that job was created; while such a job is still running the amendment waits, and the
-    study stays due for the sweeper.
+    accepts arrived after that job was created, or, on an explicit request, when that job failed; while such a
+    job is still running the amendment waits, and the study stays due for the sweeper.
 
     Args:
         trigger: "request" (explicit: now) or "stable" (the sweeper: each route waits for its rule's
@@ -103,7 +103,9 @@ def request_analysis(
                 accepted = runtime.routing.matching_instances(manifests, route, attributes)
                 newer = [i for i in accepted if received_at[i.sop_instance_uid] > latest.created_at]
                 all_jobs.append(latest)
-                if not newer:
+                # an explicit request runs a failed analysis again (a new revision); the sweeper does not
+                retry = trigger == "request" and latest.state == JobState.failed.value
+                if not newer and not retry:
                     continue
                 if latest.state not in FINAL_STATES:
                     waiting += 1  # amend once the running analysis has finished

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from service import metrics
@@ -231,7 +230,7 @@ def store_instance(
                 "the instance could not be stored",
                 meta.sop_class_uid,
                 meta.sop_instance_uid,
-                transient=isinstance(e, OperationalError | InterfaceError | OSError),
+                transient=db.is_transient(e),
             )
     if not runtime.blobs.exists(blob_key):  # removed by a failed store of the same object at the same moment
         runtime.blobs.put_bytes(blob_key, data)

@@ -13,6 +13,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, Table, create_engine, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,16 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Run schema migrations up to ``revision`` (start-up does this; so does ``clinfer db upgrade``)."""
     command.upgrade(alembic_config(engine), revision)
+
+
+def is_transient(error: BaseException) -> bool:
+    """An error of the infrastructure, not of the work: the database unreachable or failing for a moment, or the
+    disk (full, an I/O error, a network file system away). The same work may succeed when tried again. A file that
+    does not exist, or may not be read, is not transient."""
+    if isinstance(error, OperationalError | InterfaceError):
+        return True
+    permanent = FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+    return isinstance(error, OSError) and not isinstance(error, permanent)
 
 
 def ping(engine: Engine) -> None:

@@ -8,6 +8,7 @@ from service.errors import TransientError
 from service.flows import analysis, queue, results
 from service.flows.runtime import get_runtime
 from service.schemas import JobStage
+from service.store import db
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,11 @@ def _run(stage: JobStage, job_id: str) -> None:
         work(runtime, job_id)
     except TransientError:
         raise  # retried with backoff by Celery
-    except Exception as e:  # the worker's edge: any other error fails the job, with its stage, visibly
+    except Exception as e:
+        if db.is_transient(e):  # the database or the disk, for a moment: the job stays active and is tried again
+            log.warning("job %s: %s in %s; tried again: %s", job_id, type(e).__name__, stage.value, e)
+            raise TransientError(f"{type(e).__name__} in {stage.value}") from e
+        # the worker's edge: any other error fails the job, with its stage, visibly
         log.exception("job %s: unexpected error in %s", job_id, stage.value)
         analysis.record_unexpected_failure(runtime, job_id, stage, e)
 

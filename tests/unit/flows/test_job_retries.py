@@ -1,0 +1,113 @@
+"""A stage that meets a database or disk error is tried again; a failed analysis runs again when asked for."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from service.errors import ServiceError, TransientError
+from service.flows import analysis, ingest, queue
+from service.flows.runtime import Runtime
+from service.ingest import dicom
+from service.schemas import SYSTEM_PRINCIPAL, JobStage
+from service.store import jobs
+from service.store.tables import Job, Report, Study
+from service.worker import tasks
+from tests.factories import dx_instance
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(queue, "send", lambda task, job_id, **kw: calls.append((task, job_id)))
+    return calls
+
+
+def _study_and_job(runtime: Runtime) -> tuple[str, str]:
+    study_uid = generate_uid()
+    ingest.store_instance(
+        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+    )
+    request = analysis.request_analysis(
+        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
+    )
+    [job] = request.jobs
+    return study_uid, job.id
+
+
+def _job(runtime: Runtime, job_id: str) -> tuple[str, str | None]:
+    with runtime.sessions() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        return job.state, job.error_code
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OperationalError("SELECT ...", {}, Exception("server closed the connection unexpectedly")),
+        OSError(errno.EIO, "Input/output error"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["database", "io", "disk-full"],
+)
+def test_a_database_or_disk_error_in_a_stage_is_tried_again(
+    runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Before, any such error failed the job for good (code "internal"), and nothing could run it again."""
+    _, job_id = _study_and_job(runtime)
+    real_decode = dicom.decode_image
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(dicom, "decode_image", unavailable)
+    with pytest.raises(TransientError):  # Celery tries the task again, with back-off
+        tasks._run(JobStage.preprocess, job_id)
+    assert _job(runtime, job_id) == ("preprocessing", None)
+    monkeypatch.setattr(dicom, "decode_image", real_decode)
+    tasks._run(JobStage.preprocess, job_id)
+    tasks._run(JobStage.infer, job_id)
+    assert _job(runtime, job_id) == ("succeeded", None)
+
+
+def test_a_file_that_is_gone_fails_the_job(
+    runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, job_id = _study_and_job(runtime)
+
+    def gone(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(dicom, "decode_image", gone)
+    tasks._run(JobStage.preprocess, job_id)
+    assert _job(runtime, job_id) == ("failed", "internal")
+
+
+def test_an_explicit_request_runs_a_failed_analysis_again(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
+    """A failed analysis was final: a request, or the sweeper, returned the failed job. Now a request makes a new
+    revision of the job and runs it; the sweeper still leaves a failed analysis alone."""
+    study_uid, job_id = _study_and_job(runtime)
+    analysis._fail(runtime, job_id, JobStage.preprocess, ServiceError("decoding failed", code="decode"))
+    runtime.settings.study_stable_seconds = 0  # due for the sweeper at once
+    sent_before = len(sent)
+    stable = analysis.request_analysis(
+        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable"
+    )
+    assert [job.id for job in stable.jobs] == [job_id] and len(sent) == sent_before
+    again = analysis.request_analysis(
+        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
+    )
+    [retry] = again.jobs
+    assert retry.id != job_id and retry.revision == 2 and again.status == "analyzing"
+    assert sent[-1] == (queue.PREPROCESS_TASK, retry.id)
+    analysis.preprocess_job(runtime, retry.id)
+    analysis.infer_job(runtime, retry.id)
+    with runtime.sessions() as session:
+        assert session.scalar(select(Report.job_id).join(Job, Report.job_id == Job.id).where(Job.id == retry.id))
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        assert study is not None and (study.status, study.status_reason) == ("reported", None)
