@@ -656,6 +656,10 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
 def sweep(runtime: Runtime) -> tuple[int, int]:
     """Analyze studies that have been stable long enough, and re-enqueue jobs that were committed but lost.
 
+    A job is lost when it has not moved for ``CLINFER_RECONCILE_AFTER_SECONDS`` while its stage's queue is empty
+    (with a queue backlog it may still be waiting there: sent again, it would only lengthen the backlog). Each
+    sweeper claims the lost jobs it sends again, so two sweepers never send one job twice.
+
     Returns:
         (studies whose analysis was requested, jobs re-enqueued).
     """
@@ -670,24 +674,32 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
                 ordered_only=not runtime.settings.analyze_unordered,
             )
         ]
-        lost = [
-            (j.id, j.stage, j.priority)
-            for j in jobs.lost(
-                session=session, older_than=now - dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
-            )
-        ]
     for study_uid in stable:
         try:
             request_analysis(runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable")
         except ServiceError as e:
             log.warning("automatic analysis of a stable study failed: %s", e.message)
+    backlog = {name for name, depth in _queue_depths(runtime).items() if depth}
+    lost: list[tuple[str, JobStage, int]] = []
+    with runtime.sessions.begin() as session:
+        older_than = now - dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
+        for job in jobs.lost(session=session, older_than=older_than):
+            stage = JobStage.infer if job.stage == JobStage.infer.value else JobStage.preprocess
+            if (queue.INFER_QUEUE if stage == JobStage.infer else queue.PREPROCESS_QUEUE) in backlog:
+                continue
+            resent = int((job.timings or {}).get("resent", 0)) + 1
+            timings = {**(job.timings or {}), "resent": resent}
+            if jobs.claim_lost(session=session, job=job, older_than=older_than, now=now, timings=timings):
+                lost.append((job.id, stage, job.priority))  # one re-send per reconcile period
     for job_id, stage, priority in lost:
-        with runtime.sessions.begin() as session:
-            job = jobs.get_or_raise(session=session, job_id=job_id)
-            job.updated_at = now  # one re-send per reconcile period
-        _enqueue(runtime, job_id, JobStage.infer if stage == JobStage.infer.value else JobStage.preprocess, priority)
+        _enqueue(runtime, job_id, stage, priority)
         metrics.RECONCILED_JOBS.inc()
     return len(stable), len(lost)
+
+
+def _queue_depths(runtime: Runtime) -> dict[str, int | None]:
+    """Messages waiting per queue; nothing known on the embedded broker (its worker is in this process)."""
+    return {} if runtime.settings.embedded_worker else queue.queue_depths()
 
 
 def sample_job_gauges(runtime: Runtime) -> None:

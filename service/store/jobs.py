@@ -197,15 +197,34 @@ def study_with_states(*, session: Session, study_instance_uid: str) -> tuple[Stu
 
 
 def lost(*, session: Session, older_than: dt.datetime, limit: int = 100) -> list[Job]:
-    """Active jobs untouched since ``older_than``: committed but lost by the broker or a dead worker."""
+    """Active jobs untouched since ``older_than``: committed but lost by the broker or a dead worker. Locked, and
+    those another transaction holds (another sweeper's claim, a stage's store) left out: the caller claims them
+    (moves ``updated_at`` on) in its transaction, so that two sweepers never send one job again twice."""
     return list(
         session.scalars(
             select(Job)
             .where(Job.state.in_(ACTIVE_STATES), Job.updated_at < older_than)
             .order_by(Job.updated_at)
             .limit(limit)
+            .with_for_update(skip_locked=True)
         )
     )
+
+
+def claim_lost(
+    *, session: Session, job: Job, older_than: dt.datetime, now: dt.datetime, timings: dict[str, Any]
+) -> bool:
+    """Claim a job :func:`lost` found, to send it again: its ``updated_at`` moved to ``now`` (and its timings
+    written) in one UPDATE that takes effect only while it is still active and untouched since ``older_than``.
+    False when another sweeper claimed it first, or a stage moved it meanwhile (SQLite, whose SELECT locks nothing,
+    relies on this)."""
+    claimed = session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == job.id, _JOBS.c.state.in_(ACTIVE_STATES), _JOBS.c.updated_at < older_than)
+        .values(updated_at=now, timings=timings)
+        .returning(_JOBS.c.id)
+    )
+    return claimed.first() is not None
 
 
 def list_jobs(*, session: Session, state: str | None = None, limit: int = 100) -> list[Job]:

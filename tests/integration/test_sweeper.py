@@ -1,0 +1,116 @@
+"""The sweeper's re-sending of lost jobs: one sweeper per job, and none while the job's queue has a backlog."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import update
+
+from service.flows import analysis, ingest, queue
+from service.flows.runtime import Runtime, build_runtime, set_runtime
+from service.schemas import SYSTEM_PRINCIPAL
+from service.store import jobs
+from service.store.tables import Job, utcnow
+from tests.conftest import make_settings
+from tests.factories import dx_instance
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
+    overrides: dict[str, Any] = {}
+    if request.param == "postgresql":
+        overrides["database_url"] = request.getfixturevalue("postgres_url")
+    runtime = build_runtime(make_settings(tmp_path, batching=False, **overrides))
+    set_runtime(runtime)
+    yield runtime
+    runtime.engine.dispose()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(queue, "send", lambda task, job_id, **kw: calls.append((task, job_id)))
+    return calls
+
+
+def _lost_job(runtime: Runtime, *, inferring: bool = False) -> str:
+    """A queued job (its task lost with the broker), untouched for an hour."""
+    study_uid = generate_uid()
+    ingest.store_instance(
+        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+    )
+    [job] = analysis.request_analysis(
+        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
+    ).jobs
+    if inferring:
+        analysis.preprocess_job(runtime, job.id)
+    with runtime.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job.id).values(updated_at=utcnow() - dt.timedelta(hours=1)))
+    return job.id
+
+
+def test_two_sweepers_send_a_lost_job_again_once(
+    any_runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker runs a sweeper. Before, each read the lost jobs without a lock and sent each one again: a job
+    run twice, more load on a queue that was already slow. Now the first claims the job (PostgreSQL: its row
+    locked, which the second skips; SQLite: an UPDATE that only the first makes) and the second leaves it."""
+    runtime = any_runtime
+    job_id = _lost_job(runtime)
+    del sent[:]
+    first_found, second_done = threading.Event(), threading.Event()
+    real_lost = jobs.lost
+
+    def lost_then_wait(**kwargs: Any) -> list[Job]:
+        found = real_lost(**kwargs)
+        if threading.current_thread().name == "first":
+            first_found.set()
+            second_done.wait(timeout=2)  # its transaction open while the second sweeps
+        return found
+
+    monkeypatch.setattr(jobs, "lost", lost_then_wait)
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            analysis.sweep(runtime)
+        except BaseException as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+        finally:
+            if threading.current_thread().name == "second":
+                second_done.set()
+
+    first = threading.Thread(target=sweep, name="first")
+    first.start()
+    assert first_found.wait(30)
+    second = threading.Thread(target=sweep, name="second")
+    second.start()
+    for thread in (first, second):
+        thread.join(timeout=60)
+    assert not errors
+    assert sent == [(queue.PREPROCESS_TASK, job_id)]
+    with runtime.sessions() as session:
+        assert (jobs.get_or_raise(session=session, job_id=job_id).timings or {})["resent"] == 1
+
+
+def test_a_job_whose_queue_has_a_backlog_is_not_sent_again(
+    any_runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job waiting behind a backlog has not moved for the reconcile period, but it is not lost: sending it again
+    would only lengthen the backlog. A job of the other queue, which is empty, is sent again."""
+    runtime = any_runtime
+    inferring = _lost_job(runtime, inferring=True)
+    queued = _lost_job(runtime)
+    del sent[:]
+    monkeypatch.setattr(analysis, "_queue_depths", lambda runtime: {queue.INFER_QUEUE: 40, queue.PREPROCESS_QUEUE: 0})
+    analysis.sweep(runtime)
+    assert sent == [(queue.PREPROCESS_TASK, queued)]
+    monkeypatch.setattr(analysis, "_queue_depths", lambda runtime: {queue.INFER_QUEUE: 0, queue.PREPROCESS_QUEUE: 0})
+    analysis.sweep(runtime)
+    assert sent[1:] == [(queue.INFER_TASK, inferring)]
