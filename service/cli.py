@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if "infer" in args.queues.split(","):
         from service.flows import analysis
 
-        analysis.warm_models(runtime)  # before the first task: no study pays model loading or first-shape costs
+        if args.pool == "prefork":
+            # in each child, once forked: a batcher's thread, an ONNX Runtime session's thread pool and a GPU
+            # context do not survive a fork, and the database connections are the parent's
+            from celery.signals import worker_process_init
+
+            def warm_child(**_: object) -> None:
+                runtime.engine.dispose(close=False)
+                # in the background: Celery gives a child seconds to report itself up, a GPU warm-up may take
+                # longer; a task that comes first loads the model it needs itself (once: the loads are locked)
+                threading.Thread(target=analysis.warm_models, args=(runtime,), name="warm-models", daemon=True).start()
+
+            worker_process_init.connect(warm_child, weak=False)
+        else:
+            analysis.warm_models(runtime)  # before the first task: no study pays model loading or first-shape costs
     sweeper = None
     if not args.no_sweep:
         sweeper = Sweeper(runtime)

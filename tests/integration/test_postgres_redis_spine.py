@@ -31,7 +31,10 @@ def _clinfer() -> list[str]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[tuple[str, dict[str, str], Path]]:
+def stack(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_url: str, redis_url: str
+) -> Iterator[tuple[str, dict[str, str], Path]]:
+    pool = getattr(request, "param", "threads")
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CLINFER_")},
@@ -52,7 +55,7 @@ def stack(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[tuple[s
         [*_clinfer(), "serve"], env=env, cwd=tmp_path, stdout=(logs / "api.log").open("w"), stderr=subprocess.STDOUT
     )
     worker = subprocess.Popen(
-        [*_clinfer(), "worker", "--queues", "preprocess,infer,results", "--concurrency", "1"],
+        [*_clinfer(), "worker", "--queues", "preprocess,infer,results", "--concurrency", "1", "--pool", pool],
         env=env,
         cwd=tmp_path,
         stdout=(logs / "worker.log").open("w"),
@@ -159,3 +162,28 @@ def test_spine_on_postgres_and_redis_with_a_separate_worker(stack: tuple[str, di
         assert f'clinfer_job_stage_seconds_count{{model="cxr-fusion",stage="{stage}"}} 1.0' in worker_metrics, stage
     verify = subprocess.run([*_clinfer(), "audit", "verify"], env=env, capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.parametrize("stack", ["prefork"], indirect=True)
+def test_a_prefork_worker_loads_its_models_in_each_child(stack: tuple[str, dict[str, str], Path]) -> None:
+    """``clinfer worker --pool prefork``: before, the models and their batchers were loaded in the parent process,
+    whose batcher threads a forked child does not have; every inference waited for its batch until it timed out,
+    and no study was ever reported. Now each child loads its own, once forked."""
+    base, env, logs = stack
+    settings = Settings(state_dir=Path(env["CLINFER_STATE_DIR"]))
+
+    def headers(role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {mint_token(settings, role=role)}"}
+
+    study_uid = generate_uid()
+    body, content_type = multipart_related([dx_instance(study_uid=study_uid, size=256)])
+    with httpx.Client(base_url=base, timeout=60) as http:
+        stored = http.post(
+            "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **headers("ingest")}
+        )
+        assert stored.status_code == 200, stored.text
+        analyze = http.post(f"/v1/studies/{study_uid}/analyze", headers=headers("clinician"))
+        assert analyze.status_code == 202, analyze.text
+        report = http.get(f"/v1/studies/{study_uid}/report", params={"wait": 45}, headers=headers("clinician"))
+        assert report.status_code == 200, (logs / "worker.log").read_text()[-4000:]
+        assert report.json()["reports"][0]["findings"]
