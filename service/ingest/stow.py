@@ -75,10 +75,12 @@ def _parse_headers(block: bytes) -> dict[str, str]:
 
 
 def iter_parts(body: BinaryIO, boundary: bytes, *, max_parts: int) -> Iterator[Part]:
-    """Yield the parts of a multipart body held in a real file (memory-mapped, not read whole).
+    """Yield the parts of a multipart body held in a real file (memory-mapped, not read whole, one part's bytes at a
+    time). The whole body's framing is checked before the first part is yielded, so that a request whose framing
+    is broken (a truncated upload) is refused before any of its parts is stored.
 
     Raises:
-        InvalidInput: no opening or closing delimiter, or more than ``max_parts`` parts.
+        InvalidInput: no opening or closing delimiter, a malformed part header, or more than ``max_parts`` parts.
     """
     body.seek(0, 2)
     if body.tell() == 0:
@@ -91,9 +93,10 @@ def iter_parts(body: BinaryIO, boundary: bytes, *, max_parts: int) -> Iterator[P
                 raise InvalidInput("multipart body does not contain its boundary")
         position = start + len(delimiter)
         index = 0
+        spans: list[tuple[int, dict[str, str], int, int]] = []
         while True:
             if data[position : position + 2] == b"--":
-                return
+                break
             line_end = data.find(b"\r\n", position)
             if line_end < 0:
                 raise InvalidInput("multipart body ends inside a delimiter line")
@@ -107,6 +110,9 @@ def iter_parts(body: BinaryIO, boundary: bytes, *, max_parts: int) -> Iterator[P
             index += 1
             if index > max_parts:
                 raise InvalidInput(f"more than {max_parts} parts in one request")
-            headers = _parse_headers(data[line_end + 2 : header_end])
-            yield Part(index=index, headers=headers, body=data[header_end + 4 : next_delimiter])
+            spans.append((index, _parse_headers(data[line_end + 2 : header_end]), header_end + 4, next_delimiter))
             position = next_delimiter + 2 + len(delimiter)
+        if not spans:
+            raise InvalidInput("multipart body has no parts")
+        for index, headers, body_start, body_end in spans:
+            yield Part(index=index, headers=headers, body=data[body_start:body_end])

@@ -46,3 +46,25 @@ def test_truncated_and_oversized_bodies() -> None:
         list(iter_parts(_file(many), b"B", max_parts=2))
     with pytest.raises(InvalidInput, match="boundary"):
         list(iter_parts(_file(b"no delimiters here"), b"B", max_parts=2))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"--B\r\nContent-Type: application/dicom\r\n\r\ntrunc",  # the upload cut short
+        b"--B\r\nbad header line\r\n\r\nx\r\n--B--",
+    ],
+    ids=["truncated", "bad-header"],
+)
+def test_a_broken_body_is_refused_before_any_part_is_yielded(tail: bytes) -> None:
+    """Before, the parts ahead of the broken one were yielded (and stored) before the error: a request answered
+    400 whose first objects were nevertheless kept."""
+    body = b"--B\r\nContent-Type: application/dicom\r\n\r\nfirst\r\n" + tail
+    parts = iter_parts(_file(body), b"B", max_parts=10)
+    with pytest.raises(InvalidInput):
+        next(parts)
+
+
+def test_a_body_without_parts_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="no parts"):
+        list(iter_parts(_file(b"--B--\r\n"), b"B", max_parts=10))
