@@ -19,6 +19,7 @@ from service.errors import (
     InvalidInput,
     MethodNotAllowed,
     ServiceError,
+    TransientError,
     Unprocessable,
 )
 from service.flows import ingest as ingest_flow
@@ -358,6 +359,13 @@ def process_bundle(runtime: Runtime, body: dict[str, Any], *, principal: Princip
                 results[resource.entry_index] = _entry(outcomes[resource.entry_index])
             except ServiceError as e:
                 results[resource.entry_index] = _error_entry(e)
+            except Exception as e:  # this entry alone fails (rolled back); those written stand and are answered
+                log.exception("batch entry %d failed", resource.entry_index)
+                results[resource.entry_index] = _error_entry(
+                    TransientError("the database or the disk failed for a moment; send the entry again")
+                    if db.is_transient(e)
+                    else ServiceError(f"internal error ({type(e).__name__}); see the server log", code="internal")
+                )
         entries = [results[i] for i in range(total)]
     for entry in entries:
         status = entry["response"]["status"]

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
+from sqlalchemy.exc import OperationalError
 
 from service.flows import analysis, queue
 from service.flows.runtime import Runtime
@@ -104,6 +105,42 @@ def test_batch_bundle_stores_good_entries_and_reports_bad_ones(client: TestClien
     location = response.json()["entry"][0]["response"]["location"]
     patient = client.get(f"/fhir/{location.rsplit('/_history', 1)[0]}", headers=tokens.header("clinician"))
     assert patient.status_code == 200 and patient.json()["gender"] == "male"
+
+
+def test_a_batch_entry_that_fails_unexpectedly_fails_alone(
+    client: TestClient, tokens: Tokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry whose write raises something other than a refusal (a defect, the database gone for a moment) is
+    answered on its own, as 500 or 503 with an OperationOutcome, and the entries written before it are answered
+    too. Before, the whole request was a 500 while those entries stayed stored: written, and never reported."""
+    from service.store import clinical
+
+    failures = iter([RuntimeError("a bug"), OperationalError("INSERT ...", {}, Exception("connection lost"))])
+
+    def broken(**kwargs: Any) -> None:
+        raise next(failures)
+
+    monkeypatch.setattr(clinical, "put_condition", broken)
+    bundle = patient_bundle(bundle_type="batch", values={"heart_rate": 88})
+    patient_url = bundle["entry"][0]["fullUrl"]
+    condition = {
+        "resource": {
+            "resourceType": "Condition",
+            "clinicalStatus": {
+                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]
+            },
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "13645005"}]},
+            "subject": {"reference": patient_url},
+        },
+        "request": {"method": "POST", "url": "Condition"},
+    }
+    bundle["entry"] += [condition, condition]
+    response = client.post("/fhir", json=bundle, headers=tokens.header("ingest"))
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    statuses = [e["response"]["status"] for e in entries]
+    assert statuses == ["201 Created", "201 Created", "500 Internal Server Error", "503 Service Unavailable"]
+    assert all(e["response"]["outcome"]["resourceType"] == "OperationOutcome" for e in entries[2:])
 
 
 def test_an_unexpected_error_fails_the_job_visibly(
