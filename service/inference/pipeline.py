@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.errors import ServiceError
 from service.inference.manifest import Manifest, ModelVersion
 from service.inference.preprocess import clinical_vector, prepare_image
 from service.inference.runner import Runner
@@ -79,6 +80,8 @@ def post_process(
     """Calibrate one study's logits into probabilities and apply each finding's decision threshold."""
     if logits.shape != (len(manifest.outputs.findings),):
         raise ValueError(f"expected {len(manifest.outputs.findings)} logits, got shape {logits.shape}")
+    if not np.isfinite(logits).all():  # never a NaN probability in a report
+        raise ServiceError(f"the model's outputs are not all finite numbers: {logits.tolist()}", code="inference")
     results = []
     for logit, finding in zip(logits.tolist(), manifest.outputs.findings, strict=True):
         temperature = finding.calibration.temperature if finding.calibration.method == "temperature" else 1.0

@@ -160,10 +160,15 @@ def age_in_years(birth_date: dt.date, on: dt.date) -> float:
 
 
 def _add_years(day: dt.date, years: int) -> dt.date:
+    """The same day ``years`` later (28 February for a 29th in a common year); the calendar's last day past it
+    (a study dated 9999)."""
+    year = day.year + years
+    if year > dt.MAXYEAR:
+        return dt.date.max
     try:
-        return day.replace(year=day.year + years)
+        return day.replace(year=year)
     except ValueError:  # 29 February in a common year
-        return day.replace(year=day.year + years, day=28)
+        return day.replace(year=year, day=28)
 
 
 # FHIR R4 ObservationStatus values whose value a model may use. "registered" has no result yet; "cancelled" and

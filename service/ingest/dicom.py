@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import math
 import re
 import struct
 import zlib
@@ -659,7 +660,7 @@ def _first_window(ds: Dataset) -> tuple[float, float] | None:
         w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
     except (TypeError, ValueError, IndexError):
         return None
-    return (c, w) if w > 0 else None
+    return (c, w) if math.isfinite(c) and math.isfinite(w) and w > 0 else None
 
 
 def _apply_voi_lut(pixels: np.ndarray, luts: Dataset) -> tuple[np.ndarray, tuple[float, float]]:
@@ -693,6 +694,8 @@ def _modality_values(array: np.ndarray, luts: Dataset) -> np.ndarray:
     if luts.get("ModalityLUTSequence") or "RescaleSlope" not in luts or "RescaleIntercept" not in luts:
         return np.asarray(apply_modality_lut(array, luts), dtype=np.float32)
     slope, intercept = float(luts.RescaleSlope), float(luts.RescaleIntercept)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise ValueError(f"RescaleSlope {slope} and RescaleIntercept {intercept} must be finite numbers")
     pixels = array.astype(np.float32)
     if slope != 1.0:
         pixels *= np.float32(slope)

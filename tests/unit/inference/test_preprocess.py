@@ -209,6 +209,8 @@ def test_age_in_years() -> None:
     assert age_in_years(dt.date(2000, 2, 29), dt.date(2026, 2, 28)) == 26.0
     assert 25.99 < age_in_years(dt.date(2000, 2, 29), dt.date(2026, 2, 27)) < 26
     assert 25.99 < age_in_years(dt.date(2000, 3, 1), dt.date(2026, 2, 28)) < 26
+    # a study dated in the calendar's last year (a wrong StudyDate): an age, not a crash of the job
+    assert 8041.8 < age_in_years(dt.date(1958, 3, 1), dt.date(9999, 12, 31)) <= 8042
 
 
 def test_monochrome1_is_inverted_and_window_applied() -> None:
@@ -277,3 +279,17 @@ def test_an_image_without_a_window_is_windowed_on_its_percentiles() -> None:
     low, high = np.percentile(image, (1.0, 99.0))
     windowed = prepare_image(image, photometric_interpretation="MONOCHROME2", window=None, spec=spec)
     np.testing.assert_allclose(windowed[0], np.clip((image - low) / (high - low), 0, 1), atol=1e-6)
+
+
+def test_outputs_that_are_not_finite_numbers_fail_the_study_not_the_report() -> None:
+    """A NaN logit made a NaN probability, which the database refused (SQLite) or kept (PostgreSQL) in a report."""
+    from service.errors import ServiceError
+    from service.inference import pipeline
+    from service.inference.manifest import load_manifest
+    from tests.conftest import REPO
+
+    manifest = load_manifest(REPO / "models" / "cxr-fusion" / "manifest.yaml")
+    logits = np.zeros(len(manifest.outputs.findings), dtype=np.float32)
+    logits[1] = np.nan
+    with pytest.raises(ServiceError, match="not all finite"):
+        pipeline.post_process(manifest, manifest.latest(), provider="cpu", logits=logits, inputs=None)  # type: ignore[arg-type]

@@ -130,6 +130,19 @@ def test_rescale_slope_and_intercept_give_modality_units() -> None:
     assert decoded.voi_lut_applied is False
 
 
+@pytest.mark.parametrize("changes", [{"RescaleSlope": "NaN"}, {"RescaleIntercept": "inf"}], ids=["slope", "intercept"])
+def test_a_rescale_that_is_not_a_finite_number_is_refused(changes: dict[str, str]) -> None:
+    """Before, it made every pixel NaN, and the job then failed storing a NaN probability ("internal error")."""
+    with pytest.raises(dicom.DicomRejected, match="must be finite numbers"):
+        dicom.decode_image(_sample("CT_small.dcm", **changes), max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.parametrize("changes", [{"WindowCenter": "NaN"}, {"WindowWidth": "inf"}], ids=["center", "width"])
+def test_a_window_that_is_not_a_finite_number_is_ignored(changes: dict[str, str]) -> None:
+    data = _sample("CT_small.dcm", **{"WindowCenter": "40", "WindowWidth": "400", **changes})
+    assert dicom.decode_image(data, max_pixels=MAX_PIXELS).window is None
+
+
 def test_a_fractional_slope_and_intercept_match_pydicoms_modality_lut() -> None:
     data = _sample("CT_small.dcm")
     ds = pydicom.dcmread(io.BytesIO(data))
