@@ -41,6 +41,11 @@ PREPROCESS_DURATION = Histogram(
 )
 REPORTS = Counter("clinfer_reports_total", "Reports produced", ["model", "version"])
 AUDIT_EVENTS = Counter("clinfer_audit_events_total", "Audit events appended", ["event_type", "outcome"])
+AUDIT_FAILURES = Counter(
+    "clinfer_audit_failures_total",
+    "Audit events that could not be appended (the access they record refused)",
+    ["event_type"],
+)
 AUTH_DENIALS = Counter("clinfer_auth_denials_total", "Requests refused by authentication or authorization", ["reason"])
 QUEUE_WAIT = Histogram(
     "clinfer_queue_wait_seconds",

@@ -51,18 +51,27 @@ def _principal(event: Any) -> Principal:
 
 
 def _audit_association(runtime: Runtime, event: Any, *, accepted: bool) -> None:
+    """Audit an association accepted or rejected. An accepted one that cannot be audited (the database gone) is
+    aborted: nothing is received without its record. pynetdicom logs and swallows what a notification handler
+    raises, so the failure is handled here."""
     requestor = event.assoc.requestor
-    with runtime.sessions.begin() as session:
-        audit.append(
-            session=session,
-            principal=_principal(event),
-            event_type="dimse.association" if accepted else "dimse.association-rejected",
-            action="E",
-            outcome=audit.SUCCESS if accepted else audit.MINOR_FAILURE,
-            entity_type="Association",
-            entity_ref=f"{requestor.ae_title}->{event.assoc.acceptor.ae_title}",
-            detail={"calling_ae_title": requestor.ae_title, "address": requestor.address},
-        )
+    try:
+        with runtime.sessions.begin() as session:
+            audit.append(
+                session=session,
+                principal=_principal(event),
+                event_type="dimse.association" if accepted else "dimse.association-rejected",
+                action="E",
+                outcome=audit.SUCCESS if accepted else audit.MINOR_FAILURE,
+                entity_type="Association",
+                entity_ref=f"{requestor.ae_title}->{event.assoc.acceptor.ae_title}",
+                detail={"calling_ae_title": requestor.ae_title, "address": requestor.address},
+            )
+    except Exception:
+        metrics.AUDIT_FAILURES.labels("dimse.association").inc()
+        log.exception("the association from %s could not be audited", requestor.ae_title)
+        if accepted:
+            event.assoc.abort()
 
 
 def handle_store(event: Any, runtime: Runtime) -> int | Dataset:
@@ -176,17 +185,21 @@ class TlsAssociationServer(ThreadedAssociationServer):
 
 def _audit_tls_refusal(runtime: Runtime, address: str, reason: str) -> None:
     metrics.AUTH_DENIALS.labels("dimse-tls-handshake").inc()
-    with runtime.sessions.begin() as session:
-        audit.append(
-            session=session,
-            principal=Principal(subject="unauthenticated", source_address=address),
-            event_type="dimse.tls-refused",
-            action="E",
-            outcome=audit.MINOR_FAILURE,
-            entity_type="Association",
-            entity_ref=f"tls->{runtime.settings.dimse_ae_title}",
-            detail={"address": address, "reason": reason[:200]},
-        )
+    try:
+        with runtime.sessions.begin() as session:
+            audit.append(
+                session=session,
+                principal=Principal(subject="unauthenticated", source_address=address),
+                event_type="dimse.tls-refused",
+                action="E",
+                outcome=audit.MINOR_FAILURE,
+                entity_type="Association",
+                entity_ref=f"tls->{runtime.settings.dimse_ae_title}",
+                detail={"address": address, "reason": reason[:200]},
+            )
+    except Exception:  # the connection is refused all the same; the failure is counted and logged
+        metrics.AUDIT_FAILURES.labels("dimse.tls-refused").inc()
+        log.exception("the refused TLS connection from %s could not be audited", address)
 
 
 def start(runtime: Runtime, *, block: bool) -> ThreadedAssociationServer | None:

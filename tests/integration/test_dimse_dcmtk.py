@@ -6,6 +6,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -85,3 +86,33 @@ def test_a_refused_instance_gets_a_failure_status(listener: Runtime, tmp_path: P
     second = _dcmtk("storescu", listener.settings.dimse_port, str(path))
     output = second.stdout + second.stderr
     assert second.returncode != 0 and "Error: CannotUnderstand" in output, output
+
+
+def test_an_association_that_cannot_be_audited_is_aborted(
+    listener: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is gone when a modality associates. Before, pynetdicom swallowed the audit's error and the
+    association went on: objects received with no record of who sent them. Now it is aborted (the sender retries
+    later) and the failure is counted."""
+    from sqlalchemy.exc import OperationalError
+
+    from service import metrics
+    from service.store import audit
+
+    real_append = audit.append
+
+    def database_gone(**kwargs: Any) -> None:
+        if kwargs["event_type"] == "dimse.association":
+            raise OperationalError("INSERT INTO audit_events ...", {}, Exception("server closed the connection"))
+        real_append(**kwargs)
+
+    monkeypatch.setattr(audit, "append", database_gone)
+    failures = metrics.AUDIT_FAILURES.labels("dimse.association")
+    before = failures._value.get()
+    path = tmp_path / "img.dcm"
+    path.write_bytes(dx_instance(size=256))
+    store = _dcmtk("storescu", listener.settings.dimse_port, str(path))
+    assert store.returncode != 0, store.stdout + store.stderr
+    with listener.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0
+    assert failures._value.get() == before + 1
