@@ -112,6 +112,24 @@ def _stored_before(
     )
 
 
+def _failed(meta: NormalizedInstance, error: Exception, *, part: int, protocol: str) -> FailedInstance:
+    """The answer for an object that could not be stored: when the database or the disk failed for a moment,
+    "Refused: Out of Resources" (0xA700), which senders try again later; otherwise a processing failure."""
+    metrics.INGEST_INSTANCES.labels(protocol, "failed").inc()
+    if db.is_transient(error):
+        return FailedInstance(
+            part,
+            dicom.FAILURE_OUT_OF_RESOURCES,
+            "the instance could not be stored for now (the database or the disk is unavailable); send it again",
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+            transient=True,
+        )
+    return FailedInstance(
+        part, dicom.FAILURE_PROCESSING, "the instance could not be stored", meta.sop_class_uid, meta.sop_instance_uid
+    )
+
+
 def _blob_committed(runtime: Runtime, sop_instance_uid: str, blob_key: str) -> bool:
     try:
         with runtime.sessions() as session:
@@ -167,10 +185,15 @@ def store_instance(
         f"instances/{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.{sha256[:16]}.dcm"
     )
     with runtime.sessions() as session:  # one session: the duplicate check, then (after the blob) the rows
-        existing = studies.get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+        try:
+            existing = studies.get_instance(session=session, sop_instance_uid=meta.sop_instance_uid)
+            if existing is None:
+                runtime.blobs.put_bytes(blob_key, data)  # in memory already: written in one call
+        except Exception as e:  # nothing written (the blob store writes a file whole or not at all)
+            log.exception("storing instance of part %d failed", part)
+            return _failed(meta, e, part=part, protocol=protocol)
         if existing is not None:
             return _stored_before(existing.sha256, meta, sha256, part=part, protocol=protocol)
-        runtime.blobs.put_bytes(blob_key, data)  # in memory already: written in one call
         new_study_patient = _NewStudyPatient(session, meta)
         try:
             instance, new = studies.add_instance(
@@ -223,15 +246,7 @@ def store_instance(
                 runtime.blobs.delete(blob_key)
                 if _blob_committed(runtime, meta.sop_instance_uid, blob_key):
                     runtime.blobs.put_bytes(blob_key, data)
-            metrics.INGEST_INSTANCES.labels(protocol, "failed").inc()
-            return FailedInstance(
-                part,
-                dicom.FAILURE_PROCESSING,
-                "the instance could not be stored",
-                meta.sop_class_uid,
-                meta.sop_instance_uid,
-                transient=db.is_transient(e),
-            )
+            return _failed(meta, e, part=part, protocol=protocol)
     if not runtime.blobs.exists(blob_key):  # removed by a failed store of the same object at the same moment
         runtime.blobs.put_bytes(blob_key, data)
     metrics.INGEST_INSTANCES.labels(protocol, "stored").inc()

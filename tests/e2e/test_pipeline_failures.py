@@ -183,3 +183,35 @@ def test_unusable_prepared_inputs_are_prepared_again(
     assert len(calls) == 2  # pre-processed twice
     report = client.get(f"/v1/studies/{study_uid}/report", headers=tokens.header("clinician"))
     assert report.status_code == 200 and len(report.json()["reports"][0]["findings"]) == 5
+
+
+@pytest.mark.parametrize("where", ["database", "disk"])
+def test_an_object_that_meets_an_outage_is_refused_for_now(
+    client: TestClient, tokens: Tokens, runtime: Runtime, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The database (at the duplicate check) or the disk (writing the file) fails for a moment. Before, that raised
+    out of the store: STOW-RS answered 500 and a DICOM association 0xC211. Now the object is refused with "Out of
+    Resources" (0xA700), which senders try again later, and nothing is kept."""
+    import errno
+
+    from service.store import studies
+
+    if where == "database":
+
+        def unavailable(**kwargs: Any) -> Any:
+            raise OperationalError("SELECT ...", {}, Exception("server closed the connection unexpectedly"))
+
+        monkeypatch.setattr(studies, "get_instance", unavailable)
+    else:
+
+        def full(key: str, data: bytes, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(runtime.blobs, "put_bytes", full)
+    response = _post(client, tokens, [dx_instance(size=64)])
+    assert response.status_code == 409, response.text
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA700]
+    monkeypatch.undo()
+    found = client.get("/dicomweb/studies", headers=tokens.header("clinician"))
+    assert found.status_code == 204 or found.json() == [], found.text
