@@ -267,6 +267,8 @@ def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -
         )
     metrics.JOB_FAILURES.labels(job.model_name, stage.value, error.code).inc()
     log.error("job %s failed at %s: %s", job_id, stage.value, error.message)
+    for key in (_inputs_key(job_id), heatmap_key(job_id)):  # derived from patient data; nothing will read them
+        runtime.blobs.delete(key)
 
 
 def record_unexpected_failure(runtime: Runtime, job_id: str, stage: JobStage, error: Exception) -> None:
@@ -679,6 +681,8 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
             request_analysis(runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable")
         except ServiceError as e:
             log.warning("automatic analysis of a stable study failed: %s", e.message)
+        except Exception:  # one study's error (a deadlock, a lock timeout) leaves the others and the lost jobs
+            log.exception("automatic analysis of stable study %s failed", study_uid)
     backlog = {name for name, depth in _queue_depths(runtime).items() if depth}
     lost: list[tuple[str, JobStage, int]] = []
     with runtime.sessions.begin() as session:

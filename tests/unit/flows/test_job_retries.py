@@ -111,3 +111,38 @@ def test_an_explicit_request_runs_a_failed_analysis_again(runtime: Runtime, sent
         assert session.scalar(select(Report.job_id).join(Job, Report.job_id == Job.id).where(Job.id == retry.id))
         study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
         assert study is not None and (study.status, study.status_reason) == ("reported", None)
+
+
+def test_a_job_that_fails_leaves_no_inputs_derived_from_the_patient(
+    runtime: Runtime, sent: list[tuple[str, str]]
+) -> None:
+    _, job_id = _study_and_job(runtime)
+    analysis.preprocess_job(runtime, job_id)
+    assert runtime.blobs.exists(analysis._inputs_key(job_id))
+    analysis._fail(runtime, job_id, JobStage.infer, ServiceError("model call failed", code="inference"))
+    assert not runtime.blobs.exists(analysis._inputs_key(job_id))
+
+
+def test_one_study_whose_analysis_raises_does_not_stop_the_sweep(
+    runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, only a refusal was caught: any other error from one stable study ended the sweep's round, so the
+    studies after it and the lost jobs waited for the next round, and met the same study first again."""
+    runtime.settings.study_stable_seconds = 0
+    first, second = generate_uid(), generate_uid()
+    for study_uid in (first, second):
+        ingest.store_instance(
+            runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+        )
+    real_request = analysis.request_analysis
+
+    def deadlocked(runtime: Runtime, *, study_instance_uid: str, **kwargs: Any) -> Any:
+        if study_instance_uid == first:
+            raise OperationalError("SELECT ... FOR UPDATE", {}, Exception("deadlock detected"))
+        return real_request(runtime, study_instance_uid=study_instance_uid, **kwargs)
+
+    monkeypatch.setattr(analysis, "request_analysis", deadlocked)
+    assert analysis.sweep(runtime)[0] == 2
+    with runtime.sessions() as session:
+        analyzed = session.scalar(select(Study.analysis_requested_at).where(Study.study_instance_uid == second))
+    assert analyzed is not None
