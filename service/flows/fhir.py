@@ -50,7 +50,8 @@ class WriteOutcome:
 def bundle_permissions(body: dict[str, Any]) -> set[tuple[str, str]]:
     """The SMART (resource type, permission) pairs a Bundle needs: c for POST, u (and c) for PUT, d for DELETE."""
     needed: set[tuple[str, str]] = set()
-    for entry in body.get("entry") or []:
+    entries = body.get("entry")
+    for entry in entries if isinstance(entries, list) else []:  # anything else is refused by the parser
         if not isinstance(entry, dict):
             continue
         request: dict[str, Any] = entry["request"] if isinstance(entry.get("request"), dict) else {}

@@ -38,7 +38,11 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # the session's time zone pinned to UTC: times are kept in UTC, and one near the calendar's end (9999-12-31,
+    # the edge that dates beyond it are clamped to) overflows when a server in another zone converts it
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"options": "-c timezone=UTC"}
+    )
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -9,6 +9,7 @@ across parameters and ORed across comma-separated values, with ``_id``, ``_lastU
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -141,6 +142,7 @@ SEARCH_PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
 # Result parameters we honour; any other parameter starting with "_" is refused.
 CONTROL_PARAMETERS = frozenset({"_count", "_offset", "_sort", "_total", "_summary", "_format", "_pretty"})
 MAX_COUNT = 1000
+MAX_OFFSET = 10**9
 DEFAULT_COUNT = 50
 
 
@@ -203,12 +205,26 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 _DATE = re.compile(
-    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"^([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})"
+    r"(?:T([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.[0-9]+)?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
 )
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC)
+_LATEST = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def _clamped(since_epoch: dt.timedelta) -> dt.datetime:
+    """The UTC instant this long after 1970, or the calendar's edge for one beyond it: 9999-12-31 ends in year
+    10000, and 0001-01-01T00:00:00+14:00 is in year 0, neither of which a datetime can hold."""
+    try:
+        return _EPOCH + since_epoch
+    except OverflowError:
+        return _EARLIEST if since_epoch < dt.timedelta(0) else _LATEST
 
 
 def date_range(text: str) -> tuple[dt.datetime, dt.datetime]:
-    """The half-open UTC range a FHIR date/dateTime/instant covers at its precision.
+    """The half-open UTC range a FHIR date/dateTime/instant covers at its precision, clamped to the calendar
+    (0001-01-01 to 9999-12-31T23:59:59.999999Z): a date at its ends is valid FHIR, stored and searched like any.
 
     Raises:
         InvalidInput: not a FHIR date, dateTime or instant.
@@ -218,29 +234,26 @@ def date_range(text: str) -> tuple[dt.datetime, dt.datetime]:
         raise InvalidInput(f"{text!r} is not a FHIR date or dateTime (YYYY, YYYY-MM, YYYY-MM-DD, or with a time)")
     year, month, day, hour, minute, second, zone = match.groups()
     try:
-        if month is None:
-            start = dt.datetime(int(year), 1, 1, tzinfo=dt.UTC)
-            return start, start.replace(year=start.year + 1)
-        if day is None:
-            start = dt.datetime(int(year), int(month), 1, tzinfo=dt.UTC)
-            end = (
-                start.replace(year=start.year + 1, month=1)
-                if start.month == 12
-                else start.replace(month=start.month + 1)
-            )
-            return start, end
-        if hour is None:
-            start = dt.datetime(int(year), int(month), int(day), tzinfo=dt.UTC)
-            return start, start + dt.timedelta(days=1)
         tz = dt.UTC
         if zone and zone != "Z":
             sign = 1 if zone[0] == "+" else -1
             tz = dt.timezone(sign * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
-        start = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=tz)
+        start = dt.datetime(
+            int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0), tzinfo=tz
+        )
     except ValueError as e:
         raise InvalidInput(f"{text!r} is not a valid date: {e}") from e
-    start = start.astimezone(dt.UTC)
-    return start, start + (dt.timedelta(seconds=1) if second is not None else dt.timedelta(minutes=1))
+    if month is None:
+        length = dt.timedelta(days=366 if calendar.isleap(start.year) else 365)
+    elif day is None:
+        length = dt.timedelta(days=calendar.monthrange(start.year, start.month)[1])
+    elif hour is None:
+        length = dt.timedelta(days=1)
+    else:
+        length = dt.timedelta(seconds=1) if second is not None else dt.timedelta(minutes=1)
+    # in timedeltas from 1970, which reach far beyond the calendar: an aware datetime's UTC may not fit in one
+    since_epoch = start - _EPOCH
+    return _clamped(since_epoch), _clamped(since_epoch + length)
 
 
 def _dates(value: Any) -> Iterator[tuple[dt.datetime | None, dt.datetime | None]]:
@@ -748,9 +761,9 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]]) -> Searc
     for name, value in params:
         base, _, modifier = name.partition(":")
         if base == "_count":
-            count = _int_param("_count", value, 0, MAX_COUNT)
+            count = integer_parameter("_count", value, 0, MAX_COUNT)
         elif base == "_offset":
-            offset = _int_param("_offset", value, 0, 10**9)
+            offset = integer_parameter("_offset", value, 0, MAX_OFFSET)
         elif base == "_sort":
             if value not in ("_lastUpdated", "-_lastUpdated", "_id", "-_id"):
                 raise InvalidInput(f"_sort={value} is not supported (use _lastUpdated, -_lastUpdated, _id or -_id)")
@@ -777,14 +790,20 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]]) -> Searc
     return SearchRequest(resource_type, filters, count, offset, sort, summary_count)
 
 
-def _int_param(name: str, value: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except ValueError as e:
-        raise InvalidInput(f"{name}={value!r} is not an integer") from e
-    if not low <= number <= high:
-        raise InvalidInput(f"{name} must be between {low} and {high}, not {number}")
-    return number
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def integer_parameter(name: str, value: str, low: int, high: int) -> int:
+    """A search's integer parameter (``_count``, ``_offset``): ASCII digits within [low, high].
+
+    Raises:
+        InvalidInput: not an integer (digits of other scripts included: "²" passes str.isdigit()), or out of range.
+    """
+    if _INTEGER.fullmatch(value) is None:
+        raise InvalidInput(f"{name}={value[:40]!r} is not an integer")
+    if len(value) > 30 or not low <= int(value) <= high:  # int() of thousands of digits is refused, and slow
+        raise InvalidInput(f"{name} must be between {low} and {high}, not {value[:40]}")
+    return int(value)
 
 
 def _split_prefix(value: str) -> tuple[str, str]:

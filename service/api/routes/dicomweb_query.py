@@ -14,7 +14,7 @@ from service.api.deps import RuntimeDep, require
 from service.errors import InvalidInput, NotFound
 from service.flows.runtime import Runtime
 from service.schemas import Principal
-from service.store import audit, clinical, studies
+from service.store import audit, clinical, fhir_store, studies
 from service.store.tables import Instance, Series, Study
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
@@ -130,7 +130,7 @@ def search_studies(
     study_date: Annotated[str | None, Query(alias="StudyDate")] = None,
     modalities_in_study: Annotated[str | None, Query(alias="ModalitiesInStudy")] = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=fhir_store.MAX_OFFSET),  # as a FHIR search's _offset
 ) -> Response:
     date_from, date_to = _date_range(study_date)
     base = _base(request)

@@ -9,7 +9,7 @@ resource type the caller's scopes do not cover, and a SMART patient-level token 
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -23,6 +23,7 @@ from service.api.errors import FHIR_JSON
 from service.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.flows import fhir as fhir_flow
 from service.flows.runtime import Runtime
+from service.ingest import fhir as fhir_ingest
 from service.results import fhir as fhir_results
 from service.schemas import Principal
 from service.store import audit, clinical, fhir_store
@@ -34,6 +35,11 @@ WRITABLE_TYPES = fhir_flow.WRITABLE_TYPES
 PRODUCED_TYPES = ("DiagnosticReport", "Provenance", "Device")
 SEARCHABLE_TYPES = tuple(fhir_store.SEARCH_PARAMETERS)
 FHIR_VERSION = "4.0.1"
+# the largest AuditEvent id (a 64-bit key) and resource version (a 32-bit column) a row can have: a larger one in a
+# URL is simply not found, never bound in SQL (where it overflows)
+MAX_AUDIT_EVENT_ID = 2**63 - 1
+MAX_VERSION = 2**31 - 1
+_DIGITS = re.compile(r"[0-9]{1,30}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 
 
 def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -96,13 +102,15 @@ async def _json_body(request: Request, runtime: Runtime) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > runtime.settings.max_fhir_bundle_bytes:
         raise PayloadTooLarge(f"the body exceeds the limit of {runtime.settings.max_fhir_bundle_bytes} bytes")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInput(f"the body is not JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object (a FHIR resource)")
-    return body
+    return fhir_ingest.load_json(raw)
+
+
+def _number(text: str, maximum: int) -> int | None:
+    """An id or version from a URL as an int, or None when no row can have it (not ASCII digits, or too large)."""
+    if _DIGITS.fullmatch(text) is None:
+        return None
+    number = int(text)
+    return number if number <= maximum else None
 
 
 # --- CapabilityStatement ----------------------------------------------------------------------------------
@@ -193,6 +201,8 @@ async def post_bundle(request: Request, runtime: RuntimeDep, principal: Authenti
     body = await _json_body(request, runtime)
     if body.get("resourceType") != "Bundle":
         raise InvalidInput("POST /fhir takes a Bundle of type transaction or batch")
+    if body.get("entry") is not None and not isinstance(body["entry"], list):  # before its entries are read here
+        raise InvalidInput("Bundle.entry: must be an array", expression=["Bundle.entry"])
     for resource_type, permission in sorted(fhir_flow.bundle_permissions(body)):
         await checked(request, runtime, principal, resource_type, permission)
     response = await run_in_threadpool(fhir_flow.process_bundle, runtime, body, principal=principal)
@@ -207,10 +217,10 @@ def _audit_search(request: Request, runtime: Runtime, principal: Principal) -> J
     params = list(request.query_params.multi_items())
     count, offset, event_type, patient, outcome = fhir_store.DEFAULT_COUNT, 0, None, None, None
     for name, value in params:
-        if name == "_count":
-            count = min(max(int(value), 0), fhir_store.MAX_COUNT) if value.isdigit() else 50
+        if name == "_count":  # checked as on every other search
+            count = fhir_store.integer_parameter("_count", value, 0, fhir_store.MAX_COUNT)
         elif name == "_offset":
-            offset = int(value) if value.isdigit() else 0
+            offset = fhir_store.integer_parameter("_offset", value, 0, fhir_store.MAX_OFFSET)
         elif name == "type":
             event_type = value
         elif name == "patient":
@@ -335,7 +345,8 @@ def read(
     if resource_type == "AuditEvent":
         check(request, runtime, principal, "AuditEvent", "r")
         with runtime.sessions.begin() as session:
-            event = session.get(AuditRow, int(resource_id)) if resource_id.isdigit() else None
+            event_id = _number(resource_id, MAX_AUDIT_EVENT_ID)
+            event = session.get(AuditRow, event_id) if event_id is not None else None
             if event is None:
                 raise NotFound(f"AuditEvent/{resource_id} is not known")
             return fhir_response(fhir_results.audit_event(event))
@@ -361,17 +372,16 @@ def vread(
 ) -> JSONResponse:
     _check_type(resource_type)
     compartment = _compartment(request, runtime, principal, resource_type, "r")
-    if not version_id.isdigit():
-        raise NotFound(f"{resource_type}/{resource_id} has no version {version_id}")
+    version = _number(version_id, MAX_VERSION)
+    if version is None:
+        raise NotFound(f"{resource_type}/{resource_id} has no version {version_id[:40]}")
     with runtime.sessions.begin() as session:
         row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)
         if row is None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
         _visible(session, row, compartment)
-        body = fhir_store.vread(
-            session=session, resource_type=resource_type, resource_id=resource_id, version=int(version_id)
-        )
-        _audit_read(session, principal, resource_type, row, int(version_id))
+        body = fhir_store.vread(session=session, resource_type=resource_type, resource_id=resource_id, version=version)
+        _audit_read(session, principal, resource_type, row, version)
     return fhir_response(body, headers=_resource_headers(body))
 
 
@@ -422,9 +432,9 @@ def _if_match(header: str | None) -> int | None:
     if header is None:
         return None
     text = header.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
-        raise InvalidInput(f'If-Match must be a version ETag such as W/"3", not {header!r}')
-    return int(text)
+    if _DIGITS.fullmatch(text) is None:
+        raise InvalidInput(f'If-Match must be a version ETag such as W/"3", not {header[:40]!r}')
+    return int(text)  # one that no version reaches fails as any other stale ETag (412)
 
 
 def _write_response(request: Request, outcome: fhir_flow.WriteOutcome, prefer: str | None) -> Response:
