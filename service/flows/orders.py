@@ -86,7 +86,8 @@ def order_for_new_study(session: Session, study: Study) -> None:
     identifier = f"{DICOM_UID_SYSTEM}|urn:oid:{study.study_instance_uid}"
     searches = [fhir_store.SearchRequest("ImagingStudy", [("identifier", identifier)])]
     if study.accession_number:
-        searches.append(fhir_store.SearchRequest("ServiceRequest", [("identifier", study.accession_number)]))
+        accession = fhir_store.escape(study.accession_number)  # "A,B" is one accession number, not two
+        searches.append(fhir_store.SearchRequest("ServiceRequest", [("identifier", accession)]))
     imaging_ids, *order_ids = fhir_store.matching_ids_of_each(session=session, requests=searches)
     active = [
         rid

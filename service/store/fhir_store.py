@@ -830,15 +830,50 @@ def _date_condition(start_col: Any, end_col: Any, value: str) -> ColumnElement[b
     return conditions[prefix]
 
 
+_ESCAPED = re.compile(r"\\([\\,|$])")
+
+
+def escape(value: str) -> str:
+    """A literal value made safe for a search parameter: its backslash, ``,``, ``|`` and ``$`` escaped (FHIR R4
+    3.1.1.6), so that an accession number "A,B" is one value, not two."""
+    return re.sub(r"([\\,|$])", r"\\\1", value)
+
+
+def _unescape(value: str) -> str:
+    return _ESCAPED.sub(r"\1", value)
+
+
+def _split_unescaped(value: str, separator: str, maxsplit: int = -1) -> list[str]:
+    """``value`` split at each ``separator`` that no backslash escapes; the parts keep their escapes."""
+    parts: list[str] = []
+    current: list[str] = []
+    index = 0
+    while index < len(value):
+        char = value[index]
+        if char == "\\" and index + 1 < len(value):
+            current.append(value[index : index + 2])
+            index += 2
+            continue
+        if char == separator and (maxsplit < 0 or len(parts) < maxsplit):
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        index += 1
+    parts.append("".join(current))
+    return parts
+
+
 def _token_condition(value: str) -> ColumnElement[bool]:
-    if "|" in value:
-        system, _, code = value.partition("|")
+    pieces = _split_unescaped(value, "|", maxsplit=1)
+    if len(pieces) == 2:
+        system, code = (_unescape(piece) for piece in pieces)
         parts = []
         parts.append(FhirSearchValue.system.is_(None) if system == "" else FhirSearchValue.system == system)
         if code:
             parts.append(FhirSearchValue.value == code)
         return and_(*parts)
-    return FhirSearchValue.value == value
+    return FhirSearchValue.value == _unescape(value)
 
 
 def _like(text: str) -> str:
@@ -856,9 +891,10 @@ def _filter(resource_type: str, name: str, values: list[str]) -> ColumnElement[b
     if base == "_lastUpdated":
         return or_(*(_date_condition(FhirResource.updated_at, FhirResource.updated_at, v) for v in values))
     param = next(p for p in SEARCH_PARAMETERS[resource_type] if p.name == base)
-    if param.type == "token":
+    if param.type == "token":  # split at its unescaped "|" first
         matched = or_(*(_token_condition(v) for v in values))
         return not_(_value_exists(base, matched)) if modifier == "not" else _value_exists(base, matched)
+    values = [_unescape(v) for v in values]
     if param.type == "reference":
         options = []
         for value in values:
@@ -939,7 +975,7 @@ def _conditions(request: SearchRequest, patient_id: int | None) -> list[ColumnEl
     if patient_id is not None:
         conditions.append(FhirResource.patient_id == patient_id)
     for name, value in request.filters:
-        values = [v.strip() for v in value.split(",") if v.strip()]
+        values = [v.strip() for v in _split_unescaped(value, ",") if v.strip()]
         if not values:
             raise InvalidInput(f"the search parameter {name} has no value")
         conditions.append(_filter(request.resource_type, name, values))

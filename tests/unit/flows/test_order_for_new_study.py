@@ -85,3 +85,19 @@ def test_a_new_study_finds_its_order(database: Runtime) -> None:
             assert _linked(session, "1.2.826.0.3", "ACC-3") is None  # a revoked order is no order
         finally:
             event.remove(runtime.engine, "before_cursor_execute", note)
+
+
+@pytest.mark.parametrize("accession", [",", "A,B", "X|Y", "C\\D$"])
+def test_an_accession_number_with_search_delimiters_is_one_value(database: Runtime, accession: str) -> None:
+    """An accession number is whatever the RIS made it. Before, "," was searched as no value (the object was then
+    refused, 0x0110), "A,B" as A or B and "X|Y" as system X and code Y: a study could be joined to another order."""
+    runtime = database
+    with runtime.sessions.begin() as session:
+        _put(session, _order("sr-a", "A"))
+        _put(session, _order("sr-y", "Y"))
+        _put(session, _order("sr-exact", accession))
+        assert _linked(session, "1.2.826.0.7", accession) == "sr-exact"
+        assert fhir_store.matching_ids(
+            session=session,
+            request=fhir_store.parse_search("ServiceRequest", [("identifier", fhir_store.escape(accession))]),
+        ) == ["sr-exact"]
