@@ -958,7 +958,7 @@ def _dcm(code: str, display: str) -> dict[str, str]:
 
 
 # Events only the FHIR REST routes record.
-_FHIR_REST_EVENTS = frozenset({"patient.read", "report.search", "auditevent.search"})
+_FHIR_REST_EVENTS = frozenset({"patient.read", "report.search", "auditevent.search", "auditevent.read"})
 _REST_TYPE = {"system": AUDIT_EVENT_TYPE_HL7_SYSTEM, "code": "rest", "display": "RESTful Operation"}
 _DICOM_AUDIT_EVENTS: dict[str, tuple[dict[str, str], dict[str, str] | None]] = {
     "dicom.store": (_dcm("110104", "DICOM Instances Transferred"), None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, delete, or_, select, tuple_
@@ -11,7 +12,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from service.errors import NotFound
 from service.schemas import ClinicalContext, ConditionFact, ObservationFact, PatientIdentifier
 from service.store import db
-from service.store.tables import Condition, Observation, Patient
+from service.store.tables import Condition, Observation, Patient, Study
 from service.store.tables import PatientIdentifier as IdentifierRow
 
 
@@ -47,6 +48,23 @@ def patient_reference(*, session: Session, patient_id: int | None) -> str | None
     """``Patient/<id>`` for audit events and reports, or None."""
     resource_id = patient_resource_id(session=session, patient_id=patient_id)
     return f"Patient/{resource_id}" if resource_id is not None else None
+
+
+def disclosed_patients(*, session: Session, studies: Iterable[Study]) -> tuple[str | None, dict[str, list[str]]]:
+    """Whose data a list of studies discloses, for its audit event: (the patient's reference when there is exactly
+    one, else None; ``{"patients": [Patient/<id>...], "dicom_patient_ids": [...]}``, the latter for studies not
+    joined to a patient, each list sorted and at most 50 long)."""
+    patients: set[str] = set()
+    dicom_ids: set[str] = set()
+    for study in studies:
+        reference = patient_reference(session=session, patient_id=study.patient_id)
+        if reference is not None:
+            patients.add(reference)
+        elif study.dicom_patient_id:
+            issuer = f"{study.issuer_of_patient_id}|" if study.issuer_of_patient_id else ""
+            dicom_ids.add(issuer + study.dicom_patient_id)
+    single = next(iter(patients)) if len(patients) == 1 and not dicom_ids else None
+    return single, {"patients": sorted(patients)[:50], "dicom_patient_ids": sorted(dicom_ids)[:50]}
 
 
 def find_patient_by_identifier(*, session: Session, system: str | None, value: str) -> Patient | None:

@@ -106,8 +106,16 @@ def _answer(results: list[dict[str, Any]]) -> Response:
 
 
 def _audit_search(
-    runtime: Runtime, session: Any, principal: Principal, level: str, query: dict[str, Any], results: int
+    runtime: Runtime,
+    session: Any,
+    principal: Principal,
+    level: str,
+    query: dict[str, Any],
+    results: int,
+    found: list[Study],
 ) -> None:
+    """One event per search, naming whose studies it answered with (``clinical.disclosed_patients``)."""
+    patient_ref, patients = clinical.disclosed_patients(session=session, studies=found)
     audit.append(
         session=session,
         principal=principal,
@@ -115,7 +123,8 @@ def _audit_search(
         action="E",
         entity_type="ImagingStudy",
         entity_ref=f"qido:{level}",
-        detail={"query": {k: v for k, v in query.items() if v is not None}, "results": results},
+        patient_ref=patient_ref,
+        detail={"query": {k: v for k, v in query.items() if v is not None}, "results": results, **patients},
     )
 
 
@@ -160,6 +169,7 @@ def search_studies(
                 "ModalitiesInStudy": modalities_in_study,
             },
             len(results),
+            found,
         )
     return _answer(results)
 
@@ -173,7 +183,9 @@ def search_series(study_instance_uid: str, request: Request, runtime: RuntimeDep
             series_attributes(s, n, study_instance_uid, base)
             for s, n in studies.series_of(session=session, study=study)
         ]
-        _audit_search(runtime, session, principal, "series", {"StudyInstanceUID": study_instance_uid}, len(results))
+        _audit_search(
+            runtime, session, principal, "series", {"StudyInstanceUID": study_instance_uid}, len(results), [study]
+        )
     return _answer(results)
 
 
@@ -200,6 +212,7 @@ def search_instances(
             "instances",
             {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_instance_uid},
             len(results),
+            [study],
         )
     return _answer(results)
 

@@ -349,7 +349,17 @@ def read(
             event = session.get(AuditRow, event_id) if event_id is not None else None
             if event is None:
                 raise NotFound(f"AuditEvent/{resource_id} is not known")
-            return fhir_response(fhir_results.audit_event(event))
+            body = fhir_results.audit_event(event)
+            audit.append(  # reading the trail is an access too (as its searches are)
+                session=session,
+                principal=principal,
+                event_type="auditevent.read",
+                action="R",
+                entity_type="AuditEvent",
+                entity_ref=f"AuditEvent/{event.id}",
+                patient_ref=event.patient_ref,
+            )
+            return fhir_response(body)
     compartment = _compartment(request, runtime, principal, resource_type, "r")
     with runtime.sessions.begin() as session:
         row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)

@@ -73,6 +73,7 @@ def list_studies(
 ) -> dict[str, Any]:
     with runtime.sessions.begin() as session:
         rows = studies.list_studies(session=session, limit=limit, offset=offset)
+        patient_ref, patients = clinical.disclosed_patients(session=session, studies=rows)
         audit.append(
             session=session,
             principal=principal,
@@ -80,7 +81,8 @@ def list_studies(
             action="E",
             entity_type="ImagingStudy",
             entity_ref="studies",
-            detail={"results": len(rows)},
+            patient_ref=patient_ref,
+            detail={"results": len(rows), **patients},
         )
         return {"studies": [study_json(session, s) for s in rows]}
 
@@ -215,9 +217,18 @@ def _read_report(session: Any, study: Study, principal: Principal) -> dict[str, 
 
 @router.get("/jobs/{job_id}")
 def get_job(job_id: str, runtime: RuntimeDep, principal: JobReadDep) -> dict[str, Any]:
-    with runtime.sessions() as session:
+    with runtime.sessions.begin() as session:
         job = jobs.get_or_raise(session=session, job_id=job_id)
         study = session.get(Study, job.study_id)
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="job.read",
+            action="R",
+            entity_type="Task",
+            entity_ref=f"job:{job.id}",
+            patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id) if study else None,
+        )
         return job_json(job, study.study_instance_uid if study else None)
 
 
@@ -225,8 +236,21 @@ def get_job(job_id: str, runtime: RuntimeDep, principal: JobReadDep) -> dict[str
 def list_jobs(
     runtime: RuntimeDep, principal: JobReadDep, state: str | None = None, limit: int = Query(50, ge=1, le=500)
 ) -> dict[str, Any]:
-    with runtime.sessions() as session:
-        return {"jobs": [job_json(j) for j in jobs.list_jobs(session=session, state=state, limit=limit)]}
+    with runtime.sessions.begin() as session:
+        found = jobs.list_jobs(session=session, state=state, limit=limit)
+        of_studies = [study for job in found if (study := session.get(Study, job.study_id)) is not None]
+        patient_ref, patients = clinical.disclosed_patients(session=session, studies=of_studies)
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="job.search",
+            action="E",
+            entity_type="Task",
+            entity_ref="jobs" + (f"?state={state}" if state else ""),
+            patient_ref=patient_ref,
+            detail={"results": len(found), **patients},
+        )
+        return {"jobs": [job_json(j) for j in found]}
 
 
 @router.get("/models")

@@ -536,6 +536,8 @@ AUDIT_ROWS = [
     ({"event_type": "study.analyze", "action": "E", "entity_ref": f"study:{STUDY_UID}"}, "110109", None),
     ({"event_type": "audit.read", "entity_type": "AuditEvent", "entity_ref": "audit"}, "110101", None),
     ({"event_type": "auditevent.search", "action": "E", "entity_ref": "AuditEvent?type=x"}, "110101", "search-type"),
+    ({"event_type": "auditevent.read", "entity_type": "AuditEvent", "entity_ref": "AuditEvent/5"}, "110101", "read"),
+    ({"event_type": "job.search", "action": "E", "entity_type": "Task", "entity_ref": "jobs"}, "110112", None),
     ({"event_type": "fhir.search", "action": "E", "entity_ref": "Observation?code=x"}, "rest", "search-type"),
     ({"event_type": "fhir.read", "entity_ref": "Observation/o-1/_history/2"}, "rest", "vread"),
     ({"event_type": "fhir.bundle", "action": "C", "entity_ref": "Bundle:batch"}, "rest", "batch"),
