@@ -64,6 +64,11 @@ class UnsupportedMediaType(InvalidInput):
     http_status = 415
 
 
+class NotAcceptable(ServiceError):
+    code = "not-acceptable"
+    http_status = 406
+
+
 class NotFound(ServiceError):
     code = "not-found"
     http_status = 404

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
 from service.ingest.stow import iter_parts, related_boundary
 from tests.conftest import Tokens
 from tests.e2e.test_embedded_spine import post_study
-from tests.factories import dx_instance
+from tests.factories import dx_instance, multipart_related
 
 
 def _value(item: dict, tag: str) -> object:
@@ -76,3 +77,33 @@ def test_qido_and_wado(client: TestClient, tokens: Tokens, tmp_path: object) -> 
     assert len(parts) == 3 and all(p.body[128:132] == b"DICM" for p in parts)
     assert client.get(f"/dicomweb/studies/{generate_uid()}", headers=clinician).status_code == 404
     assert client.get("/dicomweb/studies", headers=tokens.header("ingest")).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        (None, 200),
+        ("*/*", 200),
+        ('multipart/related; type="application/dicom"; transfer-syntax=*', 200),
+        ("multipart/related", 200),
+        ('image/jpeg, multipart/related; type="application/dicom"; q=0.5', 200),
+        ("image/jpeg", 406),
+        ("application/dicom+json", 406),
+        ('multipart/related; type="image/jpeg"', 406),
+        ('multipart/related; type="application/dicom"; q=0', 406),
+        ("garbage", 406),
+    ],
+)
+def test_wado_answers_what_accept_admits_or_406(
+    client: TestClient, tokens: Tokens, accept: str | None, status: int
+) -> None:
+    """Before, any Accept got multipart DICOM: a client asking for JPEG got bytes it could not read."""
+    study_uid = generate_uid()
+    body, content_type = multipart_related([dx_instance(study_uid=study_uid, size=64)])
+    headers = {"Content-Type": content_type, **tokens.header("ingest")}
+    assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+    headers = {**tokens.header("clinician"), **({"Accept": accept} if accept else {})}
+    response = client.get(f"/dicomweb/studies/{study_uid}", headers=headers)
+    assert response.status_code == status, response.text
+    if status == 406:
+        assert response.json()["error"]["code"] == "not-acceptable"

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.deps import RuntimeDep, require
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotAcceptable, NotFound
 from service.flows.runtime import Runtime
+from service.ingest.stow import parse_content_type
 from service.schemas import Principal
 from service.store import audit, clinical, fhir_store, studies
 from service.store.tables import Instance, Series, Study
@@ -230,9 +231,47 @@ def _multipart(runtime: Runtime, blob_keys: list[str]) -> StreamingResponse:
     return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
 
+def _check_accept(accept: str | None) -> None:
+    """WADO-RS answers multipart/related; type="application/dicom" (each instance as stored, in its own transfer
+    syntax). An Accept that admits none of that is refused (406), rather than answered with what it did not ask for.
+
+    Raises:
+        NotAcceptable: no media range of ``accept`` matches.
+    """
+    if not accept:
+        return
+    for media_range in accept.split(","):
+        content_type = parse_content_type(media_range)
+        if _quality(content_type.params.get("q")) <= 0:  # "not this one"
+            continue
+        if content_type.media_type in ("*/*", "multipart/*"):
+            return
+        wanted = content_type.params.get("type", "application/dicom").lower()
+        if content_type.media_type == "multipart/related" and wanted in ("application/dicom", "application/*", "*/*"):
+            return
+    raise NotAcceptable(
+        f"Accept {accept[:120]!r} admits nothing this server sends here: it answers "
+        'multipart/related; type="application/dicom" (each instance in the transfer syntax it was stored in)'
+    )
+
+
+def _quality(text: str | None) -> float:
+    """A media range's q (RFC 9110 12.4.2); 1 when absent or not a number."""
+    try:
+        return float(text) if text is not None else 1.0
+    except ValueError:
+        return 1.0
+
+
 def _retrieve(
-    runtime: Runtime, principal: Principal, study_uid: str, series_uid: str | None, sop_uid: str | None
+    runtime: Runtime,
+    principal: Principal,
+    study_uid: str,
+    series_uid: str | None,
+    sop_uid: str | None,
+    accept: str | None = None,
 ) -> StreamingResponse:
+    _check_accept(accept)
     with runtime.sessions.begin() as session:
         study = studies.get_or_raise(session=session, study_instance_uid=study_uid)
         pairs = studies.instances_of(session=session, study=study)
@@ -259,15 +298,17 @@ def _retrieve(
 
 
 @router.get("/studies/{study_instance_uid}", summary="WADO-RS: retrieve a study")
-def retrieve_study(study_instance_uid: str, runtime: RuntimeDep, principal: ReadDep) -> StreamingResponse:
-    return _retrieve(runtime, principal, study_instance_uid, None, None)
+def retrieve_study(
+    study_instance_uid: str, request: Request, runtime: RuntimeDep, principal: ReadDep
+) -> StreamingResponse:
+    return _retrieve(runtime, principal, study_instance_uid, None, None, request.headers.get("accept"))
 
 
 @router.get("/studies/{study_instance_uid}/series/{series_instance_uid}", summary="WADO-RS: retrieve a series")
 def retrieve_series(
-    study_instance_uid: str, series_instance_uid: str, runtime: RuntimeDep, principal: ReadDep
+    study_instance_uid: str, series_instance_uid: str, request: Request, runtime: RuntimeDep, principal: ReadDep
 ) -> StreamingResponse:
-    return _retrieve(runtime, principal, study_instance_uid, series_instance_uid, None)
+    return _retrieve(runtime, principal, study_instance_uid, series_instance_uid, None, request.headers.get("accept"))
 
 
 @router.get(
@@ -275,6 +316,12 @@ def retrieve_series(
     summary="WADO-RS: retrieve an instance",
 )
 def retrieve_instance(
-    study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, runtime: RuntimeDep, principal: ReadDep
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: ReadDep,
 ) -> StreamingResponse:
-    return _retrieve(runtime, principal, study_instance_uid, series_instance_uid, sop_instance_uid)
+    accept = request.headers.get("accept")
+    return _retrieve(runtime, principal, study_instance_uid, series_instance_uid, sop_instance_uid, accept)
