@@ -178,6 +178,16 @@ def runtime(settings: Settings) -> Runtime:
     return built
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
+    """The process runtime on SQLite, then on a fresh PostgreSQL database (batching off: stages called in tests)."""
+    database = {"database_url": request.getfixturevalue("postgres_url")} if request.param == "postgresql" else {}
+    built = build_runtime(make_settings(tmp_path, batching=False, **database))
+    set_runtime(built)
+    yield built
+    built.engine.dispose()
+
+
 @pytest.fixture
 def client(runtime: Runtime) -> Iterator[TestClient]:
     """The embedded default in one process: API, in-process Celery worker (memory broker), SQLite, local blobs."""

@@ -149,9 +149,9 @@ def patient_bundle(
     return {"resourceType": "Bundle", "type": bundle_type, "entry": entries}
 
 
-def reported_job_id(runtime: Any) -> str:
-    """A chest radiograph stored, analyzed and reported through the stage functions themselves (the caller has
-    stopped ``queue.send``): the id of its cxr-fusion job."""
+def queued_job(runtime: Any) -> tuple[str, str]:
+    """A chest radiograph stored and its analysis requested (the caller has stopped ``queue.send``): (its Study
+    Instance UID, the id of its cxr-fusion job, queued)."""
     from service.flows import analysis, ingest
     from service.schemas import SYSTEM_PRINCIPAL
 
@@ -162,6 +162,15 @@ def reported_job_id(runtime: Any) -> str:
     [job] = analysis.request_analysis(
         runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
     ).jobs
-    analysis.preprocess_job(runtime, job.id)
-    analysis.infer_job(runtime, job.id)
-    return str(job.id)
+    return study_uid, str(job.id)
+
+
+def reported_job_id(runtime: Any) -> str:
+    """A chest radiograph stored, analyzed and reported through the stage functions themselves (the caller has
+    stopped ``queue.send``): the id of its cxr-fusion job."""
+    from service.flows import analysis
+
+    _, job_id = queued_job(runtime)
+    analysis.preprocess_job(runtime, job_id)
+    analysis.infer_job(runtime, job_id)
+    return job_id

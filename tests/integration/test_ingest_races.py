@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,6 @@ from service.schemas import SYSTEM_PRINCIPAL
 from service.store import audit, studies
 from tests.conftest import make_settings
 from tests.factories import dx_instance
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
-    overrides: dict[str, Any] = {}
-    if request.param == "postgresql":
-        overrides["database_url"] = request.getfixturevalue("postgres_url")
-    runtime = build_runtime(make_settings(tmp_path, **overrides))
-    set_runtime(runtime)
-    yield runtime
-    runtime.engine.dispose()
 
 
 def test_a_conflicting_object_stored_at_the_same_moment_is_refused_and_the_first_kept_intact(

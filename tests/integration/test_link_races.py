@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -14,23 +13,15 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.flows import fhir, ingest, orders, queue
-from service.flows.runtime import Runtime, build_runtime, set_runtime
+from service.flows.runtime import Runtime
 from service.schemas import SYSTEM_PRINCIPAL
 from service.store import clinical, studies
-from tests.conftest import make_settings
 from tests.factories import dx_instance, observation, patient_bundle
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_runtime(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+@pytest.fixture(autouse=True)
+def no_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(queue, "send", lambda *args, **kwargs: None)
-    overrides: dict[str, Any] = {}
-    if request.param == "postgresql":
-        overrides["database_url"] = request.getfixturevalue("postgres_url")
-    runtime = build_runtime(make_settings(tmp_path, batching=False, **overrides))
-    set_runtime(runtime)
-    yield runtime
-    runtime.engine.dispose()
 
 
 class Rendezvous:
@@ -46,6 +37,23 @@ class Rendezvous:
             self.arrived.append(threading.current_thread().name)
             self.condition.notify_all()
             self.condition.wait_for(lambda: len(self.arrived) >= 2, timeout=1)
+
+    def on_first_looks(self, resolver: Callable[[Any], Callable[[str, str], list[str]]]) -> Callable[..., Any]:
+        """``orders.resolver`` whose first look in threads "one" and "two" (each request's parse, outside its
+        write transaction) waits for the other's."""
+
+        def waiting_resolver(session: Any) -> Callable[[str, str], list[str]]:
+            resolve = resolver(session)
+
+            def resolved(resource_type: str, query: str) -> list[str]:
+                found = resolve(resource_type, query)
+                if threading.current_thread().name in ("one", "two") and len(self.arrived) < 2:
+                    self.arrive()
+                return found
+
+            return resolved
+
+        return waiting_resolver
 
     def after(self, function: Callable[..., Any], thread: str) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -152,6 +160,26 @@ def _patient_resource(mrn: str) -> dict[str, Any]:
     }
 
 
+def _create_twice_at_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, url: str, resource: dict[str, Any], condition: str
+) -> dict[str, Any]:
+    """The outcomes of two identical conditional creates, whose parses each look for a match before either's
+    write transaction starts."""
+    monkeypatch.setattr(orders, "resolver", Rendezvous().on_first_looks(orders.resolver))
+    outcomes: dict[str, Any] = {}
+
+    def create(name: str) -> Callable[[], None]:
+        def run() -> None:
+            outcomes[name] = fhir.write_one(
+                runtime, principal=SYSTEM_PRINCIPAL, method="POST", url=url, resource=resource, if_none_exist=condition
+            )
+
+        return run
+
+    _run_together(one=create("one"), two=create("two"))
+    return outcomes
+
+
 def test_two_identical_conditional_creates_make_one_patient(
     any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,37 +188,9 @@ def test_two_identical_conditional_creates_make_one_patient(
     a Patient (and the second then clashed on the identifier: an unhandled error). Now the write transaction
     serializes on the condition and checks it again: one 201 Created, one 200 with the same resource."""
     runtime = any_runtime
-    rendezvous = Rendezvous()
-    real_resolver = orders.resolver
-
-    def resolver_then_wait(session: Any) -> Any:
-        resolve = real_resolver(session)
-
-        def resolved(resource_type: str, query: str) -> list[str]:
-            found = resolve(resource_type, query)
-            if threading.current_thread().name in ("one", "two") and len(rendezvous.arrived) < 2:
-                rendezvous.arrive()  # the first look of each request: in its parse, outside the write transaction
-            return found
-
-        return resolved
-
-    monkeypatch.setattr(orders, "resolver", resolver_then_wait)
-    outcomes: dict[str, Any] = {}
-
-    def create(name: str) -> Callable[[], None]:
-        def run() -> None:
-            outcomes[name] = fhir.write_one(
-                runtime,
-                principal=SYSTEM_PRINCIPAL,
-                method="POST",
-                url="Patient",
-                resource=_patient_resource("MRN-4004"),
-                if_none_exist="identifier=urn:oid:1.2.3.4.5|MRN-4004",
-            )
-
-        return run
-
-    _run_together(one=create("one"), two=create("two"))
+    outcomes = _create_twice_at_once(
+        runtime, monkeypatch, "Patient", _patient_resource("MRN-4004"), "identifier=urn:oid:1.2.3.4.5|MRN-4004"
+    )
     assert sorted(outcome.status for outcome in outcomes.values()) == [200, 201]
     assert outcomes["one"].resource_id == outcomes["two"].resource_id
     with runtime.sessions() as session:
@@ -286,40 +286,12 @@ def test_two_identical_conditional_creates_of_an_observation_make_one(
     patient = fhir.write_one(
         runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource("MRN-7007")
     )
-    rendezvous = Rendezvous()
-    real_resolver = orders.resolver
-
-    def resolver_then_wait(session: Any) -> Any:
-        resolve = real_resolver(session)
-
-        def resolved(resource_type: str, query: str) -> list[str]:
-            found = resolve(resource_type, query)
-            if threading.current_thread().name in ("one", "two") and len(rendezvous.arrived) < 2:
-                rendezvous.arrive()
-            return found
-
-        return resolved
-
-    monkeypatch.setattr(orders, "resolver", resolver_then_wait)
     body = observation(f"Patient/{patient.resource_id}", "heart_rate", 88.0)["resource"]
     body["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": "hr-7007-1"}]
-    outcomes: dict[str, Any] = {}
-
-    def create(name: str) -> Callable[[], None]:
-        def run() -> None:
-            outcomes[name] = fhir.write_one(
-                runtime,
-                principal=SYSTEM_PRINCIPAL,
-                method="POST",
-                url="Observation",
-                resource=body,
-                if_none_exist="identifier=urn:oid:1.2.3.4.5.6|hr-7007-1",
-            )
-
-        return run
-
-    _run_together(one=create("one"), two=create("two"))
+    outcomes = _create_twice_at_once(
+        runtime, monkeypatch, "Observation", body, "identifier=urn:oid:1.2.3.4.5.6|hr-7007-1"
+    )
     assert sorted(outcome.status for outcome in outcomes.values()) == [200, 201]
     assert outcomes["one"].resource_id == outcomes["two"].resource_id
     with runtime.sessions() as session:
-        assert real_resolver(session)("Observation", "identifier=hr-7007-1") == [outcomes["one"].resource_id]
+        assert orders.resolver(session)("Observation", "identifier=hr-7007-1") == [outcomes["one"].resource_id]

@@ -39,6 +39,25 @@ def _reported_job(runtime: Runtime) -> tuple[str, str]:
         return job_id, report.id
 
 
+def _second_revision(runtime: Runtime, first_job: str) -> tuple[str, Findings]:
+    """(a second revision of the job, queued, the findings of the first's report) for an amendment."""
+    with runtime.sessions.begin() as session:
+        job, study, _ = jobs.get_with_study(session=session, job_id=first_job)
+        second, _ = jobs.get_or_create(
+            session=session,
+            study=study,
+            model_name=job.model_name,
+            model_version=job.model_version,
+            revision=2,
+            rule=job.rule,
+            sop_instance_uid=job.sop_instance_uid,
+        )
+        findings = Findings.model_validate(
+            session.scalar(select(ReportVersion.findings).where(ReportVersion.job_id == first_job))
+        )
+        return second.id, findings
+
+
 def _report(runtime: Runtime, report_id: str) -> Report:
     with runtime.sessions() as session:
         report = session.get(Report, report_id)
@@ -68,21 +87,7 @@ def test_an_amendment_committed_during_a_publication_keeps_its_own_results_to_ma
     then wrote "stored" with version 1's SR over version 2, whose results were then never made."""
     runtime = pg_runtime
     first_job, report_id = _reported_job(runtime)
-    with runtime.sessions.begin() as session:
-        job, study, _ = jobs.get_with_study(session=session, job_id=first_job)
-        second, _ = jobs.get_or_create(
-            session=session,
-            study=study,
-            model_name=job.model_name,
-            model_version=job.model_version,
-            revision=2,
-            rule=job.rule,
-            sop_instance_uid=job.sop_instance_uid,
-        )
-        second_job = second.id
-        findings = Findings.model_validate(
-            session.scalar(select(ReportVersion.findings).where(ReportVersion.job_id == first_job))
-        )
+    second_job, findings = _second_revision(runtime, first_job)
 
     amended, commit = threading.Event(), threading.Event()
     errors: list[BaseException] = []
@@ -213,21 +218,7 @@ def test_an_amendment_s_sr_stored_before_its_predecessor_s_is_kept_on_a_retry(
     bytes under the same UID, refused, and version 2's results failed for good."""
     runtime = pg_runtime
     first_job, report_id = _reported_job(runtime)
-    with runtime.sessions.begin() as session:
-        job, study, _ = jobs.get_with_study(session=session, job_id=first_job)
-        second, _ = jobs.get_or_create(
-            session=session,
-            study=study,
-            model_name=job.model_name,
-            model_version=job.model_version,
-            revision=2,
-            rule=job.rule,
-            sop_instance_uid=job.sop_instance_uid,
-        )
-        second_job = second.id
-        findings = Findings.model_validate(
-            session.scalar(select(ReportVersion.findings).where(ReportVersion.job_id == first_job))
-        )
+    second_job, findings = _second_revision(runtime, first_job)
     heatmap = runtime.blobs.read_bytes(analysis.heatmap_key(first_job))
     runtime.blobs.put_bytes(analysis.heatmap_key(second_job), heatmap)  # as its inference would have left it
     real_store = results._store_result

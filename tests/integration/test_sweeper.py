@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import update
 
-from service.flows import analysis, ingest, queue
-from service.flows.runtime import Runtime, build_runtime, set_runtime
-from service.schemas import SYSTEM_PRINCIPAL
+from service.flows import analysis, queue
+from service.flows.runtime import Runtime
 from service.store import jobs
 from service.store.tables import Job, utcnow
-from tests.conftest import make_settings
-from tests.factories import dx_instance
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
-    overrides: dict[str, Any] = {}
-    if request.param == "postgresql":
-        overrides["database_url"] = request.getfixturevalue("postgres_url")
-    runtime = build_runtime(make_settings(tmp_path, batching=False, **overrides))
-    set_runtime(runtime)
-    yield runtime
-    runtime.engine.dispose()
+from tests.factories import queued_job
 
 
 @pytest.fixture
@@ -41,18 +25,12 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 def _lost_job(runtime: Runtime, *, inferring: bool = False) -> str:
     """A queued job (its task lost with the broker), untouched for an hour."""
-    study_uid = generate_uid()
-    ingest.store_instance(
-        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
-    )
-    [job] = analysis.request_analysis(
-        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
-    ).jobs
+    _, job_id = queued_job(runtime)
     if inferring:
-        analysis.preprocess_job(runtime, job.id)
+        analysis.preprocess_job(runtime, job_id)
     with runtime.sessions.begin() as session:
-        session.execute(update(Job).where(Job.id == job.id).values(updated_at=utcnow() - dt.timedelta(hours=1)))
-    return job.id
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow() - dt.timedelta(hours=1)))
+    return job_id
 
 
 def test_two_sweepers_send_a_lost_job_again_once(

@@ -18,7 +18,7 @@ from service.schemas import SYSTEM_PRINCIPAL, JobStage
 from service.store import jobs
 from service.store.tables import Job, Report, Study
 from service.worker import tasks
-from tests.factories import dx_instance
+from tests.factories import dx_instance, queued_job
 
 
 @pytest.fixture
@@ -28,16 +28,6 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return calls
 
 
-def _study_and_job(runtime: Runtime) -> tuple[str, str]:
-    study_uid = generate_uid()
-    ingest.store_instance(
-        runtime, dx_instance(study_uid=study_uid, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
-    )
-    request = analysis.request_analysis(
-        runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="request"
-    )
-    [job] = request.jobs
-    return study_uid, job.id
 
 
 def _job(runtime: Runtime, job_id: str) -> tuple[str, str | None]:
@@ -59,7 +49,7 @@ def test_a_database_or_disk_error_in_a_stage_is_tried_again(
     runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     """Before, any such error failed the job for good (code "internal"), and nothing could run it again."""
-    _, job_id = _study_and_job(runtime)
+    _, job_id = queued_job(runtime)
     real_decode = dicom.decode_image
 
     def unavailable(*args: Any, **kwargs: Any) -> Any:
@@ -78,7 +68,7 @@ def test_a_database_or_disk_error_in_a_stage_is_tried_again(
 def test_a_file_that_is_gone_fails_the_job(
     runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, job_id = _study_and_job(runtime)
+    _, job_id = queued_job(runtime)
 
     def gone(*args: Any, **kwargs: Any) -> Any:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory")
@@ -91,7 +81,7 @@ def test_a_file_that_is_gone_fails_the_job(
 def test_an_explicit_request_runs_a_failed_analysis_again(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
     """A failed analysis was final: a request, or the sweeper, returned the failed job. Now a request makes a new
     revision of the job and runs it; the sweeper still leaves a failed analysis alone."""
-    study_uid, job_id = _study_and_job(runtime)
+    study_uid, job_id = queued_job(runtime)
     analysis._fail(runtime, job_id, JobStage.preprocess, ServiceError("decoding failed", code="decode"))
     runtime.settings.study_stable_seconds = 0  # due for the sweeper at once
     sent_before = len(sent)
@@ -116,7 +106,7 @@ def test_an_explicit_request_runs_a_failed_analysis_again(runtime: Runtime, sent
 def test_a_job_that_fails_leaves_no_inputs_derived_from_the_patient(
     runtime: Runtime, sent: list[tuple[str, str]]
 ) -> None:
-    _, job_id = _study_and_job(runtime)
+    _, job_id = queued_job(runtime)
     analysis.preprocess_job(runtime, job_id)
     assert runtime.blobs.exists(analysis._inputs_key(job_id))
     analysis._fail(runtime, job_id, JobStage.infer, ServiceError("model call failed", code="inference"))
