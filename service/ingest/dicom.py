@@ -109,14 +109,18 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
+_INT32 = range(-(2**31), 2**31)  # an IS value's range (PS3.5 6.2); a number beyond it is no valid value
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         return None
+    return number if number in _INT32 else None
 
 
 def _date(ds: Dataset, keyword: str) -> dt.date | None:

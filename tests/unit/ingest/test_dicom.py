@@ -496,3 +496,15 @@ def test_an_extended_offset_table_without_its_lengths_is_refused() -> None:
     refused = _refused(_bytes(ds))
     assert refused.failure_reason == dicom.FAILURE_CANNOT_UNDERSTAND
     assert "Extended Offset Table Lengths" in refused.message
+
+
+def test_series_and_instance_numbers_beyond_their_range_are_left_out() -> None:
+    """An IS value is a 32-bit integer. Before, a larger one (99999999999) failed the object's INSERT: the object
+    was refused as a processing failure (0x0110), with a traceback in the log."""
+    data = _sample("CT_small.dcm", SeriesNumber="99999999999", InstanceNumber="-99999999999")
+    meta = dicom.parse_instance(data, max_pixels=MAX_PIXELS).meta
+    assert (meta.series_number, meta.instance_number) == (None, None)
+    assert (
+        dicom.parse_instance(_sample("CT_small.dcm", InstanceNumber="7"), max_pixels=MAX_PIXELS).meta.instance_number
+        == 7
+    )
