@@ -107,3 +107,22 @@ def test_wado_answers_what_accept_admits_or_406(
     assert response.status_code == status, response.text
     if status == 406:
         assert response.json()["error"]["code"] == "not-acceptable"
+
+
+def test_qido_names_the_query_keys_it_ignores(client: TestClient, tokens: Tokens) -> None:
+    """A key the search does not match on (a tag, a name we do not index) is ignored, as PS3.18 allows, and named
+    in a Warning header, as it requires. Before, "00100020=MRN-X" answered every study with no word of it."""
+    study_uid = generate_uid()
+    body, content_type = multipart_related([dx_instance(study_uid=study_uid, size=64)])
+    headers = {"Content-Type": content_type, **tokens.header("ingest")}
+    assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+    clinician = tokens.header("clinician")
+    answered = client.get("/dicomweb/studies", params={"00100020": "MRN-X", "PatientName": "A*"}, headers=clinician)
+    assert answered.status_code == 200
+    assert (
+        answered.headers["warning"] == '299 clinfer "The fields in the query were not supported: 00100020, PatientName"'
+    )
+    matched = client.get("/dicomweb/studies", params={"StudyInstanceUID": study_uid, "limit": 5}, headers=clinician)
+    assert matched.status_code == 200 and "warning" not in matched.headers
+    series = client.get(f"/dicomweb/studies/{study_uid}/series", params={"Modality": "DX"}, headers=clinician)
+    assert series.status_code == 200 and "Modality" in series.headers["warning"]

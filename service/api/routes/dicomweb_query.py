@@ -100,10 +100,25 @@ def _date_range(value: str | None) -> tuple[dt.date | None, dt.date | None]:
         raise InvalidInput(f"StudyDate {value!r} must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD") from e
 
 
-def _answer(results: list[dict[str, Any]]) -> Response:
+# the query parameters each QIDO-RS level matches on or pages with; any other is ignored, and said so
+_STUDY_QUERY = frozenset(
+    {"StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "ModalitiesInStudy", "limit", "offset"}
+)
+
+
+def _answer(results: list[dict[str, Any]], request: Request, supported: frozenset[str] = frozenset()) -> Response:
+    """The matches (204 when none). Query keys this level does not match on are ignored, as PS3.18 8.3.4.1 lets
+    a server do, and named in a ``Warning: 299`` header, as it requires: a search is never silently wider than
+    the one asked for."""
+    ignored = sorted({name for name in request.query_params if name not in supported})
+    headers = (
+        {"Warning": f'299 clinfer "The fields in the query were not supported: {", ".join(ignored)[:200]}"'}
+        if ignored
+        else None
+    )
     if not results:
-        return Response(status_code=204)
-    return JSONResponse(results, media_type=DICOM_JSON)
+        return Response(status_code=204, headers=headers)
+    return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
 
 
 def _audit_search(
@@ -172,7 +187,7 @@ def search_studies(
             len(results),
             found,
         )
-    return _answer(results)
+    return _answer(results, request, _STUDY_QUERY)
 
 
 @router.get("/studies/{study_instance_uid}/series", summary="QIDO-RS: the series of a study")
@@ -187,7 +202,7 @@ def search_series(study_instance_uid: str, request: Request, runtime: RuntimeDep
         _audit_search(
             runtime, session, principal, "series", {"StudyInstanceUID": study_instance_uid}, len(results), [study]
         )
-    return _answer(results)
+    return _answer(results, request)
 
 
 @router.get(
@@ -215,7 +230,7 @@ def search_instances(
             len(results),
             [study],
         )
-    return _answer(results)
+    return _answer(results, request)
 
 
 def _multipart(runtime: Runtime, blob_keys: list[str]) -> StreamingResponse:
