@@ -240,3 +240,20 @@ def test_native_and_dicomweb_integers_at_their_range_still_work(database_client:
     assert audit.status_code == 200 and audit.json() == {"events": []}, audit.text
     found = client.get("/dicomweb/studies", params={"offset": "1000000000"}, headers=clinician)
     assert found.status_code == 204, found.text
+
+
+def test_a_fhir_body_over_the_limit_is_refused_whether_its_length_is_declared_or_not(
+    client: TestClient, tokens: Tokens, runtime: Runtime
+) -> None:
+    """413 in an OperationOutcome, from the declared Content-Length before a byte is read, or, for a chunked body,
+    as soon as what was read passes the limit (before, the whole body was read into memory first)."""
+    runtime.settings.max_fhir_bundle_bytes = 1000
+    body = b'{"resourceType": "Patient", "gender": "' + b"x" * 2000 + b'"}'
+    headers = {**tokens.header("ingest"), "Content-Type": "application/fhir+json"}
+    declared = client.post("/fhir/Patient", content=body, headers=headers)
+    chunked = client.post("/fhir/Patient", content=iter([body[:600], body[600:]]), headers=headers)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert response.json()["resourceType"] == "OperationOutcome"
+    small = client.post("/fhir/Patient", content=b'{"resourceType": "Patient"}', headers=headers)
+    assert small.status_code == 201, small.text

@@ -99,10 +99,19 @@ async def _json_body(request: Request, runtime: Runtime) -> dict[str, Any]:
     media = request.headers.get("content-type", "application/fhir+json").split(";")[0].strip().lower()
     if media not in ("application/fhir+json", "application/json", "application/json+fhir"):
         raise UnsupportedMediaType(f"send application/fhir+json, not {media}")
-    raw = await request.body()
-    if len(raw) > runtime.settings.max_fhir_bundle_bytes:
-        raise PayloadTooLarge(f"the body exceeds the limit of {runtime.settings.max_fhir_bundle_bytes} bytes")
-    return fhir_ingest.load_json(raw)
+    limit = runtime.settings.max_fhir_bundle_bytes
+    too_large = PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise too_large  # refused before a byte is read
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # never more than the limit in memory, whatever the body's length
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return fhir_ingest.load_json(b"".join(chunks))
 
 
 def _number(text: str, maximum: int) -> int | None:
