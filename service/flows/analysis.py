@@ -170,12 +170,15 @@ def request_analysis(
     return AnalysisRequest(study_instance_uid, status, all_jobs, reason)
 
 
+# each stage's Celery task and the queue it is sent on
+_STAGE_TASKS = {
+    JobStage.preprocess: (queue.PREPROCESS_TASK, queue.PREPROCESS_QUEUE),
+    JobStage.infer: (queue.INFER_TASK, queue.INFER_QUEUE),
+}
+
+
 def _enqueue(runtime: Runtime, job_id: str, stage: JobStage, priority: int) -> None:
-    task, target = (
-        (queue.PREPROCESS_TASK, queue.PREPROCESS_QUEUE)
-        if stage == JobStage.preprocess
-        else (queue.INFER_TASK, queue.INFER_QUEUE)
-    )
+    task, target = _STAGE_TASKS[stage]
     try:
         queue.send(task, job_id, queue=target, priority=priority)
     except Exception as e:  # the broker is down: the job row stays queued and the reconciler sends it later
@@ -267,7 +270,12 @@ def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -
         )
     metrics.JOB_FAILURES.labels(job.model_name, stage.value, error.code).inc()
     log.error("job %s failed at %s: %s", job_id, stage.value, error.message)
-    for key in (_inputs_key(job_id), heatmap_key(job_id)):  # derived from patient data; nothing will read them
+    _drop_derived(runtime, job_id)
+
+
+def _drop_derived(runtime: Runtime, job_id: str) -> None:
+    """Remove a failed job's prepared inputs and heatmap: derived from patient data, and nothing will read them."""
+    for key in (_inputs_key(job_id), heatmap_key(job_id)):
         runtime.blobs.delete(key)
 
 
@@ -595,9 +603,8 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         # the patient held: the report's FHIR resources and the audit find it in the session
         job, study, patient = jobs.get_with_study(session=session, job_id=job_id, for_update=True, lock_study=True)
         if job.state in FINAL_STATES:  # another run of this job (a re-sent task) finished it: keep its outcome
-            if job.state == JobState.failed.value:  # nothing will read this run's inputs or heatmap
-                runtime.blobs.delete(_inputs_key(job_id))
-                runtime.blobs.delete(heatmap_key(job_id))
+            if job.state == JobState.failed.value:  # this run wrote them after the failure removed them
+                _drop_derived(runtime, job_id)
             return
         study_instance_uid = study.study_instance_uid
         report, created = reports.create_once(
@@ -689,7 +696,7 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
         older_than = now - dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
         for job in jobs.lost(session=session, older_than=older_than):
             stage = JobStage.infer if job.stage == JobStage.infer.value else JobStage.preprocess
-            if (queue.INFER_QUEUE if stage == JobStage.infer else queue.PREPROCESS_QUEUE) in backlog:
+            if _STAGE_TASKS[stage][1] in backlog:
                 continue
             resent = int((job.timings or {}).get("resent", 0)) + 1
             timings = {**(job.timings or {}), "resent": resent}
@@ -713,7 +720,6 @@ def sample_job_gauges(runtime: Runtime) -> None:
         counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
     for state in JobState:
         metrics.JOBS_IN_STATE.labels(state.value).set(counts.get(state.value, 0))
-    if not runtime.settings.embedded_worker:
-        for name, depth in queue.queue_depths().items():
-            if depth is not None:
-                metrics.QUEUE_DEPTH.labels(name).set(depth)
+    for name, depth in _queue_depths(runtime).items():
+        if depth is not None:
+            metrics.QUEUE_DEPTH.labels(name).set(depth)
