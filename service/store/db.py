@@ -102,6 +102,10 @@ def insert_unless_clash(session: Session, entity: type[Row], **values: Any) -> R
 
 _INSERTS: dict[tuple[str, type], Any] = {}
 
+# the largest 64-bit key a row can have: a larger one from a request is not found or refused, never bound in SQL,
+# where it overflows
+MAX_KEY = 2**63 - 1
+
 
 def serialize_on(session: Session, keys: Iterable[str]) -> None:
     """Make this transaction, from now until it ends, wait for and then exclude every other transaction that calls

@@ -26,7 +26,7 @@ from service.flows.runtime import Runtime
 from service.ingest import fhir as fhir_ingest
 from service.results import fhir as fhir_results
 from service.schemas import Principal
-from service.store import audit, clinical, fhir_store
+from service.store import audit, clinical, db, fhir_store
 from service.store.tables import AuditEvent as AuditRow
 
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"])
@@ -35,9 +35,8 @@ WRITABLE_TYPES = fhir_flow.WRITABLE_TYPES
 PRODUCED_TYPES = ("DiagnosticReport", "Provenance", "Device")
 SEARCHABLE_TYPES = tuple(fhir_store.SEARCH_PARAMETERS)
 FHIR_VERSION = "4.0.1"
-# the largest AuditEvent id (a 64-bit key) and resource version (a 32-bit column) a row can have: a larger one in a
-# URL is simply not found, never bound in SQL (where it overflows)
-MAX_AUDIT_EVENT_ID = 2**63 - 1
+# the largest resource version (a 32-bit column) a row can have: a larger one in a URL is simply not found, never
+# bound in SQL (where it overflows); an AuditEvent id likewise up to db.MAX_KEY
 MAX_VERSION = 2**31 - 1
 _DIGITS = re.compile(r"[0-9]{1,30}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 
@@ -354,7 +353,7 @@ def read(
     if resource_type == "AuditEvent":
         check(request, runtime, principal, "AuditEvent", "r")
         with runtime.sessions.begin() as session:
-            event_id = _number(resource_id, MAX_AUDIT_EVENT_ID)
+            event_id = _number(resource_id, db.MAX_KEY)
             event = session.get(AuditRow, event_id) if event_id is not None else None
             if event is None:
                 raise NotFound(f"AuditEvent/{resource_id} is not known")

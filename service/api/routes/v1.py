@@ -15,7 +15,7 @@ from service.flows import analysis, results
 from service.results import reports as report_results
 from service.routing.rules import QUEUE_PRIORITY, Priority
 from service.schemas import Principal
-from service.store import audit, clinical, fhir_store, jobs, reports, studies
+from service.store import audit, clinical, db, fhir_store, jobs, reports, studies
 from service.store.tables import Job, Study
 
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -26,8 +26,6 @@ ReportReadDep = Annotated[Principal, Depends(require("DiagnosticReport", "r"))]
 JobReadDep = Annotated[Principal, Depends(require("Task", "r"))]
 ModelReadDep = Annotated[Principal, Depends(require("Device", "r"))]
 AuditReadDep = Annotated[Principal, Depends(require("AuditEvent", "s"))]
-
-MAX_ID = 2**63 - 1  # the largest 64-bit key: a larger one is refused, never bound in SQL (where it overflows)
 
 
 def job_json(job: Job, study_instance_uid: str | None = None) -> dict[str, Any]:
@@ -280,7 +278,7 @@ def list_models(runtime: RuntimeDep, principal: ModelReadDep) -> dict[str, Any]:
 def list_audit(
     runtime: RuntimeDep,
     principal: AuditReadDep,
-    after_id: int = Query(0, ge=0, le=MAX_ID),
+    after_id: int = Query(0, ge=0, le=db.MAX_KEY),
     limit: int = Query(100, ge=1, le=1000),
     event_type: str | None = None,
     patient: str | None = None,
