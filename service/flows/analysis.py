@@ -662,6 +662,9 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
     runtime.blobs.delete(_inputs_key(job_id))
 
 
+_SWEEP_PAGE = 100  # stable studies read per query
+
+
 def sweep(runtime: Runtime) -> tuple[int, int]:
     """Analyze studies that have been stable long enough, and re-enqueue jobs that were committed but lost.
 
@@ -670,26 +673,36 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
     sweeper claims the lost jobs it sends again, so two sweepers never send one job twice.
 
     Returns:
-        (studies whose analysis was requested, jobs re-enqueued).
+        (stable studies whose analysis was requested, whether or not it could start; jobs re-enqueued).
     """
     now = utcnow()
-    with runtime.sessions() as session:
-        stable = [
-            s.study_instance_uid
-            for s in studies.stable_unanalyzed(
+    stable_before = now - dt.timedelta(
+        seconds=runtime.routing.min_stable_seconds(runtime.settings.study_stable_seconds)
+    )
+    requested = 0
+    after: tuple[dt.datetime, int] | None = None
+    while True:  # page by page: studies still waiting for their rule's quiet period never hide the ones behind
+        with runtime.sessions() as session:
+            page = studies.stable_unanalyzed(
                 session=session,
-                stable_before=now
-                - dt.timedelta(seconds=runtime.routing.min_stable_seconds(runtime.settings.study_stable_seconds)),
+                stable_before=stable_before,
                 ordered_only=not runtime.settings.analyze_unordered,
+                after=after,
+                limit=_SWEEP_PAGE,
             )
-        ]
-    for study_uid in stable:
-        try:
-            request_analysis(runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable")
-        except ServiceError as e:
-            log.warning("automatic analysis of a stable study failed: %s", e.message)
-        except Exception:  # one study's error (a deadlock, a lock timeout) leaves the others and the lost jobs
-            log.exception("automatic analysis of stable study %s failed", study_uid)
+            stable = [s.study_instance_uid for s in page]
+            if page:
+                after = (page[-1].last_instance_at, page[-1].id)
+        for study_uid in stable:
+            requested += 1
+            try:
+                request_analysis(runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable")
+            except ServiceError as e:
+                log.warning("automatic analysis of a stable study failed: %s", e.message)
+            except Exception:  # one study's error (a deadlock, a lock timeout) leaves the others and the lost jobs
+                log.exception("automatic analysis of stable study %s failed", study_uid)
+        if len(page) < _SWEEP_PAGE:
+            break
     backlog = {name for name, depth in _queue_depths(runtime).items() if depth}
     lost: list[tuple[str, JobStage, int]] = []
     with runtime.sessions.begin() as session:
@@ -705,7 +718,7 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
     for job_id, stage, priority in lost:
         _enqueue(runtime, job_id, stage, priority)
         metrics.RECONCILED_JOBS.inc()
-    return len(stable), len(lost)
+    return requested, len(lost)
 
 
 def _queue_depths(runtime: Runtime) -> dict[str, int | None]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service.errors import NotFound
+from service.errors import Conflict, NotFound
 from service.schemas import NormalizedInstance, StudyStatus
 from service.store import db
 from service.store.tables import Instance, Patient, Series, Study, utcnow
@@ -124,6 +124,11 @@ def _get_series(session: Session, series_instance_uid: str) -> Series | None:
     return session.scalar(select(Series).where(Series.series_instance_uid == series_instance_uid))
 
 
+class SeriesOfAnotherStudy(Conflict):
+    """An instance whose series is already stored under another study: filed there, it would be shown, analyzed
+    and reported as part of a study its own header does not name."""
+
+
 def add_instance(
     *,
     session: Session,
@@ -179,6 +184,11 @@ def add_instance(
         if series is None:  # created meanwhile, or another study's
             series = _get_series(session, meta.series_instance_uid)
             assert series is not None
+    if series.study_id != study.id:
+        raise SeriesOfAnotherStudy(
+            f"series in another study: SeriesInstanceUID {meta.series_instance_uid} is stored already under"
+            f" another StudyInstanceUID than {meta.study_instance_uid}; a series belongs to one study only"
+        )
     instance = db.insert_unless_clash(
         session,
         Instance,
@@ -256,17 +266,31 @@ def count_instances(*, session: Session, study: Study) -> int:
 
 
 def stable_unanalyzed(
-    *, session: Session, stable_before: dt.datetime, ordered_only: bool = False, limit: int = 100
+    *,
+    session: Session,
+    stable_before: dt.datetime,
+    ordered_only: bool = False,
+    after: tuple[dt.datetime, int] | None = None,
+    limit: int = 100,
 ) -> list[Study]:
     """Studies whose last received instance arrived before ``stable_before`` and after their last analysis
-    request (or that were never analyzed); with ``ordered_only``, only those with a linked AI-read order."""
+    request (or that were never analyzed); with ``ordered_only``, only those with a linked AI-read order.
+
+    Oldest first, by (last_instance_at, id); ``after`` is the last such pair of the previous page."""
     query = select(Study).where(
         Study.last_instance_at < stable_before,
         or_(Study.analysis_requested_at.is_(None), Study.analysis_requested_at < Study.last_instance_at),
     )
     if ordered_only:
         query = query.where(Study.order_resource_id.is_not(None))
-    return list(session.scalars(query.order_by(Study.last_instance_at).limit(limit)))
+    if after is not None:
+        query = query.where(
+            or_(
+                Study.last_instance_at > after[0],
+                and_(Study.last_instance_at == after[0], Study.id > after[1]),
+            )
+        )
+    return list(session.scalars(query.order_by(Study.last_instance_at, Study.id).limit(limit)))
 
 
 def by_accession(*, session: Session, accession_number: str) -> list[Study]:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import threading
+from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
-from sqlalchemy import update
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select, update
 
-from service.flows import analysis, queue
-from service.flows.runtime import Runtime
+from service.flows import analysis, ingest, queue
+from service.flows.runtime import Runtime, build_runtime, set_runtime
+from service.schemas import SYSTEM_PRINCIPAL
 from service.store import jobs
-from service.store.tables import Job, utcnow
-from tests.factories import queued_job
+from service.store.tables import Job, Study, utcnow
+from tests.conftest import make_settings
+from tests.factories import dx_instance, queued_job
 
 
 @pytest.fixture
@@ -92,3 +98,42 @@ def test_a_job_whose_queue_has_a_backlog_is_not_sent_again(
     monkeypatch.setattr(analysis, "_queue_depths", lambda runtime: {queue.INFER_QUEUE: 0, queue.PREPROCESS_QUEUE: 0})
     analysis.sweep(runtime)
     assert sent[1:] == [(queue.INFER_TASK, inferring)]
+
+
+LATERAL_STUDIES = 101  # more than a round read before
+
+
+def test_studies_waiting_for_their_rules_quiet_period_do_not_hide_a_due_study(
+    tmp_path: Path, sent: list[tuple[str, str]]
+) -> None:
+    """Before, a round read the 100 oldest stable-looking studies only. A study whose rule asks for a longer quiet
+    period is not stamped while it waits, so 100 of them (say lateral views held for an hour) came back first in
+    every round and a study due now, received after them, was never analyzed until they were."""
+    rules = tmp_path / "routing.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - {name: lateral, match: {ViewPosition: [LL]}, models: [cxr-fusion], stable_seconds: 3600}\n"
+        "  - {name: pa, match: {ViewPosition: [PA]}, models: [cxr-fusion], stable_seconds: 0}\n"
+    )
+    runtime = build_runtime(make_settings(tmp_path, routing_rules=rules, batching=False))
+    set_runtime(runtime)
+    lateral = pydicom.dcmread(io.BytesIO(dx_instance(size=256)))
+    lateral.ViewPosition = "LL"
+    for _ in range(LATERAL_STUDIES):
+        lateral.StudyInstanceUID, lateral.SeriesInstanceUID = generate_uid(), generate_uid()
+        lateral.SOPInstanceUID = generate_uid()
+        lateral.file_meta.MediaStorageSOPInstanceUID = lateral.SOPInstanceUID
+        buffer = io.BytesIO()
+        lateral.save_as(buffer, enforce_file_format=True)
+        ingest.store_instance(runtime, buffer.getvalue(), principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
+    due = generate_uid()
+    ingest.store_instance(
+        runtime, dx_instance(study_uid=due, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
+    )
+
+    analysis.sweep(runtime)
+    with runtime.sessions() as session:
+        rules_run = session.scalars(select(Job.rule).join(Study, Job.study_id == Study.id)).all()
+        waiting = session.scalar(select(func.count(Study.id)).where(Study.analysis_requested_at.is_(None)))
+    assert rules_run == ["pa"], rules_run
+    assert waiting == LATERAL_STUDIES, "the lateral views still wait for their quiet hour"
