@@ -241,11 +241,17 @@ def store_instance(
             # committed names it (the same object, stored at the same moment); when such a row is committed
             # while the file goes, the file is written again (here, or by that request: below)
             session.rollback()
-            log.exception("storing instance of part %d failed", part)
+            if not isinstance(e, studies.SeriesOfAnotherStudy):
+                log.exception("storing instance of part %d failed", part)
             if not _blob_committed(runtime, meta.sop_instance_uid, blob_key):
                 runtime.blobs.delete(blob_key)
                 if _blob_committed(runtime, meta.sop_instance_uid, blob_key):
                     runtime.blobs.put_bytes(blob_key, data)
+            if isinstance(e, studies.SeriesOfAnotherStudy):
+                metrics.INGEST_INSTANCES.labels(protocol, "rejected").inc()
+                return FailedInstance(
+                    part, dicom.FAILURE_CANNOT_UNDERSTAND, e.message, meta.sop_class_uid, meta.sop_instance_uid
+                )
             return _failed(meta, e, part=part, protocol=protocol)
     if not runtime.blobs.exists(blob_key):  # removed by a failed store of the same object at the same moment
         runtime.blobs.put_bytes(blob_key, data)

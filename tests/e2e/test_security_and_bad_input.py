@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import re
+from typing import Any
 
+import pydicom
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
@@ -131,6 +134,39 @@ def test_stow_with_a_corrupt_part_stores_the_others(client: TestClient, tokens: 
     files = (runtime.settings.effective_blob_dir / "instances").rglob("*.dcm")
     assert sorted(p.name.rsplit(".", 2)[0] for p in files) == sorted(  # <SOP Instance UID>.<content hash>.dcm
         i["00081155"]["Value"][0] for i in payload["00081199"]["Value"]
+    )
+
+
+def test_stow_of_an_instance_whose_series_is_another_study_s_is_refused_whole(
+    client: TestClient, tokens: Tokens, runtime: Runtime
+) -> None:
+    """A modality that reuses a SeriesInstanceUID in a new study (a known fault of some consoles). Before, the
+    instance was filed under the first study's series: shown, analyzed and reported with a study its header does
+    not name, while its own study stayed empty."""
+    first_study, series, second_study = generate_uid(), generate_uid(), generate_uid()
+    stored = dx_instance(study_uid=first_study, series_uid=series, seed=1)
+    assert _stow(client, tokens, stored).status_code == 200
+    sop_uid = generate_uid()
+    response = _stow(client, tokens, dx_instance(study_uid=second_study, series_uid=series, sop_uid=sop_uid, seed=2))
+    assert response.status_code == 409, response.text
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [sop_uid] and failed["00081197"]["Value"] == [0xC000]
+    assert "series in another study" in failed["00000902"]["Value"][0]
+    clinician = tokens.header("clinician")
+    assert client.get(f"/v1/studies/{second_study}", headers=clinician).status_code == 404
+    [found] = client.get(f"/dicomweb/studies/{first_study}/series", headers=clinician).json()
+    assert found["0020000E"]["Value"] == [series] and found["00201209"]["Value"] == [1]
+    with runtime.sessions() as session:
+        stored_uids = session.scalars(select(Instance.sop_instance_uid)).all()
+    assert stored_uids == [pydicom.dcmread(io.BytesIO(stored)).SOPInstanceUID]
+    files = (runtime.settings.effective_blob_dir / "instances").rglob("*.dcm")
+    assert [p.name.split(".")[0] for p in files if sop_uid in p.name] == []
+
+
+def _stow(client: TestClient, tokens: Tokens, part: bytes) -> Any:
+    body, content_type = multipart_related([part])
+    return client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **tokens.header("ingest")}
     )
 
 

@@ -248,22 +248,31 @@ def test_an_append_without_the_head_row_fails_and_writes_nothing(engine: Engine)
 
 
 def test_instance_whose_series_uid_belongs_to_another_study(engine: Engine) -> None:
-    """The new study's series INSERT clashes: the rows are made one by one, as before (the series is found)."""
+    """A series belongs to one study. Before, an instance naming another study's series was filed under that
+    series (shown, analyzed and reported with the other study) and its own study was left empty; now it is
+    refused, whether its study is new (the series INSERT clashes) or known, and nothing of it is written."""
     sessions = db.make_session_factory(engine)
     with sessions.begin() as session:
         studies.add_instance(session=session, meta=_meta(), blob_key="a", size_bytes=1, sha256="x")
-    with sessions.begin() as session:
-        instance, new = studies.add_instance(
+        studies.add_instance(
             session=session,
-            meta=_meta(study_instance_uid="1.2.4", sop_instance_uid="1.2.4.1.1"),
-            blob_key="b",
+            meta=_meta(study_instance_uid="1.2.5", series_instance_uid="1.2.5.1", sop_instance_uid="1.2.5.1.1"),
+            blob_key="c",
             size_bytes=1,
-            sha256="y",
+            sha256="z",
         )
-        assert new
+    for study_uid in ("1.2.4", "1.2.5"):  # a new study, then a known one
+        with sessions() as session, pytest.raises(studies.SeriesOfAnotherStudy, match="another study"):
+            studies.add_instance(
+                session=session,
+                meta=_meta(study_instance_uid=study_uid, sop_instance_uid=f"{study_uid}.9.9"),
+                blob_key="b",
+                size_bytes=1,
+                sha256="y",
+            )
     with sessions() as session:
-        assert studies.get(session=session, study_instance_uid="1.2.4") is not None
-        assert session.query(Series).count() == 1 and session.query(Instance).count() == 2
+        assert studies.get(session=session, study_instance_uid="1.2.4") is None
+        assert session.query(Series).count() == 2 and session.query(Instance).count() == 2
 
 
 @pytest.fixture
