@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     dimse_host: str = "127.0.0.1"
     dimse_allowed_calling_ae_titles: list[str] = Field(default_factory=list, description="empty: any calling AE")
     dimse_max_associations: int = Field(default=10, ge=1)
+    dimse_acse_timeout: float = Field(
+        default=30, gt=0, le=600, description="seconds the listener waits for an association request or release"
+    )
     dimse_embedded: bool = Field(default=True, description="`clinfer serve` on the embedded default also listens")
     dimse_tls_cert: Path | None = Field(default=None, description="PEM certificate: the DICOM listener speaks TLS")
     dimse_tls_key: Path | None = Field(default=None, description="PEM private key of dimse_tls_cert")

@@ -47,6 +47,11 @@ AUDIT_FAILURES = Counter(
     ["event_type"],
 )
 AUTH_DENIALS = Counter("clinfer_auth_denials_total", "Requests refused by authentication or authorization", ["reason"])
+DIMSE_REFUSED = Counter(
+    "clinfer_dimse_refused_total",
+    "DICOM connections the listener closed at a limit (too many connections, a PDU or an object too large)",
+    ["reason"],
+)
 QUEUE_WAIT = Histogram(
     "clinfer_queue_wait_seconds",
     "Time a job waited in a queue before its stage started",

@@ -98,11 +98,71 @@ def handle_store(event: Any, runtime: Runtime) -> int | Dataset:
     return STATUS_SUCCESS
 
 
+# The largest P-DATA PDU we take, announced as our Maximum Length Received (PS3.8 D.1). A peer's larger PDU, or a
+# DIMSE message (a C-STORE's object) larger than CLINFER_MAX_UPLOAD_BYTES, ends the association: pynetdicom would
+# otherwise read whatever length a PDU header claims, and gather an object of any size, in memory.
+MAX_PDU_BYTES = 4 * 1024**2
+
+
+def _guard_received(event: Any, runtime: Runtime) -> None:
+    """EVT_CONN_OPEN, before the association reads anything: bound what one PDU and one DIMSE message may hold."""
+    assoc = event.assoc
+    sock, dimse = assoc.dul.socket, assoc.dimse
+    address = str(event.address[0]) if event.address else ""
+    read_pdu, receive_primitive = sock.recv, dimse.receive_primitive
+    limit = runtime.settings.max_upload_bytes
+    gathered = 0
+
+    def recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_PDU_BYTES:  # a PDU's length, read after its 6-byte header
+            log.warning("DICOM peer %s sent a PDU of %d bytes (more than %d): closed", address, nr_bytes, MAX_PDU_BYTES)
+            metrics.DIMSE_REFUSED.labels("pdu-too-large").inc()
+            raise OSError(f"a PDU of {nr_bytes} bytes exceeds our maximum of {MAX_PDU_BYTES}")
+        return read_pdu(nr_bytes)  # type: ignore[no-any-return]
+
+    def receive(primitive: Any) -> None:
+        nonlocal gathered
+        if gathered > limit:
+            return  # the association is being aborted
+        gathered += sum(len(value) for _, value in primitive.presentation_data_value_list)
+        if gathered > limit:
+            log.warning("DICOM peer %s sent an object over %d bytes: association aborted", address, limit)
+            metrics.DIMSE_REFUSED.labels("object-too-large").inc()
+            _audit_refused_object(runtime, event, limit)
+            assoc.dul.event_queue.put("Evt19")  # an invalid PDU: A-ABORT to the peer, then the connection closes
+            return
+        receive_primitive(primitive)
+        if dimse.message is None:  # a whole message received
+            gathered = 0
+
+    sock.recv = recv
+    dimse.receive_primitive = receive
+
+
+def _audit_refused_object(runtime: Runtime, event: Any, limit: int) -> None:
+    try:
+        with runtime.sessions.begin() as session:
+            audit.append(
+                session=session,
+                principal=_principal(event),
+                event_type="dimse.object-too-large",
+                action="C",
+                outcome=audit.MINOR_FAILURE,
+                entity_type="Association",
+                entity_ref=f"{event.assoc.requestor.ae_title}->{event.assoc.acceptor.ae_title}",
+                detail={"limit_bytes": limit},
+            )
+    except Exception:  # the association is aborted all the same; the failure is counted and logged
+        metrics.AUDIT_FAILURES.labels("dimse.object-too-large").inc()
+        log.exception("the refused object could not be audited")
+
+
 def build_ae(runtime: Runtime) -> AE:
     settings = runtime.settings
     ae = AE(ae_title=settings.dimse_ae_title)
     ae.maximum_associations = settings.dimse_max_associations
-    ae.maximum_pdu_size = 0  # no limit on what we receive; the peer's limit applies to what we send
+    ae.acse_timeout = settings.dimse_acse_timeout
+    ae.maximum_pdu_size = MAX_PDU_BYTES  # what we receive; the peer's own maximum applies to what we send
     ae.require_called_aet = True
     if settings.dimse_allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.dimse_allowed_calling_ae_titles)
@@ -115,6 +175,7 @@ def build_ae(runtime: Runtime) -> AE:
 
 def handlers(runtime: Runtime) -> list[Any]:
     return [
+        (evt.EVT_CONN_OPEN, _guard_received, [runtime]),
         (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
         (evt.EVT_C_STORE, handle_store, [runtime]),
         (evt.EVT_ACCEPTED, lambda event: _audit_association(runtime, event, accepted=True)),
@@ -142,8 +203,59 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-class TlsAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved from the accept loop into the connection's thread.
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with a bound on open connections.
+
+    pynetdicom starts a thread for every connection and refuses associations over its maximum only once their
+    A-ASSOCIATE-RQ has arrived, so connections that send nothing (or close before a word) each hold a thread until
+    the ACSE timeout (CLINFER_DIMSE_ACSE_TIMEOUT). Up to
+    ``max_connections`` (twice the maximum associations, so a peer over that maximum still gets its A-ASSOCIATE-RJ)
+    are served; a connection beyond is closed at once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = 2 * self.ae.maximum_associations
+        self._pending = 0  # accepted, their association thread not started yet
+        self._pending_lock = threading.Lock()
+
+    def connections(self) -> int:
+        return len(self.active_associations) + self._pending
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._pending_lock:
+            if self.connections() >= self.max_connections:
+                refused = True
+            else:
+                refused = False
+                self._pending += 1
+        if refused:
+            log.warning("DICOM connection from %s closed: %d connections open", client_address[0], self.max_connections)
+            metrics.DIMSE_REFUSED.labels("too-many-connections").inc()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._started()
+            raise
+
+    def _started(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self._serve_connection(request, client_address)
+        finally:
+            self._started()  # its association thread runs (and is counted) from here, or the connection is closed
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        super().process_request_thread(request, client_address)
+
+
+class TlsAssociationServer(ListenerServer):
+    """The listener's server, with the TLS handshake moved from the accept loop into the connection's thread.
 
     pynetdicom wraps each accepted socket in the accept loop and handshakes there without a timeout, so one client
     that connects and sends nothing would stop the listener accepting anyone else.
@@ -164,7 +276,7 @@ class TlsAssociationServer(ThreadedAssociationServer):
         wrapped = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         return wrapped, address
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
         handshake_timeout = self.ae.acse_timeout or 30
         try:
             request.settimeout(handshake_timeout)
@@ -180,7 +292,7 @@ class TlsAssociationServer(ThreadedAssociationServer):
             if self.on_refused is not None:
                 self.on_refused(str(client_address[0]), getattr(e, "reason", None) or str(e))
             return
-        super().process_request_thread(request, client_address)
+        super()._serve_connection(request, client_address)
 
 
 def _audit_tls_refusal(runtime: Runtime, address: str, reason: str) -> None:
@@ -215,17 +327,18 @@ def start(runtime: Runtime, *, block: bool) -> ThreadedAssociationServer | None:
         settings.dimse_port,
         "" if context is None else " (TLS" + (", client certificates required)" if settings.dimse_tls_ca else ")"),
     )
-    if context is None:
-        return ae.start_server(address, block=block, evt_handlers=handlers(runtime))
     # what AE.start_server does, with our server class: the AE keeps its servers (AssociationServer.shutdown
     # removes itself from that list, and AE.shutdown stops them all)
-    server = ae.make_server(
-        address,
-        ssl_context=context,
-        evt_handlers=handlers(runtime),
-        server_class=TlsAssociationServer,
-        on_refused=lambda peer, reason: _audit_tls_refusal(runtime, peer, reason),
-    )
+    if context is None:
+        server = ae.make_server(address, evt_handlers=handlers(runtime), server_class=ListenerServer)
+    else:
+        server = ae.make_server(
+            address,
+            ssl_context=context,
+            evt_handlers=handlers(runtime),
+            server_class=TlsAssociationServer,
+            on_refused=lambda peer, reason: _audit_tls_refusal(runtime, peer, reason),
+        )
     ae._servers.append(server)
     if block:
         try:
@@ -233,5 +346,5 @@ def start(runtime: Runtime, *, block: bool) -> ThreadedAssociationServer | None:
         except KeyboardInterrupt:
             server.shutdown()
         return None
-    threading.Thread(target=server.serve_forever, name="dimse-tls-listener", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name="dimse-listener", daemon=True).start()
     return server

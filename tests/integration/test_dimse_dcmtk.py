@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -116,3 +118,74 @@ def test_an_association_that_cannot_be_audited_is_aborted(
     with listener.sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 0
     assert failures._value.get() == before + 1
+
+
+@pytest.fixture
+def small_listener(tmp_path: Path) -> Iterator[Runtime]:
+    """Two associations at most, objects up to 300 kB, 2 s for an association request."""
+    settings = make_settings(
+        tmp_path, dimse_port=free_port(), dimse_max_associations=2, max_upload_bytes=300_000, dimse_acse_timeout=2
+    )
+    with dimse_listener(settings) as runtime:
+        yield runtime
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_an_object_over_the_upload_limit_ends_its_association_and_nothing_is_kept(
+    small_listener: Runtime, tmp_path: Path
+) -> None:
+    """Before, a C-STORE object of any size was gathered in memory and stored: nothing bounded what a peer could
+    make the listener hold (the STOW-RS route has CLINFER_MAX_UPLOAD_BYTES)."""
+    large, small = tmp_path / "large.dcm", tmp_path / "small.dcm"
+    large.write_bytes(dx_instance(size=512))  # 512 kB of pixels
+    small.write_bytes(dx_instance(size=256))  # 128 kB
+    refused = _dcmtk("storescu", small_listener.settings.dimse_port, str(large))
+    assert refused.returncode != 0, refused.stdout + refused.stderr
+    stored = _dcmtk("storescu", small_listener.settings.dimse_port, str(small))
+    assert stored.returncode == 0, stored.stdout + stored.stderr
+    with small_listener.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 1
+        [event] = session.scalars(select(AuditEvent).where(AuditEvent.event_type == "dimse.object-too-large"))
+    assert event.actor == "dicom:MODALITY1" and event.detail == {"limit_bytes": 300_000}
+
+
+def test_a_pdu_longer_than_we_announced_closes_the_connection(small_listener: Runtime) -> None:
+    """Before, the listener read whatever length a PDU header claimed (up to 4 GiB) into memory."""
+    with socket.create_connection(("127.0.0.1", small_listener.settings.dimse_port)) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 2**31) + b"\0" * 4096)  # an A-ASSOCIATE-RQ of 2 GiB
+        assert _closed_by_peer(sock, within=10)
+    echo = _dcmtk("echoscu", small_listener.settings.dimse_port)
+    assert echo.returncode == 0, echo.stderr
+
+
+def test_connections_beyond_twice_the_maximum_associations_are_closed_at_once(small_listener: Runtime) -> None:
+    """Before, every connection got a thread until its ACSE timeout, however many were open: connections that
+    send nothing could pile up threads without bound."""
+    port = small_listener.settings.dimse_port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # 2 x 2 associations
+    try:
+        time.sleep(0.5)
+        extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        assert [_closed_by_peer(s, within=5) for s in extra] == [True, True]
+        assert [_closed_by_peer(s, within=0.2) for s in idle] == [False] * 4
+        for s in extra:
+            s.close()
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:  # the idle connections' threads end at the ACSE timeout
+        echo = _dcmtk("echoscu", port)
+        if echo.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert echo.returncode == 0, echo.stderr
