@@ -241,11 +241,10 @@ class _Parsing:
             self.parsed = self._parse(session)
 
     def _parse(self, session: Session) -> fhir.ParsedBundle:
-        resolve = orders.resolver(session)
         matches: dict[tuple[str, str], list[str]] = {}
 
         def recorded(resource_type: str, query: str) -> list[str]:
-            matches[(resource_type, query)] = found = resolve(resource_type, query)
+            matches[(resource_type, query)] = found = _condition_matches(session, resource_type, query)
             return found
 
         parsed = fhir.parse_bundle(self.body, collect_errors=True, resolve=recorded)
@@ -258,16 +257,16 @@ class _Parsing:
         conditions again and parse the Bundle again, here, when one matches otherwise than it did (another
         request created or changed a resource meanwhile). So two identical conditional creates make one resource,
         and two first writes of one resource or Patient identifier never clash."""
-        keys = _write_keys(self.parsed, indexes) + [_condition_key(t, q) for t, q in self.matches]
-        db.serialize_on(session, keys)
-        resolve = orders.resolver(session)
-        if any(resolve(t, q) != found for (t, q), found in self.matches.items()):
+        conditions = [fhir_store.condition_key(fhir_store.condition(t, q)) for t, q in self.matches]
+        db.serialize_on(session, _write_keys(self.parsed, indexes) + conditions)
+        if any(_condition_matches(session, t, q) != found for (t, q), found in self.matches.items()):
             self.parsed = self._parse(session)
         return self.parsed
 
 
-def _condition_key(resource_type: str, query: str) -> str:
-    return f"fhir-condition:{resource_type}?{'&'.join(sorted(query.split('&')))}"
+def _condition_matches(session: Session, resource_type: str, query: str) -> list[str]:
+    """The current resources a conditional write's criteria match (two at most: one is all it may match)."""
+    return fhir_store.matching_ids(session=session, request=fhir_store.condition(resource_type, query))
 
 
 def _write_keys(parsed: fhir.ParsedBundle, indexes: set[int]) -> list[str]:

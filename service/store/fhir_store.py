@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
+from urllib.parse import parse_qsl
 
 from sqlalchemy import (
     ColumnElement,
@@ -934,6 +935,26 @@ def search(
     if request.summary_count or request.count == 0:
         return [], total
     return list(session.scalars(_page(select(FhirResource), request, conditions))), total
+
+
+def condition(resource_type: str, query: str) -> SearchRequest:
+    """A conditional write's criteria (``If-None-Exist``, ``PUT Type?query``, a Bundle entry's ``ifNoneExist``) as a
+    search that tells no match, one and several apart: its result parameters (``_count``, ``_offset``, ``_sort``,
+    ``_summary``...) are left out, since a condition is about which resources match, not which page of them
+    is shown (``_count=0`` would match nothing, ``_count=1`` would hide a second match).
+
+    Raises:
+        InvalidInput: a parameter we do not support, or no criteria at all (a condition on every resource).
+    """
+    request = parse_search(resource_type, parse_qsl(query, keep_blank_values=True))
+    if not request.filters:
+        raise InvalidInput(f"the condition {query!r} has no search criteria")
+    return SearchRequest(resource_type, request.filters, count=2)
+
+
+def condition_key(request: SearchRequest) -> str:
+    """One name for a condition however its criteria are ordered (an advisory lock's key)."""
+    return f"fhir-condition:{request.resource_type}?" + "&".join(sorted(f"{n}={v}" for n, v in request.filters))
 
 
 def matching_ids(*, session: Session, request: SearchRequest) -> list[str]:

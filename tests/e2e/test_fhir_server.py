@@ -141,6 +141,35 @@ def test_conditional_create_and_update_on_identifiers(client: TestClient, tokens
     assert observation_body["subject"]["reference"] == f"Patient/{first.json()['id']}"
 
 
+def test_a_condition_is_about_which_resources_match_not_how_a_page_of_them_is_shown(
+    client: TestClient, tokens: Tokens
+) -> None:
+    """Before, a condition was run as a search's first page: with ``_count=0`` it matched nothing (a duplicate
+    created every time), with ``_count=1`` or ``_offset`` it hid a second match (one of two updated at random,
+    where a client must get 412), and a condition with no criteria at all matched whatever came first."""
+    ingest = tokens.header("ingest")
+    patient_ref = "Patient/" + client.post("/fhir/Patient", json=patient("P-1"), headers=ingest).json()["id"]
+    measured = crp(patient_ref, 5.0) | {"identifier": [{"system": "urn:lab", "value": "crp-1"}]}
+    query = "identifier=urn:lab|crp-1"
+    first = client.post("/fhir/Observation", json=measured, headers={**ingest, "If-None-Exist": query})
+    assert first.status_code == 201, first.text
+    for paged in (f"{query}&_count=0", f"_summary=count&{query}", f"{query}&_offset=1"):
+        again = client.post("/fhir/Observation", json=measured, headers={**ingest, "If-None-Exist": paged})
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"], (paged, again.text)
+    # a second Observation with the same identifier (not conditional): the condition now matches two
+    assert client.post("/fhir/Observation", json=measured, headers=ingest).status_code == 201
+    for paged in (f"{query}&_count=1", f"{query}&_sort=-_lastUpdated&_count=1"):
+        put = client.put(f"/fhir/Observation?{paged}", json=crp(patient_ref, 50.0), headers=ingest)
+        assert put.status_code == 412, (paged, put.text)
+        assert put.json()["resourceType"] == "OperationOutcome"
+    for bare in ("_count=1", "_sort=_id"):
+        refused = client.post("/fhir/Observation", json=measured, headers={**ingest, "If-None-Exist": bare})
+        assert refused.status_code == 400 and "no search criteria" in refused.text, (bare, refused.text)
+    found = client.get("/fhir/Observation", params={"identifier": "urn:lab|crp-1"}, headers=tokens.header("clinician"))
+    assert found.json()["total"] == 2
+    assert [e["resource"]["valueQuantity"]["value"] for e in found.json()["entry"]] == [5.0, 5.0]
+
+
 def test_rest_versions_if_match_delete_and_gone(client: TestClient, tokens: Tokens) -> None:
     ingest, clinician = tokens.header("ingest"), tokens.header("clinician")
     patient_id = client.post("/fhir/Patient", json=patient("R-1"), headers=ingest).json()["id"]

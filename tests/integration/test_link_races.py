@@ -38,22 +38,17 @@ class Rendezvous:
             self.condition.notify_all()
             self.condition.wait_for(lambda: len(self.arrived) >= 2, timeout=1)
 
-    def on_first_looks(self, resolver: Callable[[Any], Callable[[str, str], list[str]]]) -> Callable[..., Any]:
-        """``orders.resolver`` whose first look in threads "one" and "two" (each request's parse, outside its
-        write transaction) waits for the other's."""
+    def on_first_looks(self, matches: Callable[[Any, str, str], list[str]]) -> Callable[..., Any]:
+        """The lookup of a conditional write's matches (``fhir._condition_matches``), whose first look in threads
+        "one" and "two" (each request's parse, outside its write transaction) waits for the other's."""
 
-        def waiting_resolver(session: Any) -> Callable[[str, str], list[str]]:
-            resolve = resolver(session)
+        def waiting(session: Any, resource_type: str, query: str) -> list[str]:
+            found = matches(session, resource_type, query)
+            if threading.current_thread().name in ("one", "two") and len(self.arrived) < 2:
+                self.arrive()
+            return found
 
-            def resolved(resource_type: str, query: str) -> list[str]:
-                found = resolve(resource_type, query)
-                if threading.current_thread().name in ("one", "two") and len(self.arrived) < 2:
-                    self.arrive()
-                return found
-
-            return resolved
-
-        return waiting_resolver
+        return waiting
 
     def after(self, function: Callable[..., Any], thread: str) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -165,7 +160,7 @@ def _create_twice_at_once(
 ) -> dict[str, Any]:
     """The outcomes of two identical conditional creates, whose parses each look for a match before either's
     write transaction starts."""
-    monkeypatch.setattr(orders, "resolver", Rendezvous().on_first_looks(orders.resolver))
+    monkeypatch.setattr(fhir, "_condition_matches", Rendezvous().on_first_looks(fhir._condition_matches))
     outcomes: dict[str, Any] = {}
 
     def create(name: str) -> Callable[[], None]:
