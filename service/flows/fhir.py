@@ -258,9 +258,14 @@ class _Parsing:
         request created or changed a resource meanwhile). So two identical conditional creates make one resource,
         and two first writes of one resource or Patient identifier never clash."""
         conditions = [fhir_store.condition_key(fhir_store.condition(t, q)) for t, q in self.matches]
-        db.serialize_on(session, _write_keys(self.parsed, indexes) + conditions)
+        held = set(_write_keys(self.parsed, indexes) + conditions)
+        db.serialize_on(session, held)
         if any(_condition_matches(session, t, q) != found for (t, q), found in self.matches.items()):
             self.parsed = self._parse(session)
+            # a conditional update whose match appeared meanwhile now writes that resource: its lock too, taken
+            # after the others (should that close a cycle with another transaction, PostgreSQL fails one of the
+            # two: a transient error, answered 503, and nothing written)
+            db.serialize_on(session, [key for key in _write_keys(self.parsed, indexes) if key not in held])
         return self.parsed
 
 

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from service.flows import fhir, ingest, orders, queue
 from service.flows.runtime import Runtime
 from service.schemas import SYSTEM_PRINCIPAL
-from service.store import clinical, studies
+from service.store import clinical, db, studies
 from tests.factories import dx_instance, observation, patient_bundle
 
 
@@ -290,3 +290,48 @@ def test_two_identical_conditional_creates_of_an_observation_make_one(
     assert outcomes["one"].resource_id == outcomes["two"].resource_id
     with runtime.sessions() as session:
         assert orders.resolver(session)("Observation", "identifier=hr-7007-1") == [outcomes["one"].resource_id]
+
+
+def test_a_conditional_update_whose_match_appears_before_its_write_locks_that_resource(
+    any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The condition of a PUT matched nothing when its request was parsed; another request created a match before
+    its write transaction. The write, parsed again there, updates that resource. Before, it did so without the
+    resource's lock, which every other write of the resource takes (a plain PUT of it could interleave)."""
+    runtime = any_runtime
+    patient = fhir.write_one(
+        runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource("MRN-8008")
+    )
+    body = observation(f"Patient/{patient.resource_id}", "heart_rate", 70.0)["resource"]
+    body["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": "hr-8008-1"}]
+    created: list[str] = []
+    real_matches = fhir._condition_matches
+
+    def match_appears_after_the_first_look(session: Any, resource_type: str, query: str) -> list[str]:
+        found = real_matches(session, resource_type, query)
+        if not created:
+            created.append("pending")
+            outcome = fhir.write_one(
+                runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Observation", resource=dict(body)
+            )
+            created[0] = outcome.resource_id
+        return found
+
+    locked: list[str] = []
+    real_serialize = db.serialize_on
+
+    def recorded(session: Any, keys: Any) -> None:
+        locked.extend(keys)
+        real_serialize(session, keys)
+
+    monkeypatch.setattr(fhir, "_condition_matches", match_appears_after_the_first_look)
+    monkeypatch.setattr(db, "serialize_on", recorded)
+    outcome = fhir.write_one(
+        runtime,
+        principal=SYSTEM_PRINCIPAL,
+        method="PUT",
+        url="Observation?identifier=urn:oid:1.2.3.4.5.6|hr-8008-1",
+        resource=body | {"valueQuantity": {**body["valueQuantity"], "value": 72.0}},
+    )
+    assert outcome.resource_id == created[0] and outcome.status == 200
+    assert f"fhir:Observation/{created[0]}" in locked
