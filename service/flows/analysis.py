@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import io
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class AnalysisRequest:
     status: str
     jobs: list[Job]
     reason: str | None
+    # routes still waiting: seconds until the first of them may be due (0: waiting on a running analysis)
+    waiting_seconds: float | None = None
 
 
 def instance_attributes(pairs: list[tuple[Series, Instance]]) -> list[InstanceAttributes]:
@@ -90,10 +93,12 @@ def request_analysis(
         created: list[Job] = []
         all_jobs: list[Job] = []
         waiting = 0
+        waiting_seconds: float | None = None
         for route in routing.routes:
             needed = runtime.settings.study_stable_seconds if route.stable_seconds is None else route.stable_seconds
             if trigger == "stable" and quiet_seconds < needed:
                 waiting += 1
+                waiting_seconds = min(needed - quiet_seconds, waiting_seconds or math.inf)
                 continue
             latest = jobs.latest(
                 session=session, study=study, model_name=route.model_name, model_version=route.model_version
@@ -109,6 +114,7 @@ def request_analysis(
                     continue
                 if latest.state not in FINAL_STATES:
                     waiting += 1  # amend once the running analysis has finished
+                    waiting_seconds = 0.0
                     continue
                 revision = latest.revision + 1
             job, new = jobs.get_or_create(
@@ -167,7 +173,7 @@ def request_analysis(
         to_send = [(job.id, job.priority) for job in created]
     for job_id, priority in to_send:
         _enqueue(runtime, job_id, JobStage.preprocess, priority)
-    return AnalysisRequest(study_instance_uid, status, all_jobs, reason)
+    return AnalysisRequest(study_instance_uid, status, all_jobs, reason, waiting_seconds)
 
 
 # each stage's Celery task and the queue it is sent on
@@ -663,6 +669,9 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
 
 
 _SWEEP_PAGE = 100  # stable studies read per query
+# study UID -> (its last_instance_at, when its first waiting route is due), from this process's last round: a study
+# waiting for a rule's longer quiet period is not locked and routed again every round until then
+_NOT_DUE: dict[str, tuple[dt.datetime, dt.datetime]] = {}
 
 
 def sweep(runtime: Runtime) -> tuple[int, int]:
@@ -681,6 +690,7 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
     )
     requested = 0
     after: tuple[dt.datetime, int] | None = None
+    not_due: dict[str, tuple[dt.datetime, dt.datetime]] = {}
     while True:  # page by page: studies still waiting for their rule's quiet period never hide the ones behind
         with runtime.sessions() as session:
             page = studies.stable_unanalyzed(
@@ -690,19 +700,29 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
                 after=after,
                 limit=_SWEEP_PAGE,
             )
-            stable = [s.study_instance_uid for s in page]
+            stable = [(s.study_instance_uid, s.last_instance_at) for s in page]
             if page:
                 after = (page[-1].last_instance_at, page[-1].id)
-        for study_uid in stable:
+        for study_uid, last_instance_at in stable:
+            seen, due_at = _NOT_DUE.get(study_uid, (None, None))
+            if seen == last_instance_at and due_at is not None and now < due_at:
+                not_due[study_uid] = (seen, due_at)  # nothing received since, and its rule's quiet time not over
+                continue
             requested += 1
             try:
-                request_analysis(runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable")
+                request = request_analysis(
+                    runtime, study_instance_uid=study_uid, principal=SYSTEM_PRINCIPAL, trigger="stable"
+                )
+                if request.waiting_seconds:
+                    not_due[study_uid] = (last_instance_at, now + dt.timedelta(seconds=request.waiting_seconds))
             except ServiceError as e:
                 log.warning("automatic analysis of a stable study failed: %s", e.message)
             except Exception:  # one study's error (a deadlock, a lock timeout) leaves the others and the lost jobs
                 log.exception("automatic analysis of stable study %s failed", study_uid)
         if len(page) < _SWEEP_PAGE:
             break
+    _NOT_DUE.clear()  # only the studies still waiting are remembered
+    _NOT_DUE.update(not_due)
     backlog = {name for name, depth in _queue_depths(runtime).items() if depth}
     lost: list[tuple[str, JobStage, int]] = []
     with runtime.sessions.begin() as session:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,38 @@ def test_studies_waiting_for_their_rules_quiet_period_do_not_hide_a_due_study(
         waiting = session.scalar(select(func.count(Study.id)).where(Study.analysis_requested_at.is_(None)))
     assert rules_run == ["pa"], rules_run
     assert waiting == LATERAL_STUDIES, "the lateral views still wait for their quiet hour"
+
+
+def test_a_study_waiting_for_its_rules_quiet_period_is_not_routed_again_until_it_is_due(
+    tmp_path: Path, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Now that a round reads every waiting study, each would be locked and routed again every few seconds until
+    its quiet period ends; the sweeper remembers when it is due instead (unless an instance arrives meanwhile)."""
+    rules = tmp_path / "routing.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - {name: lateral, match: {ViewPosition: [LL]}, models: [cxr-fusion], stable_seconds: 3}\n"
+        "  - {name: pa, match: {ViewPosition: [PA]}, models: [cxr-fusion], stable_seconds: 0}\n"
+    )
+    runtime = build_runtime(make_settings(tmp_path, routing_rules=rules, batching=False))
+    set_runtime(runtime)
+    analysis._NOT_DUE.clear()
+    lateral = pydicom.dcmread(io.BytesIO(dx_instance(size=256)))
+    lateral.ViewPosition = "LL"
+    buffer = io.BytesIO()
+    lateral.save_as(buffer, enforce_file_format=True)
+    ingest.store_instance(runtime, buffer.getvalue(), principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
+    routed: list[str] = []
+    real_request = analysis.request_analysis
+
+    def counted(runtime: Runtime, *, study_instance_uid: str, **kwargs: Any) -> Any:
+        routed.append(study_instance_uid)
+        return real_request(runtime, study_instance_uid=study_instance_uid, **kwargs)
+
+    monkeypatch.setattr(analysis, "request_analysis", counted)
+    assert analysis.sweep(runtime) == (1, 0) and not sent, "routed once: its rule's 3 s are not over"
+    assert analysis.sweep(runtime) == (0, 0) and routed == [lateral.StudyInstanceUID]
+    time.sleep(3.2)
+    assert analysis.sweep(runtime) == (1, 0)
+    with runtime.sessions() as session:
+        assert session.scalars(select(Job.rule)).all() == ["lateral"]
