@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk || \
 		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk; }; }; } || \
 		echo "dcmtk is not installed: the DIMSE tests will skip (or fail with CLINFER_REQUIRE_SERVICES=1)"
+	# chromium (and its driver): the real browser of the viewer's test, driven by playwright (no browser download)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || \
+		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }; }; } || \
+		echo "chromium is not installed: the viewer's browser test will skip (or fail with CLINFER_REQUIRE_SERVICES=1)"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

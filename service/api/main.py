@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.api import errors
-from service.api.routes import dicomweb, dicomweb_query, fhir, health, v1
+from service.api.routes import dicomweb, dicomweb_query, fhir, health, ui, v1
 from service.flows import analysis, queue
 from service.flows.runtime import Runtime, build_runtime, get_runtime, set_runtime
 
@@ -99,6 +99,7 @@ def create_app(
     app.include_router(dicomweb_query.router)
     app.include_router(fhir.router)
     app.include_router(v1.router)
+    app.include_router(ui.router)
 
     app.add_middleware(_MeasureRequests)
     return app

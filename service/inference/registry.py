@@ -130,6 +130,11 @@ class ModelRegistry:
                 self._runners[key] = self._create_runner(name, version)
             return self._runners[key]
 
+    def loaded(self) -> dict[tuple[str, str], str]:
+        """The model versions loaded in this process (name, version), each with its execution provider."""
+        with self._lock:
+            return {key: runner.provider for key, runner in self._runners.items()}
+
     def unload(self, name: str, version: str) -> bool:
         """Close a loaded runner so that its (device) memory is freed; the next ``runner`` call loads it again.
 

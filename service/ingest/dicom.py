@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import UID
 
 from service.errors import InvalidInput
@@ -100,6 +100,10 @@ class DicomRejected(InvalidInput):
         self.failure_reason = failure_reason
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
+
+
+class NoPixelData(DicomRejected):
+    """The object has no pixel data to decode (a Structured Report, for one)."""
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -533,7 +537,7 @@ def _frame_array(ds: Dataset, meta: NormalizedInstance, index: int) -> np.ndarra
     """Decode one frame as pydicom's pixel_array does, after checking what its codestream would allocate."""
     ids = {"sop_class_uid": meta.sop_class_uid, "sop_instance_uid": meta.sop_instance_uid}
     if "PixelData" not in ds:
-        raise DicomRejected("the object has no PixelData", failure_reason=FAILURE_DOES_NOT_MATCH, **ids)
+        raise NoPixelData("the object has no PixelData", failure_reason=FAILURE_DOES_NOT_MATCH, **ids)
     transfer_syntax = UID(meta.transfer_syntax_uid)
     frames = meta.number_of_frames
     if not 0 <= index < frames:
@@ -608,12 +612,17 @@ class DecodedImage:
 
     When the object has no window but a VOI LUT Sequence, the VOI LUT is already applied: ``pixels`` are its
     output and ``window`` spans its output range, so windowing maps it linearly onto [0, 1].
+
+    A colour image (decoded with ``colour=True``) has ``photometric_interpretation`` RGB, ``pixels`` of shape
+    (rows, columns, 3) scaled to [0, 1] (YBR converted to RGB, a palette applied) and no window.
     """
 
     pixels: np.ndarray
     photometric_interpretation: str
     window: tuple[float, float] | None
     voi_lut_applied: bool = False
+    voi_lut_function: str = "LINEAR"
+    """the object's VOI LUT Function (PS3.3 C.11.2.1.3) for its window: LINEAR, LINEAR_EXACT or SIGMOID"""
 
 
 # attributes of the Modality LUT and VOI LUT modules (and what pydicom's LUT functions read beside them)
@@ -708,8 +717,29 @@ def _modality_values(array: np.ndarray, luts: Dataset) -> np.ndarray:
     return pixels
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
-    """Decode the pixels of one grayscale image (the middle frame of a multi-frame object).
+# photometric interpretations decoded as colour (pydicom converts YBR to RGB; a palette is applied here)
+_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"})
+
+
+def _colour_values(array: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """A decoded colour frame as RGB in [0, 1], float32."""
+    if photometric == "PALETTE COLOR":
+        array = np.asarray(apply_color_lut(array, ds))
+        top = float(np.iinfo(array.dtype).max) if array.dtype.kind == "u" else float(array.max() or 1)
+    else:
+        top = float(2 ** (_int(ds, "BitsStored") or 8) - 1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"expected a frame of three samples per pixel, got shape {array.shape}")
+    pixels = array.astype(np.float32)
+    pixels *= np.float32(1.0 / top)
+    np.clip(pixels, 0.0, 1.0, out=pixels)
+    return pixels
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int, index: int | None = None, colour: bool = False, voi_lut: bool = True
+) -> DecodedImage:
+    """Decode the pixels of one grayscale image (the middle frame of a multi-frame object unless ``index``).
 
     The Modality LUT Sequence or Rescale Slope/Intercept is applied (per frame for enhanced multi-frame
     objects). The first window (Window Center/Width) is passed on for windowing; an object without one but
@@ -718,24 +748,38 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
     Args:
         data: the whole Part 10 object.
         max_pixels: the limits of ``parse_instance``.
+        index: the frame, 0-based; None for the middle frame (``NumberOfFrames // 2``).
+        colour: admit colour images too (RGB, YBR, PALETTE COLOR), returned as RGB in [0, 1]; for display.
+        voi_lut: apply the VOI LUT Sequence of an object without a window; False for a caller that windows the
+            modality values itself (a window asked for by a viewer replaces the object's VOI).
 
     Raises:
-        DicomRejected: no pixel data, colour image, a transfer syntax we cannot decode, or too large.
+        NoPixelData: the object has no pixel data (a DicomRejected).
+        DicomRejected: a colour image (unless ``colour``), no such frame, a transfer syntax we cannot decode,
+            or too large.
     """
     parsed = parse_instance(data, max_pixels=max_pixels)
     ds = parsed.dataset
     ids = {"sop_class_uid": parsed.meta.sop_class_uid, "sop_instance_uid": parsed.meta.sop_instance_uid}
     if "PixelData" not in ds:
-        raise DicomRejected("the object has no PixelData", failure_reason=FAILURE_DOES_NOT_MATCH, **ids)
+        raise NoPixelData("the object has no PixelData", failure_reason=FAILURE_DOES_NOT_MATCH, **ids)
     photometric = (parsed.meta.photometric_interpretation or "").upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") and not (colour and photometric in _COLOUR):
         raise DicomRejected(
-            f"PhotometricInterpretation {photometric or '(none)'} is not supported; grayscale images only",
+            f"PhotometricInterpretation {photometric or '(none)'} is not supported; "
+            + ("grayscale, RGB, YBR or PALETTE COLOR images only" if colour else "grayscale images only"),
             failure_reason=FAILURE_DOES_NOT_MATCH,
             **ids,
         )
-    index = parsed.meta.number_of_frames // 2
+    index = parsed.meta.number_of_frames // 2 if index is None else index
     array = _frame_array(ds, parsed.meta, index)
+    if photometric in _COLOUR:
+        try:
+            return DecodedImage(_colour_values(array, ds, photometric), "RGB", None)
+        except Exception as e:  # a malformed palette (descriptor, data) or an unexpected shape
+            raise DicomRejected(
+                f"cannot read the colour image: {e}", failure_reason=FAILURE_CANNOT_UNDERSTAND, **ids
+            ) from e
     if array.ndim != 2:
         raise DicomRejected(
             f"expected a 2-D frame, got shape {array.shape}", failure_reason=FAILURE_DOES_NOT_MATCH, **ids
@@ -744,11 +788,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
         luts = _frame_luts(ds, index)
         pixels = _modality_values(array, luts)
         window = _first_window(luts)
-        if window is None and luts.get("VOILUTSequence"):
+        if window is None and voi_lut and luts.get("VOILUTSequence"):
             pixels, window = _apply_voi_lut(pixels, luts)
             return DecodedImage(pixels, photometric, window, voi_lut_applied=True)
+        function = str(luts.get("VOILUTFunction") or "LINEAR").strip().upper()
     except Exception as e:  # a malformed LUT (descriptor, data, depth) surfaces here
         raise DicomRejected(
             f"cannot apply the Modality or VOI LUT: {e}", failure_reason=FAILURE_CANNOT_UNDERSTAND, **ids
         ) from e
-    return DecodedImage(pixels=pixels, photometric_interpretation=photometric, window=window)
+    return DecodedImage(pixels=pixels, photometric_interpretation=photometric, window=window, voi_lut_function=function)

@@ -353,6 +353,24 @@ def series_of(*, session: Session, study: Study) -> list[tuple[Series, int]]:
     return [(series, count) for series, count in rows]
 
 
+def modalities_of(*, session: Session, studies: Iterable[Study]) -> dict[int, list[str]]:
+    """The modalities of what each study received (our own results, SR and heatmap, left out), by study id, in
+    one SELECT."""
+    ids = [study.id for study in studies]
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Series.study_id, Series.modality)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id.in_(ids), Instance.origin == "received", Series.modality.is_not(None))
+        .distinct()
+    )
+    found: dict[int, list[str]] = {}
+    for study_id, modality in rows:
+        found.setdefault(study_id, []).append(str(modality))
+    return {study_id: sorted(modalities) for study_id, modalities in found.items()}
+
+
 def get_series(*, session: Session, study: Study, series_instance_uid: str) -> Series | None:
     return session.scalar(
         select(Series).where(Series.study_id == study.id, Series.series_instance_uid == series_instance_uid)

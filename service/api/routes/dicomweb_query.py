@@ -14,6 +14,7 @@ from service.api.deps import RuntimeDep, require
 from service.errors import InvalidInput, NotAcceptable, NotFound
 from service.flows.runtime import Runtime
 from service.ingest.stow import parse_content_type
+from service.results import rendered
 from service.schemas import Principal
 from service.store import audit, clinical, fhir_store, studies
 from service.store.tables import Instance, Series, Study
@@ -340,3 +341,99 @@ def retrieve_instance(
 ) -> StreamingResponse:
     accept = request.headers.get("accept")
     return _retrieve(runtime, principal, study_instance_uid, series_instance_uid, sop_instance_uid, accept)
+
+
+# the query parameters of a rendered resource we honour; others (annotation, charset, iccprofile) are ignored, and said
+_RENDERED_QUERY = frozenset({"window", "viewport", "quality"})
+
+
+def rendered_media_type(accept: str | None) -> str:
+    """The media type to render to: the acceptable one of PNG and JPEG with the highest q (PNG on a tie, and for
+    a missing Accept, ``*/*`` or ``image/*``).
+
+    Raises:
+        NotAcceptable: ``accept`` admits neither.
+    """
+    if not accept:
+        return rendered.PNG
+    best: tuple[float, int, str] | None = None
+    for media_range in accept.split(","):
+        content_type = parse_content_type(media_range)
+        q = _quality(content_type.params.get("q"))
+        if q <= 0:
+            continue
+        for preference, media_type in enumerate(rendered.MEDIA_TYPES):
+            if content_type.media_type in (media_type, "image/*", "*/*"):
+                candidate = (q, -preference, media_type)
+                best = candidate if best is None or candidate > best else best
+    if best is None:
+        raise NotAcceptable(
+            f"Accept {accept[:120]!r} admits nothing this server renders: it renders image/png (the default) and"
+            " image/jpeg"
+        )
+    return best[2]
+
+
+@router.get(
+    "/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}/rendered",
+    summary="WADO-RS: an instance rendered as PNG or JPEG",
+    response_class=Response,
+    responses={200: {"content": {rendered.PNG: {}, rendered.JPEG: {}}, "description": "the first frame"}},
+)
+def retrieve_rendered_instance(
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: ReadDep,
+    window: Annotated[str | None, Query(description="center,width,function (linear, linear-exact, sigmoid)")] = None,
+    viewport: Annotated[str | None, Query(description="vw,vh: fit inside, keeping the aspect ratio")] = None,
+    quality: Annotated[str | None, Query(description="JPEG quality, 1 to 100")] = None,
+) -> Response:
+    """The first frame as a viewer shows it (PS3.18 8.3.5, 10.4): VOI from ``window`` or the object's own,
+    MONOCHROME1 inverted, colour as it is. The read is audited as a WADO-RS retrieve, once it succeeds."""
+    media_type = rendered_media_type(request.headers.get("accept"))
+    voi = rendered.parse_window(window) if window is not None else None
+    fit = rendered.parse_viewport(viewport) if viewport is not None else None
+    jpeg_quality = rendered.parse_quality(quality) if quality is not None else rendered.DEFAULT_JPEG_QUALITY
+    with runtime.sessions.begin() as session:
+        study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        instance = studies.get_instance(session=session, sop_instance_uid=sop_instance_uid)
+        if (
+            instance is None
+            or instance.series.study_id != study.id
+            or instance.series.series_instance_uid != series_instance_uid
+        ):
+            raise NotFound(f"no stored instance {study_instance_uid}/{series_instance_uid}/{sop_instance_uid}")
+        blob_key = instance.blob_key
+        patient_ref = clinical.patient_reference(session=session, patient_id=study.patient_id)
+    image = rendered.render(
+        runtime.blobs.read_bytes(blob_key),
+        max_pixels=runtime.settings.max_decoded_pixels,
+        media_type=media_type,
+        window=voi,
+        viewport=fit,
+        quality=jpeg_quality,
+    )
+    with runtime.sessions.begin() as session:
+        audit.append(
+            session=session,
+            principal=principal,
+            event_type="dicom.retrieve",
+            action="R",
+            entity_type="ImagingStudy",
+            entity_ref=f"study:{study_instance_uid}",
+            patient_ref=patient_ref,
+            detail={
+                "series": series_instance_uid,
+                "sop_instance_uid": sop_instance_uid,
+                "instances": 1,
+                "rendered": media_type,
+            },
+        )
+    headers = {"Cache-Control": "no-store"}  # a patient's image: kept in no cache, the browser's included
+    ignored = sorted({name for name in request.query_params if name not in _RENDERED_QUERY})
+    if ignored:
+        headers["Warning"] = f'299 clinfer "The query parameters were not supported: {", ".join(ignored)[:200]}"'
+    return Response(image, media_type=media_type, headers=headers)

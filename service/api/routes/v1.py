@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from service.api import auth
 from service.api.deps import RuntimeDep, require
 from service.errors import NotFound
 from service.flows import analysis, results
@@ -16,7 +17,7 @@ from service.results import reports as report_results
 from service.routing.rules import QUEUE_PRIORITY, Priority
 from service.schemas import Principal
 from service.store import audit, clinical, db, fhir_store, jobs, reports, studies
-from service.store.tables import Job, Study
+from service.store.tables import Job, Report, Study
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -49,17 +50,52 @@ def job_json(job: Job, study_instance_uid: str | None = None) -> dict[str, Any]:
     }
 
 
-def study_json(session: Any, study: Study) -> dict[str, Any]:
+def report_summary_json(report: Report) -> dict[str, Any]:
+    return {
+        "id": report.id,
+        "model": report.model_name,
+        "model_version": report.model_version,
+        "status": report.status,
+        "version": report.version,
+        "positive_findings": [f.display for f in report.findings if f.positive],
+    }
+
+
+def study_json(session: Any, study: Study, *, modalities: list[str], reports_of: list[Report] | None) -> dict[str, Any]:
+    """A study as the worklist shows it; ``reports_of`` None: the caller may not read reports (left out)."""
     return {
         "study_instance_uid": study.study_instance_uid,
         "status": study.status,
         "status_reason": study.status_reason,
         "patient": clinical.patient_reference(session=session, patient_id=study.patient_id),
+        "dicom_patient_id": study.dicom_patient_id,
+        "issuer_of_patient_id": study.issuer_of_patient_id,
+        "accession_number": study.accession_number,
+        "description": study.description,
+        "modalities": modalities,
         "study_date": study.study_date.isoformat() if study.study_date else None,
         "instances": studies.count_instances(session=session, study=study),
         "last_instance_at": study.last_instance_at.isoformat(),
         "jobs": [job_json(j, study.study_instance_uid) for j in jobs.for_study(session=session, study=study)],
+        "reports": None if reports_of is None else [report_summary_json(r) for r in reports_of],
     }
+
+
+def studies_json(session: Any, rows: list[Study], principal: Principal) -> list[dict[str, Any]]:
+    """``study_json`` of each study, their modalities and reports read in one SELECT each; the reports' positive
+    findings only for a principal who may read DiagnosticReports."""
+    modalities = studies.modalities_of(session=session, studies=rows)
+    may_read_reports = auth.scope_allows(principal.scopes, "DiagnosticReport", "r")
+    found = reports.for_studies(session=session, studies=rows) if may_read_reports else {}
+    return [
+        study_json(
+            session,
+            s,
+            modalities=modalities.get(s.id, []),
+            reports_of=found.get(s.id, []) if may_read_reports else None,
+        )
+        for s in rows
+    ]
 
 
 @router.get("/studies")
@@ -82,7 +118,7 @@ def list_studies(
             patient_ref=patient_ref,
             detail={"results": len(rows), **patients},
         )
-        return {"studies": [study_json(session, s) for s in rows]}
+        return {"studies": studies_json(session, rows, principal)}
 
 
 @router.get("/studies/{study_instance_uid}")
@@ -98,7 +134,8 @@ def get_study(study_instance_uid: str, runtime: RuntimeDep, principal: StudyRead
             entity_ref=f"study:{study_instance_uid}",
             patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
         )
-        return study_json(session, study)
+        [body] = studies_json(session, [study], principal)
+        return body
 
 
 @router.post("/studies/{study_instance_uid}/analyze", status_code=202)
@@ -248,19 +285,28 @@ def list_jobs(
             patient_ref=patient_ref,
             detail={"results": len(found), **patients},
         )
-        return {"jobs": [job_json(j) for j in found]}
+        return {"jobs": [job_json(j) for j in found], "counts": jobs.count_by_state(session=session)}
 
 
 @router.get("/models")
 def list_models(runtime: RuntimeDep, principal: ModelReadDep) -> dict[str, Any]:
     models = []
+    loaded = runtime.registry.loaded()  # in this process: the embedded worker's; a production API loads none
     for name, model in sorted(runtime.registry.models.items()):
         manifest = model.manifest
         models.append(
             {
                 "name": name,
                 "intended_use": manifest.intended_use,
-                "versions": [{"version": v.version, "sha256": v.sha256} for v in manifest.versions],
+                "versions": [
+                    {
+                        "version": v.version,
+                        "sha256": v.sha256,
+                        "loaded": (name, v.version) in loaded,
+                        "execution_provider": loaded.get((name, v.version)),
+                    }
+                    for v in manifest.versions
+                ],
                 "routing": manifest.routing.model_dump(),
                 "inputs": {
                     "image": manifest.image_input.name,

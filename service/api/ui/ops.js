@@ -1,0 +1,70 @@
+// The operations page: models (version, execution provider, loaded), jobs by state, recent failures.
+
+import { apiJson, boot, clear, el, formatDateTime, report, say, show } from "./common.js";
+
+const STATES = ["queued", "preprocessing", "inferring", "succeeded", "failed"];
+const $ = (id) => document.getElementById(id);
+
+function renderModels(body) {
+  const rows = clear($("model-rows"));
+  for (const model of body.models) {
+    for (const version of model.versions) {
+      rows.append(el("tr", {},
+        el("th", { scope: "row" }, model.name),
+        el("td", {}, version.version),
+        el("td", {}, version.execution_provider || "—"),
+        el("td", {}, version.loaded ? "yes" : "no"),
+        el("td", {}, model.intended_use),
+      ));
+    }
+  }
+  if (!body.models.length) rows.append(el("tr", {}, el("td", { colspan: 5 }, "No model is served.")));
+  const errors = clear($("model-errors"));
+  for (const [name, message] of Object.entries(body.errors || {})) {
+    errors.append(el("li", {}, el("strong", {}, name + ": "), message));
+  }
+}
+
+function renderStates(counts) {
+  const rows = clear($("state-rows"));
+  const names = [...STATES, ...Object.keys(counts).filter((s) => !STATES.includes(s))];
+  for (const state of names) {
+    rows.append(el("tr", {}, el("th", { scope: "row" }, state), el("td", { class: "number" }, String(counts[state] || 0))));
+  }
+}
+
+function renderFailed(jobs) {
+  const rows = clear($("failed-rows"));
+  for (const job of jobs) {
+    rows.append(el("tr", {},
+      el("th", { scope: "row" }, el("code", {}, job.id)),
+      el("td", {}, `${job.model} ${job.version}`),
+      el("td", {}, job.stage || "—"),
+      el("td", {}, job.error ? el("code", {}, job.error.code) : "—", job.error ? " " + job.error.message : ""),
+      el("td", { class: "number" }, String(job.attempts)),
+      el("td", {}, formatDateTime(job.updated_at)),
+    ));
+  }
+  if (!jobs.length) rows.append(el("tr", {}, el("td", { colspan: 6 }, "No failed jobs.")));
+}
+
+async function load() {
+  say("");
+  show($("ops"), true);
+  try {
+    const [models, all, failed] = await Promise.all([
+      apiJson("/v1/models"),
+      apiJson("/v1/jobs?limit=1"),
+      apiJson("/v1/jobs?state=failed&limit=20"),
+    ]);
+    renderModels(models);
+    renderStates(all.counts || {});
+    renderFailed(failed.jobs);
+    $("refreshed").textContent = "Updated " + new Date().toLocaleTimeString();
+  } catch (error) {
+    report(error);
+  }
+}
+
+$("refresh").addEventListener("click", load);
+boot(load);

@@ -1,0 +1,127 @@
+"""The viewer's and the operations page's responses (security headers, redirects, static files served with their
+media types, nothing else served) and what the pages read from /v1 (worklist fields, jobs by state, models)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+
+from service.api.routes import ui
+from service.api.routes.v1 import studies_json
+from service.flows.runtime import Runtime
+from service.schemas import Principal
+from service.store import studies
+from tests.conftest import Tokens
+from tests.e2e.test_embedded_spine import post_study, wait_for_report
+from tests.factories import dx_instance, patient_bundle
+
+EXPECTED_CSP = {
+    "default-src 'self'",
+    "img-src 'self' blob: data:",
+    "object-src 'none'",
+    "frame-ancestors 'none'",
+    "base-uri 'none'",
+}
+
+
+def assert_security_headers(headers: dict[str, str] | object) -> None:
+    csp = {part.strip() for part in headers["content-security-policy"].split(";")}  # type: ignore[index]
+    assert EXPECTED_CSP <= csp
+    assert not any("unsafe" in part for part in csp), "no inline script or style"
+    assert headers["x-content-type-options"] == "nosniff"  # type: ignore[index]
+    assert headers["referrer-policy"] == "no-referrer"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("path", "media_type"),
+    [
+        ("/ui/", "text/html"),
+        ("/ui/ops", "text/html"),
+        ("/ui/static/common.js", "text/javascript"),
+        ("/ui/static/viewer.js", "text/javascript"),
+        ("/ui/static/ops.js", "text/javascript"),
+        ("/ui/static/viewer.css", "text/css"),
+    ],
+)
+def test_pages_are_served_without_a_token_with_security_headers(client: TestClient, path: str, media_type: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == f"{media_type}; charset=utf-8"
+    assert_security_headers(response.headers)
+    assert response.content
+
+
+def test_root_redirects_to_the_viewer(client: TestClient) -> None:
+    for path in ("/", "/ui"):
+        response = client.get(path, follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"] == "/ui/"
+        assert_security_headers(response.headers)
+    assert client.get("/").url.path == "/ui/"
+
+
+@pytest.mark.parametrize("name", ["nope.js", "..%2Fmain.py", "%2E%2E%2F%2E%2E%2Fconfig.py", "index.HTML", "ui.py"])
+def test_nothing_else_is_served(client: TestClient, name: str) -> None:
+    response = client.get(f"/ui/static/{name}")
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+def test_the_pages_hold_no_inline_script_style_or_markup_from_data() -> None:
+    for name in ui.STATIC_FILES:
+        text = ui._content(name).decode()
+        if name.endswith(".html"):
+            assert not re.search(r"<script(?![^>]*\bsrc=)", text), f"inline script in {name}"
+            assert "<style" not in text and " style=" not in text, f"inline style in {name}"
+            assert not re.search(r"\bon[a-z]+=", text), f"inline handler in {name}"
+            assert "http://" not in text and "https://" not in text, f"something fetched from elsewhere in {name}"
+        if name.endswith(".js"):
+            for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+                assert sink not in text, f"{sink} in {name}"
+            assert "localStorage" not in text, "the token stays in sessionStorage"
+            assert not re.search(r"https?://", text), f"something fetched from elsewhere in {name}"
+
+
+def test_studies_carry_what_the_worklist_shows(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
+    study_uid = generate_uid()
+    assert client.post("/fhir", json=patient_bundle(), headers=tokens.header("ingest")).status_code == 200
+    assert post_study(client, tokens, [dx_instance(study_uid=study_uid)]).status_code == 200
+    clinician = tokens.header("clinician")
+    before = client.get(f"/v1/studies/{study_uid}", headers=clinician).json()
+    assert before["modalities"] == ["DX"]
+    assert before["accession_number"].startswith("ACC")
+    assert before["dicom_patient_id"] == "MRN-1001" and before["issuer_of_patient_id"] == "urn:oid:1.2.3.4.5"
+    assert before["reports"] == []
+
+    assert client.post(f"/v1/studies/{study_uid}/analyze", headers=clinician).status_code == 202
+    [report] = wait_for_report(client, study_uid, clinician)["reports"]
+    listed = client.get("/v1/studies", headers=clinician).json()["studies"]
+    [study] = [s for s in listed if s["study_instance_uid"] == study_uid]
+    assert study["modalities"] == ["DX"], "our SR and heatmap are not the study's modalities"
+    [summary] = study["reports"]
+    assert summary["model"] == "cxr-fusion" and summary["version"] == 1 and summary["id"] == report["id"]
+    assert summary["positive_findings"] == [f["display"] for f in report["findings"] if f["positive"]]
+
+    # a principal who may read studies but not reports is not shown their findings
+    with runtime.sessions.begin() as session:
+        row = studies.get_or_raise(session=session, study_instance_uid=study_uid)
+        narrow = Principal(subject="t", scopes=frozenset({"user/ImagingStudy.rs"}))
+        [body] = studies_json(session, [row], narrow)
+    assert body["reports"] is None and body["modalities"] == ["DX"]
+
+
+def test_jobs_by_state_and_loaded_models(client: TestClient, tokens: Tokens) -> None:
+    admin = tokens.header("admin")
+    assert client.get("/v1/jobs", headers=admin).json()["counts"] == {}
+    study_uid = generate_uid()
+    assert post_study(client, tokens, [dx_instance(study_uid=study_uid)]).status_code == 200
+    assert client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician")).status_code == 202
+    wait_for_report(client, study_uid, tokens.header("clinician"))
+    body = client.get("/v1/jobs?limit=1", headers=admin).json()
+    assert body["counts"] == {"succeeded": 1} and len(body["jobs"]) == 1
+    models = {m["name"]: m for m in client.get("/v1/models", headers=admin).json()["models"]}
+    [version] = models["cxr-fusion"]["versions"]
+    assert version["loaded"] is True and version["execution_provider"] == "CPUExecutionProvider"
+    assert all(not v["loaded"] and v["execution_provider"] is None for v in models["ct-head-ich"]["versions"])
