@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || \
 		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }; }; } || \
 		echo "chromium is not installed: the viewer's browser test will skip (or fail with CLINFER_REQUIRE_SERVICES=1)"
+	# promtool (Debian's prometheus): checks the alert rules, the scrape configuration and our /metrics exposition
+	command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus || \
+		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; }; }; } || \
+		echo "promtool is not installed: the Prometheus tests will skip (or fail with CLINFER_REQUIRE_SERVICES=1)"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
