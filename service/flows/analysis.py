@@ -8,7 +8,6 @@ import contextlib
 import datetime as dt
 import io
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -98,7 +97,8 @@ def request_analysis(
             needed = runtime.settings.study_stable_seconds if route.stable_seconds is None else route.stable_seconds
             if trigger == "stable" and quiet_seconds < needed:
                 waiting += 1
-                waiting_seconds = min(needed - quiet_seconds, waiting_seconds or math.inf)
+                left = needed - quiet_seconds
+                waiting_seconds = left if waiting_seconds is None else min(waiting_seconds, left)
                 continue
             latest = jobs.latest(
                 session=session, study=study, model_name=route.model_name, model_version=route.model_version

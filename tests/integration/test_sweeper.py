@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import threading
@@ -173,3 +174,36 @@ def test_a_study_waiting_for_its_rules_quiet_period_is_not_routed_again_until_it
     assert analysis.sweep(runtime) == (1, 0)
     with runtime.sessions() as session:
         assert session.scalars(select(Job.rule)).all() == ["lateral"]
+
+
+def test_an_amendment_waiting_on_a_running_analysis_is_not_held_back_by_another_routes_quiet_period(
+    tmp_path: Path, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study routed to two models: the first's amendment waits for its running job (due as soon as that ends),
+    the second (sorted after it) for an hour of quiet. The remembered due time must be the first's, not the
+    hour."""
+    runtime = build_runtime(make_settings(tmp_path, batching=False, study_stable_seconds=0))
+    set_runtime(runtime)
+    analysis._NOT_DUE.clear()
+    study, series = generate_uid(), generate_uid()
+    for number in (1, 2):
+        if number == 2:
+            assert analysis.sweep(runtime) == (1, 0)  # job 1 made, queued
+        part = dx_instance(study_uid=study, series_uid=series, size=256, seed=number, instance_number=number)
+        ingest.store_instance(runtime, part, principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
+    real_route_study = type(runtime.routing).route_study
+
+    def with_a_slow_second_model(self: Any, manifests: Any, attributes: Any) -> Any:
+        routing = real_route_study(self, manifests, attributes)
+        slow = dataclasses.replace(routing.routes[0], model_name="zz-slow", rule="slow", stable_seconds=3600)
+        routing.routes.append(slow)
+        return routing
+
+    monkeypatch.setattr(type(runtime.routing), "route_study", with_a_slow_second_model)
+    analysis.sweep(runtime)  # job 1 still queued: the amendment waits
+    assert analysis._NOT_DUE == {}, "due again as soon as job 1 ends"
+    with runtime.sessions.begin() as session:
+        session.execute(update(Job).values(state="succeeded"))
+    analysis.sweep(runtime)
+    with runtime.sessions() as session:
+        assert session.scalars(select(Job.revision).order_by(Job.revision)).all() == [1, 2]
