@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     dimse_acse_timeout: float = Field(
         default=30, gt=0, le=600, description="seconds the listener waits for an association request or release"
     )
+    dimse_network_timeout: float = Field(
+        default=60, gt=0, le=3600, description="seconds a silent peer keeps its association, or a PDU half sent"
+    )
     dimse_embedded: bool = Field(default=True, description="`clinfer serve` on the embedded default also listens")
     dimse_tls_cert: Path | None = Field(default=None, description="PEM certificate: the DICOM listener speaks TLS")
     dimse_tls_key: Path | None = Field(default=None, description="PEM private key of dimse_tls_cert")

@@ -162,6 +162,7 @@ def build_ae(runtime: Runtime) -> AE:
     ae = AE(ae_title=settings.dimse_ae_title)
     ae.maximum_associations = settings.dimse_max_associations
     ae.acse_timeout = settings.dimse_acse_timeout
+    ae.network_timeout = settings.dimse_network_timeout
     ae.maximum_pdu_size = MAX_PDU_BYTES  # what we receive; the peer's own maximum applies to what we send
     ae.require_called_aet = True
     if settings.dimse_allowed_calling_ae_titles:
@@ -208,7 +209,8 @@ class ListenerServer(ThreadedAssociationServer):
 
     pynetdicom starts a thread for every connection and refuses associations over its maximum only once their
     A-ASSOCIATE-RQ has arrived, so connections that send nothing (or close before a word) each hold a thread until
-    the ACSE timeout (CLINFER_DIMSE_ACSE_TIMEOUT). Up to
+    the ACSE timeout (CLINFER_DIMSE_ACSE_TIMEOUT), and one that stops in the middle of a PDU until the network
+    timeout (CLINFER_DIMSE_NETWORK_TIMEOUT). Up to
     ``max_connections`` (twice the maximum associations, so a peer over that maximum still gets its A-ASSOCIATE-RJ)
     are served; a connection beyond is closed at once.
     """
@@ -246,9 +248,17 @@ class ListenerServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
+            # pynetdicom reads a PDU whole, blocking, and its timers are only looked at between PDUs: without a
+            # timeout on the socket, a peer that sends part of a PDU and waits holds its connection (and a place
+            # under max_connections) for ever; with one, the read fails and the connection is closed
+            request.settimeout(self.network_timeout)
             self._serve_connection(request, client_address)
         finally:
             self._started()  # its association thread runs (and is counted) from here, or the connection is closed
+
+    @property
+    def network_timeout(self) -> float:
+        return float(self.ae.network_timeout or 60)
 
     def _serve_connection(self, request: Any, client_address: Any) -> None:
         super().process_request_thread(request, client_address)
@@ -281,7 +291,7 @@ class TlsAssociationServer(ListenerServer):
         try:
             request.settimeout(handshake_timeout)
             request.do_handshake()
-            request.settimeout(None)
+            request.settimeout(self.network_timeout)
         except OSError as e:  # ssl.SSLError and socket timeouts are OSErrors
             self.shutdown_request(request)
             refused = isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError)

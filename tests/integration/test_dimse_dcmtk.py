@@ -122,9 +122,14 @@ def test_an_association_that_cannot_be_audited_is_aborted(
 
 @pytest.fixture
 def small_listener(tmp_path: Path) -> Iterator[Runtime]:
-    """Two associations at most, objects up to 300 kB, 2 s for an association request."""
+    """Two associations at most, objects up to 300 kB, 2 s for an association request or the rest of a PDU."""
     settings = make_settings(
-        tmp_path, dimse_port=free_port(), dimse_max_associations=2, max_upload_bytes=300_000, dimse_acse_timeout=2
+        tmp_path,
+        dimse_port=free_port(),
+        dimse_max_associations=2,
+        max_upload_bytes=300_000,
+        dimse_acse_timeout=2,
+        dimse_network_timeout=2,
     )
     with dimse_listener(settings) as runtime:
         yield runtime
@@ -184,6 +189,27 @@ def test_connections_beyond_twice_the_maximum_associations_are_closed_at_once(sm
             s.close()
     deadline = time.monotonic() + 10
     while True:  # the idle connections' threads end at the ACSE timeout
+        echo = _dcmtk("echoscu", port)
+        if echo.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert echo.returncode == 0, echo.stderr
+
+
+def test_peers_that_stop_in_the_middle_of_a_pdu_are_closed_and_lock_no_one_out(small_listener: Runtime) -> None:
+    """Found in review: pynetdicom reads a PDU whole, blocking, with no timeout on an accepted socket, so a peer that
+    sent part of one held its connection for ever; twice the maximum associations of them shut every sender out."""
+    port = small_listener.settings.dimse_port
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        for sock in stalled:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, 100) + b"\0" * 10)  # 10 bytes of a 100-byte A-ASSOCIATE-RQ
+        assert [_closed_by_peer(s, within=15) for s in stalled] == [True] * 4
+    finally:
+        for sock in stalled:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:
         echo = _dcmtk("echoscu", port)
         if echo.returncode == 0 or time.monotonic() > deadline:
             break
