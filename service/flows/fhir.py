@@ -260,13 +260,23 @@ class _Parsing:
         conditions = [fhir_store.condition_key(fhir_store.condition(t, q)) for t, q in self.matches]
         held = set(_write_keys(self.parsed, indexes) + conditions)
         db.serialize_on(session, held)
-        if any(_condition_matches(session, t, q) != found for (t, q), found in self.matches.items()):
+        for _ in range(_SETTLE_ROUNDS):
+            if all(_condition_matches(session, t, q) == found for (t, q), found in self.matches.items()):
+                return self.parsed
             self.parsed = self._parse(session)
             # a conditional update whose match appeared meanwhile now writes that resource: its lock too, taken
-            # after the others (should that close a cycle with another transaction, PostgreSQL fails one of the
-            # two: a transient error, answered 503, and nothing written)
-            db.serialize_on(session, [key for key in _write_keys(self.parsed, indexes) if key not in held])
-        return self.parsed
+            # after the others; a write of it may have changed what matches while this waited, so the conditions
+            # are checked again once it is held (should the late lock close a cycle with another transaction,
+            # PostgreSQL fails one of the two: a transient error, 503, nothing written)
+            more = [key for key in _write_keys(self.parsed, indexes) if key not in held]
+            if not more:
+                return self.parsed
+            db.serialize_on(session, more)
+            held.update(more)
+        raise TransientError("the resources this request's conditions match kept changing; send it again")
+
+
+_SETTLE_ROUNDS = 3  # parses again of a request whose conditions match otherwise than when it was parsed
 
 
 def _condition_matches(session: Session, resource_type: str, query: str) -> list[str]:

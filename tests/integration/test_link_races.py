@@ -335,3 +335,64 @@ def test_a_conditional_update_whose_match_appears_before_its_write_locks_that_re
     )
     assert outcome.resource_id == created[0] and outcome.status == 200
     assert f"fhir:Observation/{created[0]}" in locked
+
+
+def test_a_conditional_update_checks_its_condition_again_once_the_late_resource_lock_is_held(
+    any_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review. The conditional PUT's match R appears after its parse, while a plain PUT of R, changing R
+    so that it no longer matches, holds R's lock. Before, the conditional PUT waited for that lock and then
+    overwrote R with its own body (PostgreSQL): the plain PUT's change lost, an outcome of neither order. Now the
+    condition is checked again once the lock is held: R keeps the change, and the conditional PUT creates."""
+    runtime = any_runtime
+    patient = fhir.write_one(
+        runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource("MRN-9009")
+    )
+    body = observation(f"Patient/{patient.resource_id}", "heart_rate", 70.0)["resource"]
+    body["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": "hr-9009-X"}]
+    changing, release = threading.Event(), threading.Event()
+    real_apply = fhir._apply
+
+    def apply_then_hold(session: Any, parsed: Any, indexes: Any) -> Any:
+        outcomes = real_apply(session, parsed, indexes)
+        if threading.current_thread().name == "plain-put":
+            changing.set()
+            release.wait(10)  # R's lock held, the change not committed
+        return outcomes
+
+    state: dict[str, Any] = {}
+    real_matches = fhir._condition_matches
+
+    def plain_put() -> None:
+        changed = body | {"id": state["r"], "identifier": [{"system": "urn:oid:1.2.3.4.5.6", "value": "hr-9009-Y"}]}
+        state["plain"] = fhir.write_one(
+            runtime, principal=SYSTEM_PRINCIPAL, method="PUT", url=f"Observation/{state['r']}", resource=changed
+        )
+
+    def r_appears_and_changes(session: Any, resource_type: str, query: str) -> list[str]:
+        found = real_matches(session, resource_type, query)
+        if "r" not in state:  # the conditional PUT's parse found nothing; now R is created, and a PUT changes it
+            created = fhir.write_one(
+                runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Observation", resource=body
+            )
+            state["r"] = created.resource_id
+            state["thread"] = threading.Thread(target=plain_put, name="plain-put")
+            state["thread"].start()
+            assert changing.wait(10)
+            threading.Timer(1.0, release.set).start()
+        return found
+
+    monkeypatch.setattr(fhir, "_apply", apply_then_hold)
+    monkeypatch.setattr(fhir, "_condition_matches", r_appears_and_changes)
+    conditional = fhir.write_one(
+        runtime,
+        principal=SYSTEM_PRINCIPAL,
+        method="PUT",
+        url="Observation?identifier=urn:oid:1.2.3.4.5.6|hr-9009-X",
+        resource=body | {"valueQuantity": {**body["valueQuantity"], "value": 72.0}},
+    )
+    state["thread"].join(10)
+    assert state["plain"].version == 2
+    with runtime.sessions() as session:
+        assert orders.resolver(session)("Observation", "identifier=hr-9009-Y") == [state["r"]], "the change kept"
+    assert conditional.resource_id != state["r"] and conditional.status == 201
