@@ -11,17 +11,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import ServiceError
 from service.results.fhir import issue_code_for_status, operation_outcome
+from service.store import db
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 
 
+RETRY_AFTER_SECONDS = 5  # told to a client whose request met a passing failure of the database or the disk
+
 
 def error_response(
     request: Request, status: int, code: str, message: str, expression: list[str] | None = None
 ) -> JSONResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="clinfer"'} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     if request.url.path.startswith("/fhir"):
         body = operation_outcome(
             severity="error" if status < 500 else "fatal",
@@ -52,4 +57,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
+        if db.is_transient(exc):  # the database unreachable, a deadlock broken, the disk failing: worth a retry
+            return error_response(
+                request, 503, "transient", "the database or the disk failed for a moment; send the request again"
+            )
         return error_response(request, 500, "internal", "internal error; see the service log")

@@ -7,10 +7,12 @@ import re
 from typing import Any
 
 import pydicom
+import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
+from service.api.main import create_app
 from service.cli import main as clinfer
 from service.config import Settings
 from service.flows.runtime import Runtime
@@ -170,6 +172,33 @@ def _stow(client: TestClient, tokens: Tokens, part: bytes) -> Any:
     )
 
 
+def test_a_passing_database_failure_is_a_503_with_retry_after_in_each_protocol_s_shape(
+    runtime: Runtime, tokens: Tokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a database error outside the paths that catch it (a REST FHIR write, a transaction Bundle,
+    a /v1 route; a deadlock PostgreSQL breaks) was answered 500, which clients do not retry. It is now 503 with
+    Retry-After, an OperationOutcome under /fhir."""
+    from sqlalchemy.exc import OperationalError
+
+    from service.flows import analysis, fhir
+
+    def database_gone(*args: object, **kwargs: object) -> None:
+        raise OperationalError("SELECT pg_advisory_xact_lock(k) ...", {}, Exception("deadlock detected"))
+
+    monkeypatch.setattr(fhir, "write_one", database_gone)
+    monkeypatch.setattr(analysis, "request_analysis", database_gone)
+    with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
+        put = client.put(
+            "/fhir/Patient?identifier=urn:oid:1.2.3.4.5|X-1",
+            json={"resourceType": "Patient", "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": "X-1"}]},
+            headers=tokens.header("ingest"),
+        )
+        assert put.status_code == 503 and put.headers["retry-after"] == "5", put.text
+        assert put.json()["resourceType"] == "OperationOutcome" and put.json()["issue"][0]["code"] == "transient"
+        analyze = client.post(f"/v1/studies/{generate_uid()}/analyze", headers=tokens.header("clinician"))
+        assert analyze.status_code == 503 and analyze.json()["error"]["code"] == "transient", analyze.text
+
+
 def test_stow_request_errors(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
     ingest = tokens.header("ingest")
     wrong_type = client.post("/dicomweb/studies", content=b"{}", headers={"Content-Type": "application/json", **ingest})
@@ -225,8 +254,6 @@ def test_audit_verify_detects_an_edited_row(
     monkeypatch: object,
     capsys: object,
 ) -> None:
-    import pytest
-
     mp: pytest.MonkeyPatch = monkeypatch  # type: ignore[assignment]
     body, content_type = multipart_related([dx_instance(seed=i) for i in range(3)])
     assert (
