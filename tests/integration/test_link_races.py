@@ -299,11 +299,7 @@ def test_a_conditional_update_whose_match_appears_before_its_write_locks_that_re
     its write transaction. The write, parsed again there, updates that resource. Before, it did so without the
     resource's lock, which every other write of the resource takes (a plain PUT of it could interleave)."""
     runtime = any_runtime
-    patient = fhir.write_one(
-        runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource("MRN-8008")
-    )
-    body = observation(f"Patient/{patient.resource_id}", "heart_rate", 70.0)["resource"]
-    body["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": "hr-8008-1"}]
+    body = _heart_rate_of_a_new_patient(runtime, "MRN-8008", identifier="hr-8008-1")
     created: list[str] = []
     real_matches = fhir._condition_matches
 
@@ -326,13 +322,7 @@ def test_a_conditional_update_whose_match_appears_before_its_write_locks_that_re
 
     monkeypatch.setattr(fhir, "_condition_matches", match_appears_after_the_first_look)
     monkeypatch.setattr(db, "serialize_on", recorded)
-    outcome = fhir.write_one(
-        runtime,
-        principal=SYSTEM_PRINCIPAL,
-        method="PUT",
-        url="Observation?identifier=urn:oid:1.2.3.4.5.6|hr-8008-1",
-        resource=body | {"valueQuantity": {**body["valueQuantity"], "value": 72.0}},
-    )
+    outcome = _conditional_put(runtime, body, "hr-8008-1")
     assert outcome.resource_id == created[0] and outcome.status == 200
     assert f"fhir:Observation/{created[0]}" in locked
 
@@ -345,11 +335,7 @@ def test_a_conditional_update_checks_its_condition_again_once_the_late_resource_
     overwrote R with its own body (PostgreSQL): the plain PUT's change lost, an outcome of neither order. Now the
     condition is checked again once the lock is held: R keeps the change, and the conditional PUT creates."""
     runtime = any_runtime
-    patient = fhir.write_one(
-        runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource("MRN-9009")
-    )
-    body = observation(f"Patient/{patient.resource_id}", "heart_rate", 70.0)["resource"]
-    body["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": "hr-9009-X"}]
+    body = _heart_rate_of_a_new_patient(runtime, "MRN-9009", identifier="hr-9009-X")
     changing, release = threading.Event(), threading.Event()
     real_apply = fhir._apply
 
@@ -384,15 +370,30 @@ def test_a_conditional_update_checks_its_condition_again_once_the_late_resource_
 
     monkeypatch.setattr(fhir, "_apply", apply_then_hold)
     monkeypatch.setattr(fhir, "_condition_matches", r_appears_and_changes)
-    conditional = fhir.write_one(
-        runtime,
-        principal=SYSTEM_PRINCIPAL,
-        method="PUT",
-        url="Observation?identifier=urn:oid:1.2.3.4.5.6|hr-9009-X",
-        resource=body | {"valueQuantity": {**body["valueQuantity"], "value": 72.0}},
-    )
+    conditional = _conditional_put(runtime, body, "hr-9009-X")
     state["thread"].join(10)
     assert state["plain"].version == 2
     with runtime.sessions() as session:
         assert orders.resolver(session)("Observation", "identifier=hr-9009-Y") == [state["r"]], "the change kept"
     assert conditional.resource_id != state["r"] and conditional.status == 201
+
+
+def _heart_rate_of_a_new_patient(runtime: Runtime, mrn: str, *, identifier: str) -> dict[str, Any]:
+    """A heart rate Observation (not stored) of a Patient stored now, with the business identifier ``identifier``."""
+    patient = fhir.write_one(
+        runtime, principal=SYSTEM_PRINCIPAL, method="POST", url="Patient", resource=_patient_resource(mrn)
+    )
+    body: dict[str, Any] = observation(f"Patient/{patient.resource_id}", "heart_rate", 70.0)["resource"]
+    body["identifier"] = [{"system": "urn:oid:1.2.3.4.5.6", "value": identifier}]
+    return body
+
+
+def _conditional_put(runtime: Runtime, body: dict[str, Any], identifier: str) -> Any:
+    """``PUT Observation?identifier=...`` of ``body`` with another value."""
+    return fhir.write_one(
+        runtime,
+        principal=SYSTEM_PRINCIPAL,
+        method="PUT",
+        url=f"Observation?identifier=urn:oid:1.2.3.4.5.6|{identifier}",
+        resource=body | {"valueQuantity": {**body["valueQuantity"], "value": 72.0}},
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
@@ -105,29 +106,40 @@ def test_a_job_whose_queue_has_a_backlog_is_not_sent_again(
 LATERAL_STUDIES = 101  # more than a round read before
 
 
+def _lateral_views_wait(tmp_path: Path, *, stable_seconds: float) -> Runtime:
+    """A runtime whose rules analyze a PA view at once and a lateral view after ``stable_seconds`` of quiet."""
+    rules = tmp_path / "routing.yaml"
+    lateral = {"name": "lateral", "match": {"ViewPosition": ["LL"]}, "stable_seconds": stable_seconds}
+    pa = {"name": "pa", "match": {"ViewPosition": ["PA"]}, "stable_seconds": 0}
+    rules.write_text(yaml.safe_dump({"rules": [{**rule, "models": ["cxr-fusion"]} for rule in (lateral, pa)]}))
+    runtime = build_runtime(make_settings(tmp_path, routing_rules=rules, batching=False))
+    set_runtime(runtime)
+    return runtime
+
+
+def _store_lateral_view(runtime: Runtime) -> str:
+    """A new study of one lateral chest view; its Study Instance UID."""
+    lateral = pydicom.dcmread(io.BytesIO(dx_instance(size=256)))
+    lateral.ViewPosition = "LL"
+    ingest.store_instance(runtime, _saved(lateral), principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
+    return str(lateral.StudyInstanceUID)
+
+
+def _saved(dataset: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def test_studies_waiting_for_their_rules_quiet_period_do_not_hide_a_due_study(
     tmp_path: Path, sent: list[tuple[str, str]]
 ) -> None:
     """Before, a round read the 100 oldest stable-looking studies only. A study whose rule asks for a longer quiet
     period is not stamped while it waits, so 100 of them (say lateral views held for an hour) came back first in
     every round and a study due now, received after them, was never analyzed until they were."""
-    rules = tmp_path / "routing.yaml"
-    rules.write_text(
-        "rules:\n"
-        "  - {name: lateral, match: {ViewPosition: [LL]}, models: [cxr-fusion], stable_seconds: 3600}\n"
-        "  - {name: pa, match: {ViewPosition: [PA]}, models: [cxr-fusion], stable_seconds: 0}\n"
-    )
-    runtime = build_runtime(make_settings(tmp_path, routing_rules=rules, batching=False))
-    set_runtime(runtime)
-    lateral = pydicom.dcmread(io.BytesIO(dx_instance(size=256)))
-    lateral.ViewPosition = "LL"
+    runtime = _lateral_views_wait(tmp_path, stable_seconds=3600)
     for _ in range(LATERAL_STUDIES):
-        lateral.StudyInstanceUID, lateral.SeriesInstanceUID = generate_uid(), generate_uid()
-        lateral.SOPInstanceUID = generate_uid()
-        lateral.file_meta.MediaStorageSOPInstanceUID = lateral.SOPInstanceUID
-        buffer = io.BytesIO()
-        lateral.save_as(buffer, enforce_file_format=True)
-        ingest.store_instance(runtime, buffer.getvalue(), principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
+        _store_lateral_view(runtime)
     due = generate_uid()
     ingest.store_instance(
         runtime, dx_instance(study_uid=due, size=256), principal=SYSTEM_PRINCIPAL, part=1, protocol="test"
@@ -146,20 +158,9 @@ def test_a_study_waiting_for_its_rules_quiet_period_is_not_routed_again_until_it
 ) -> None:
     """Now that a round reads every waiting study, each would be locked and routed again every few seconds until
     its quiet period ends; the sweeper remembers when it is due instead (unless an instance arrives meanwhile)."""
-    rules = tmp_path / "routing.yaml"
-    rules.write_text(
-        "rules:\n"
-        "  - {name: lateral, match: {ViewPosition: [LL]}, models: [cxr-fusion], stable_seconds: 3}\n"
-        "  - {name: pa, match: {ViewPosition: [PA]}, models: [cxr-fusion], stable_seconds: 0}\n"
-    )
-    runtime = build_runtime(make_settings(tmp_path, routing_rules=rules, batching=False))
-    set_runtime(runtime)
+    runtime = _lateral_views_wait(tmp_path, stable_seconds=3)
     analysis._NOT_DUE.clear()
-    lateral = pydicom.dcmread(io.BytesIO(dx_instance(size=256)))
-    lateral.ViewPosition = "LL"
-    buffer = io.BytesIO()
-    lateral.save_as(buffer, enforce_file_format=True)
-    ingest.store_instance(runtime, buffer.getvalue(), principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
+    lateral_uid = _store_lateral_view(runtime)
     routed: list[str] = []
     real_request = analysis.request_analysis
 
@@ -169,7 +170,7 @@ def test_a_study_waiting_for_its_rules_quiet_period_is_not_routed_again_until_it
 
     monkeypatch.setattr(analysis, "request_analysis", counted)
     assert analysis.sweep(runtime) == (1, 0) and not sent, "routed once: its rule's 3 s are not over"
-    assert analysis.sweep(runtime) == (0, 0) and routed == [lateral.StudyInstanceUID]
+    assert analysis.sweep(runtime) == (0, 0) and routed == [lateral_uid]
     time.sleep(3.2)
     assert analysis.sweep(runtime) == (1, 0)
     with runtime.sessions() as session:
