@@ -16,6 +16,23 @@ from service.training.synthetic import render_chest_radiograph, sample_clinical
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
 
+def _part10(
+    sop_class: str, *, sop_uid: str | None, study_uid: str | None, series_uid: str | None, patient_id: str
+) -> FileDataset:
+    """A Part 10 dataset (Explicit VR Little Endian) of ``sop_class`` with its UIDs (new ones where None)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID = patient_id
+    return ds
+
+
 def dx_instance(
     *,
     patient_id: str = "MRN-1001",
@@ -34,16 +51,7 @@ def dx_instance(
     """A Part 10 Digital X-Ray object with a procedurally rendered chest radiograph (12 bits stored)."""
     rng = np.random.default_rng(seed)
     pixels = render_chest_radiograph(rng, findings or {"pneumonia": True}, size=size)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = DX_SOP_CLASS
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.PatientID = patient_id
+    ds = _part10(DX_SOP_CLASS, sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, patient_id=patient_id)
     if issuer:
         ds.IssuerOfPatientID = issuer
     ds.PatientName = "Synthetic^Test"
@@ -190,17 +198,8 @@ def image_instance(
 ) -> bytes:
     """A Part 10 Secondary Capture of exactly these pixels: (rows, columns) unsigned 16-bit grayscale, or
     (rows, columns, 3) 8-bit RGB; ``rescale`` is (slope, intercept), ``window`` (center, width)."""
-    sop_class = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.PatientID = patient_id
+    secondary_capture = "1.2.840.10008.5.1.4.1.1.7"
+    ds = _part10(secondary_capture, sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, patient_id=patient_id)
     ds.PatientName = "Synthetic^Ramp"
     ds.StudyDate = "20261120"
     ds.Modality = modality
