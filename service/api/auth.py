@@ -256,10 +256,34 @@ def authenticate_verified(
     return None if claims is None else _principal(claims, source_address)
 
 
-def authorize(principal: Principal, resource: str, permission: str) -> None:
-    """Raise Forbidden unless the principal's scopes cover the permission on the resource."""
-    if not scope_allows(principal.scopes, resource, permission):
-        raise Forbidden(f"scope {resource}.{permission} is required")
+def allows(principal: Principal, resource: str, permission: str, *, patient_scopes: bool = True) -> bool:
+    """Whether ``authorize`` would let the principal through."""
+    try:
+        authorize(principal, resource, permission, patient_scopes=patient_scopes)
+    except Forbidden:
+        return False
+    return True
+
+
+def authorize(principal: Principal, resource: str, permission: str, *, patient_scopes: bool = True) -> None:
+    """Raise Forbidden unless the principal's scopes cover the permission on the resource.
+
+    Args:
+        patient_scopes: whether SMART ``patient/`` scopes count. Only the FHIR API narrows what it returns to the
+            token's patient (``patient_compartment``); a route that does not must not count them, or a token for
+            one patient would see every patient's data there.
+    """
+    granted = principal.scopes
+    if not patient_scopes:
+        granted = frozenset(s for s in granted if not s.startswith("patient/"))
+    if scope_allows(granted, resource, permission):
+        return
+    if not patient_scopes and scope_allows(principal.scopes, resource, permission):
+        raise Forbidden(
+            f"scope user/ or system/{resource}.{permission} is required: patient/ scopes are honoured on the FHIR"
+            " API only, which narrows what it returns to the token's patient"
+        )
+    raise Forbidden(f"scope {resource}.{permission} is required")
 
 
 def patient_compartment(principal: Principal, resource: str, permission: str) -> str | None:

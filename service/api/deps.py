@@ -67,10 +67,12 @@ AuthenticatedDep = Annotated[Principal, Depends(authenticated)]
 
 
 def require(resource: str, permission: str) -> Callable[..., Awaitable[Principal]]:
-    """A dependency that admits principals whose scopes cover ``permission`` on ``resource``."""
+    """A dependency that admits principals whose user/ or system/ scopes cover ``permission`` on ``resource``: the
+    routes that take it (DICOMweb, /v1, /metrics) do not narrow what they return to a patient, so SMART patient/
+    scopes do not admit them (the FHIR API honours those, within the token's patient compartment)."""
 
     async def dependency(request: Request, runtime: RuntimeDep, principal: AuthenticatedDep) -> Principal:
-        await checked(request, runtime, principal, resource, permission)
+        await checked(request, runtime, principal, resource, permission, patient_scopes=False)
         return principal
 
     return dependency
@@ -85,10 +87,18 @@ def check(request: Request, runtime: Runtime, principal: Principal, resource: st
         raise
 
 
-async def checked(request: Request, runtime: Runtime, principal: Principal, resource: str, permission: str) -> None:
+async def checked(
+    request: Request,
+    runtime: Runtime,
+    principal: Principal,
+    resource: str,
+    permission: str,
+    *,
+    patient_scopes: bool = True,
+) -> None:
     """``check`` for coroutines: a denial is audited in a worker thread, not on the event loop."""
     try:
-        auth.authorize(principal, resource, permission)
+        auth.authorize(principal, resource, permission, patient_scopes=patient_scopes)
     except Forbidden as e:
         await run_in_threadpool(audit_denial, runtime, request, principal, e)
         raise

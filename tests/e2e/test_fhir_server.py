@@ -18,7 +18,7 @@ from service.flows.runtime import build_runtime, set_runtime
 from service.results.fhir import validate_resource
 from tests.conftest import Tokens, make_settings
 from tests.e2e.test_embedded_spine import post_study, wait_for_report
-from tests.factories import dx_instance, patient_bundle
+from tests.factories import dx_instance, multipart_related, patient_bundle
 
 FHIR = "application/fhir+json"
 
@@ -272,6 +272,36 @@ def test_a_patient_level_token_sees_only_its_patient(client: TestClient, tokens:
     outcome_of(client.get(f"/fhir/Patient/{other}", headers=headers), 404)
     assert client.get(f"/fhir/Patient/{mine}", headers=headers).status_code == 200
     outcome_of(client.get("/fhir/Condition", headers=headers), 403)
+
+
+def test_a_patient_level_token_is_refused_where_nothing_narrows_to_its_patient(
+    client: TestClient, tokens: Tokens
+) -> None:
+    """Found in review: /v1 and DICOMweb counted patient/ scopes as user/ ones, and return every patient's studies,
+    so a token for one patient listed all of them (with their PatientIDs and positive findings) there. Those routes
+    now take user/ or system/ scopes only; the FHIR API, which narrows to the token's patient, still takes it."""
+    ingest = tokens.header("ingest")
+    mine = client.post("/fhir/Patient", json=patient("P-MINE"), headers=ingest).json()["id"]
+    body, content_type = multipart_related([dx_instance(patient_id="OTHER-9")])
+    stowed = client.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type, **ingest})
+    assert stowed.status_code == 200
+    token = auth.mint_token(
+        tokens.settings,
+        role="clinician",
+        scopes=("patient/ImagingStudy.rs", "patient/DiagnosticReport.rs", "patient/Patient.rs"),
+        patient=mine,
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    for path in ("/v1/studies", "/dicomweb/studies"):
+        refused = client.get(path, headers=headers)
+        assert refused.status_code == 403 and "patient/ scopes" in refused.text, (path, refused.text)
+    assert client.get("/fhir/ImagingStudy", headers=headers).json()["total"] == 0
+    # a wide study scope with a patient-level report scope: the study list, without the reports' findings
+    mixed = auth.mint_token(
+        tokens.settings, role="clinician", scopes=("user/ImagingStudy.rs", "patient/DiagnosticReport.rs"), patient=mine
+    )
+    listed = client.get("/v1/studies", headers={"Authorization": f"Bearer {mixed}"}).json()["studies"]
+    assert [s["dicom_patient_id"] for s in listed] == ["OTHER-9"] and listed[0]["reports"] is None
 
 
 def test_an_order_triggers_the_analysis_and_the_report_is_based_on_it(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def studies_json(session: Any, rows: list[Study], principal: Principal) -> list[
     """``study_json`` of each study, their modalities and reports read in one SELECT each; the reports' positive
     findings only for a principal who may read DiagnosticReports."""
     modalities = studies.modalities_of(session=session, studies=rows)
-    may_read_reports = auth.scope_allows(principal.scopes, "DiagnosticReport", "r")
+    may_read_reports = auth.allows(principal, "DiagnosticReport", "r", patient_scopes=False)
     found = reports.for_studies(session=session, studies=rows) if may_read_reports else {}
     return [
         study_json(
