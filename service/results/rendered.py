@@ -18,7 +18,7 @@ This module is the only place that imports Pillow.
 from __future__ import annotations
 
 import io
-import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,11 @@ JPEG = "image/jpeg"
 MEDIA_TYPES = (PNG, JPEG)
 """What we render to, the default first."""
 MAX_VIEWPORT = 4096
+# a window's center and width are modality values (Hounsfield units, stored values): bounded so that the float32
+# arithmetic below stays finite
+MAX_WINDOW = 1e9
+MIN_EXACT_WIDTH = 1e-6
+_DIGITS = re.compile(r"[0-9]{1,6}")  # ASCII digits only: str.isdigit admits "²", which int() refuses
 DEFAULT_JPEG_QUALITY = 90
 
 # PS3.18 8.3.5.1.4 function names -> PS3.3 C.11.2.1.3 VOI LUT Function
@@ -68,15 +73,16 @@ def parse_window(text: str) -> Window:
         center, width = float(parts[0]), float(parts[1])
     except ValueError as e:
         raise InvalidInput(f"window {text[:60]!r}: center and width must be numbers") from e
-    if not (math.isfinite(center) and math.isfinite(width)):
-        raise InvalidInput(f"window {text[:60]!r}: center and width must be finite")
+    if not (abs(center) <= MAX_WINDOW and 0 < abs(width) <= MAX_WINDOW):  # NaN fails too
+        raise InvalidInput(f"window {text[:60]!r}: center and width must be finite, within ±{MAX_WINDOW:g}")
     name = parts[2].lower() if len(parts) == 3 else "linear"
     function = VOI_FUNCTIONS.get(name)
     if function is None:
         raise InvalidInput(f"window function {parts[2][:20]!r} is not one of {', '.join(VOI_FUNCTIONS)}")
-    if width < 1 if function == "LINEAR" else width <= 0:
+    if width < 1 if function == "LINEAR" else width < MIN_EXACT_WIDTH:
         raise InvalidInput(
-            f"window width {width:g} is too small: at least 1 for linear, above 0 for linear-exact and sigmoid"
+            f"window width {width:g} is too small: at least 1 for linear, {MIN_EXACT_WIDTH:g} for linear-exact and"
+            " sigmoid"
         )
     return Window(center, width, function)
 
@@ -95,7 +101,7 @@ def parse_viewport(text: str) -> Viewport:
         if not part:
             sides.append(None)
             continue
-        if not part.isdigit() or not 1 <= int(part) <= MAX_VIEWPORT:
+        if not _DIGITS.fullmatch(part) or not 1 <= int(part) <= MAX_VIEWPORT:
             raise InvalidInput(f"viewport {text[:60]!r}: each side must be a whole number from 1 to {MAX_VIEWPORT}")
         sides.append(int(part))
     return Viewport(sides[0], sides[1])
@@ -107,7 +113,7 @@ def parse_quality(text: str) -> int:
     Raises:
         InvalidInput: not a whole number in that range.
     """
-    if not text.strip().isdigit() or not 1 <= int(text) <= 100:
+    if not _DIGITS.fullmatch(text.strip()) or not 1 <= int(text) <= 100:
         raise InvalidInput(f"quality {text[:20]!r} must be a whole number from 1 to 100")
     return int(text)
 
@@ -154,6 +160,8 @@ def render(
         display = decoded.pixels
     else:
         display = displayed_values(decoded, window)
+    # an object's own window may still be extreme: what overflows is clipped, never cast undefined
+    display = np.nan_to_num(display, nan=0.0, posinf=1.0, neginf=0.0)
     eight_bits = np.rint(display * np.float32(255.0)).astype(np.uint8)
     image = Image.fromarray(eight_bits)  # L for 2-D, RGB for three samples per pixel
     if viewport is not None:

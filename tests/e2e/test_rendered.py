@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -14,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from service.flows.runtime import Runtime
 from service.store import audit
-from tests.conftest import Tokens
+from tests.conftest import Tokens, serve_over_http
 from tests.e2e.test_dicom_results import _analyzed_study
 from tests.e2e.test_embedded_spine import post_study
 from tests.factories import dx_instance, image_instance
@@ -93,6 +94,12 @@ def test_monochrome1_is_inverted(client: TestClient, tokens: Tokens) -> None:
         {"viewport": "5000,5000"},
         {"viewport": "10,10,0,0,5,5"},
         {"quality": "0"},
+        # found in review: non-ASCII digits (a 500 before), windows whose float32 arithmetic overflows (NaN pixels)
+        {"viewport": "²,5"},
+        {"quality": "¹⁰"},
+        {"window": "1,1e-300,sigmoid"},
+        {"window": "0,1e-45,linear-exact"},
+        {"window": "1e308,1e308"},
     ],
 )
 def test_bad_query_values_are_400(client: TestClient, tokens: Tokens, params: dict[str, str]) -> None:
@@ -108,6 +115,23 @@ def test_unsupported_parameters_are_ignored_and_named(client: TestClient, tokens
     response = client.get(path + "/rendered", params={"annotation": "patient"}, headers=tokens.header("clinician"))
     assert response.status_code == 200
     assert "annotation" in response.headers["warning"] and response.headers["warning"].startswith("299 ")
+
+
+def test_parameter_names_that_cannot_go_in_a_header_are_counted_not_quoted(
+    client: TestClient, runtime: Runtime, tokens: Tokens
+) -> None:
+    """Found in review: an unsupported parameter's name was quoted in the Warning header as it came, so a
+    non-Latin-1 name was a 500 and a CR LF or NUL in it made the server drop the connection (over uvicorn)."""
+    path = _ramp(client, tokens) + "/rendered"
+    clinician = tokens.header("clinician")
+    with serve_over_http(runtime) as base, httpx.Client(base_url=base, timeout=30) as http:
+        for query in ("?%E4%B8%AD=1&annotation=x", "?x%0d%0aSet-Cookie:%20a%3Db=1", "?x%00=1"):
+            response = http.get(path + query, headers=clinician)
+            assert response.status_code == 200, (query, response.text)
+            assert "set-cookie" not in response.headers
+            assert "1 other(s)" in response.headers["warning"], response.headers["warning"]
+        named = http.get(path + "?%E4%B8%AD=1&annotation=x", headers=clinician).headers["warning"]
+        assert named.endswith('annotation, 1 other(s)"'), named
 
 
 def test_an_accept_without_png_or_jpeg_is_406(client: TestClient, tokens: Tokens) -> None:

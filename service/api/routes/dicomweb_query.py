@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -107,16 +108,28 @@ _STUDY_QUERY = frozenset(
 )
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def unsupported_warning(request: Request, supported: frozenset[str], text: str) -> str | None:
+    """A ``Warning: 299`` value naming the query parameters not in ``supported`` (None when there are none). A name
+    is quoted back only when it is plain (letters, digits, ``_.-``): anything else (control characters, non-Latin-1
+    text) cannot go in a header, and is counted instead."""
+    ignored = {name for name in request.query_params if name not in supported}
+    if not ignored:
+        return None
+    plain = sorted(name for name in ignored if _PLAIN_NAME.fullmatch(name))
+    others = len(ignored) - len(plain)
+    names = ", ".join(plain)[:200] + (f"{', ' if plain else ''}{others} other(s)" if others else "")
+    return f'299 clinfer "{text}: {names}"'
+
+
 def _answer(results: list[dict[str, Any]], request: Request, supported: frozenset[str] = frozenset()) -> Response:
     """The matches (204 when none). Query keys this level does not match on are ignored, as PS3.18 8.3.4.1 lets
     a server do, and named in a ``Warning: 299`` header, as it requires: a search is never silently wider than
     the one asked for."""
-    ignored = sorted({name for name in request.query_params if name not in supported})
-    headers = (
-        {"Warning": f'299 clinfer "The fields in the query were not supported: {", ".join(ignored)[:200]}"'}
-        if ignored
-        else None
-    )
+    warning = unsupported_warning(request, supported, "The fields in the query were not supported")
+    headers = {"Warning": warning} if warning else None
     if not results:
         return Response(status_code=204, headers=headers)
     return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
@@ -433,7 +446,7 @@ def retrieve_rendered_instance(
             },
         )
     headers = {"Cache-Control": "no-store"}  # a patient's image: kept in no cache, the browser's included
-    ignored = sorted({name for name in request.query_params if name not in _RENDERED_QUERY})
-    if ignored:
-        headers["Warning"] = f'299 clinfer "The query parameters were not supported: {", ".join(ignored)[:200]}"'
+    warning = unsupported_warning(request, _RENDERED_QUERY, "The query parameters were not supported")
+    if warning:
+        headers["Warning"] = warning
     return Response(image, media_type=media_type, headers=headers)
