@@ -44,6 +44,15 @@ def patient_resource_id(*, session: Session, patient_id: int | None) -> str | No
     return known[patient_id]
 
 
+def remember_patients(*, session: Session, patient_ids: Iterable[int | None]) -> None:
+    """Look up the FHIR Patient.id of several patient rows in one SELECT, for ``patient_resource_id`` to find."""
+    known: dict[int, str] = session.info.setdefault("patient_resource_ids", {})
+    wanted = {i for i in patient_ids if i is not None and i not in known}
+    if wanted:
+        rows = session.execute(select(Patient.id, Patient.resource_id).where(Patient.id.in_(wanted)))
+        known.update({patient_id: resource_id for patient_id, resource_id in rows})
+
+
 def patient_reference(*, session: Session, patient_id: int | None) -> str | None:
     """``Patient/<id>`` for audit events and reports, or None."""
     resource_id = patient_resource_id(session=session, patient_id=patient_id)

@@ -353,6 +353,20 @@ def series_of(*, session: Session, study: Study) -> list[tuple[Series, int]]:
     return [(series, count) for series, count in rows]
 
 
+def instance_counts(*, session: Session, studies: Iterable[Study]) -> dict[int, int]:
+    """``count_instances`` of several studies in one SELECT, by study id (a study without instances left out)."""
+    ids = [study.id for study in studies]
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Series.study_id, func.count(Instance.id))
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id.in_(ids))
+        .group_by(Series.study_id)
+    )
+    return {study_id: int(count) for study_id, count in rows}
+
+
 def modalities_of(*, session: Session, studies: Iterable[Study]) -> dict[int, list[str]]:
     """The modalities of what each study received (our own results, SR and heatmap, left out), by study id, in
     one SELECT."""

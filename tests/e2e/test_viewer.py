@@ -4,16 +4,19 @@ media types, nothing else served) and what the pages read from /v1 (worklist fie
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
+from sqlalchemy import event, select
 
 from service.api.routes import ui
 from service.api.routes.v1 import studies_json
 from service.flows.runtime import Runtime
 from service.schemas import Principal
 from service.store import studies
+from service.store.tables import AuditEvent
 from tests.conftest import Tokens
 from tests.e2e.test_embedded_spine import post_study, wait_for_report
 from tests.factories import dx_instance, patient_bundle
@@ -108,8 +111,50 @@ def test_studies_carry_what_the_worklist_shows(client: TestClient, tokens: Token
     with runtime.sessions.begin() as session:
         row = studies.get_or_raise(session=session, study_instance_uid=study_uid)
         narrow = Principal(subject="t", scopes=frozenset({"user/ImagingStudy.rs"}))
-        [body] = studies_json(session, [row], narrow)
-    assert body["reports"] is None and body["modalities"] == ["DX"]
+        [body], disclosed = studies_json(session, [row], narrow)
+    assert body["reports"] is None and body["modalities"] == ["DX"] and disclosed == []
+
+
+def test_the_worklist_reads_a_page_in_as_many_statements_whatever_its_size_and_audits_the_findings_shown(
+    client: TestClient, tokens: Tokens, runtime: Runtime
+) -> None:
+    """Found in review: each study of a page cost its own SELECTs (instances, jobs, patient): 21 statements for 5
+    studies, 106 for 50. And the reports' positive findings a page shows were disclosed with no report named in
+    the audit trail."""
+    assert client.post("/fhir", json=patient_bundle(), headers=tokens.header("ingest")).status_code == 200
+    for seed in range(6):
+        assert post_study(client, tokens, [dx_instance(seed=seed, size=256)]).status_code == 200
+    clinician = tokens.header("clinician")
+    study_uid = client.get("/v1/studies", params={"limit": 1}, headers=clinician).json()["studies"][0][
+        "study_instance_uid"
+    ]
+    assert client.post(f"/v1/studies/{study_uid}/analyze", headers=clinician).status_code == 202
+    [report] = wait_for_report(client, study_uid, clinician)["reports"]
+    deadline = time.monotonic() + 60
+    while report["dicom"]["state"] not in ("stored", "failed") and time.monotonic() < deadline:
+        time.sleep(0.1)  # the DICOM results are made after the report; nothing else runs once they are
+        [report] = client.get(f"/v1/studies/{study_uid}/report", headers=clinician).json()["reports"]
+
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    per_page = []
+    event.listen(runtime.engine, "before_cursor_execute", count)
+    try:
+        for limit in (2, 6):
+            del statements[:]
+            assert len(client.get("/v1/studies", params={"limit": limit}, headers=clinician).json()["studies"]) == limit
+            per_page.append(len(statements))
+    finally:
+        event.remove(runtime.engine, "before_cursor_execute", count)
+    assert per_page[0] == per_page[1], per_page
+    with runtime.sessions() as session:
+        searches = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == "study.search").order_by(AuditEvent.id.desc())
+        ).all()
+    assert searches[0].detail["reports"] == [report["id"]]
 
 
 def test_jobs_by_state_and_loaded_models(client: TestClient, tokens: Tokens) -> None:

@@ -61,7 +61,15 @@ def report_summary_json(report: Report) -> dict[str, Any]:
     }
 
 
-def study_json(session: Any, study: Study, *, modalities: list[str], reports_of: list[Report] | None) -> dict[str, Any]:
+def study_json(
+    session: Any,
+    study: Study,
+    *,
+    modalities: list[str],
+    instances: int,
+    study_jobs: list[Job],
+    reports_of: list[Report] | None,
+) -> dict[str, Any]:
     """A study as the worklist shows it; ``reports_of`` None: the caller may not read reports (left out)."""
     return {
         "study_instance_uid": study.study_instance_uid,
@@ -74,28 +82,39 @@ def study_json(session: Any, study: Study, *, modalities: list[str], reports_of:
         "description": study.description,
         "modalities": modalities,
         "study_date": study.study_date.isoformat() if study.study_date else None,
-        "instances": studies.count_instances(session=session, study=study),
+        "instances": instances,
         "last_instance_at": study.last_instance_at.isoformat(),
-        "jobs": [job_json(j, study.study_instance_uid) for j in jobs.for_study(session=session, study=study)],
+        "jobs": [job_json(j, study.study_instance_uid) for j in study_jobs],
         "reports": None if reports_of is None else [report_summary_json(r) for r in reports_of],
     }
 
 
-def studies_json(session: Any, rows: list[Study], principal: Principal) -> list[dict[str, Any]]:
-    """``study_json`` of each study, their modalities and reports read in one SELECT each; the reports' positive
-    findings only for a principal who may read DiagnosticReports."""
+def studies_json(session: Any, rows: list[Study], principal: Principal) -> tuple[list[dict[str, Any]], list[str]]:
+    """``study_json`` of each study, what they hold read in one SELECT each (patients, instance counts, modalities,
+    jobs, reports), whatever the number of studies; the reports' positive findings only for a principal who may
+    read DiagnosticReports (user/ or system/ scopes).
+
+    Returns:
+        (the studies, the ids of the reports they disclose, for the audit event).
+    """
+    clinical.remember_patients(session=session, patient_ids=[s.patient_id for s in rows])
+    counts = studies.instance_counts(session=session, studies=rows)
     modalities = studies.modalities_of(session=session, studies=rows)
+    study_jobs = jobs.for_studies(session=session, studies=rows)
     may_read_reports = auth.allows(principal, "DiagnosticReport", "r", patient_scopes=False)
     found = reports.for_studies(session=session, studies=rows) if may_read_reports else {}
-    return [
+    bodies = [
         study_json(
             session,
             s,
             modalities=modalities.get(s.id, []),
+            instances=counts.get(s.id, 0),
+            study_jobs=study_jobs.get(s.id, []),
             reports_of=found.get(s.id, []) if may_read_reports else None,
         )
         for s in rows
     ]
+    return bodies, sorted(r.id for of_study in found.values() for r in of_study)
 
 
 @router.get("/studies")
@@ -107,6 +126,7 @@ def list_studies(
 ) -> dict[str, Any]:
     with runtime.sessions.begin() as session:
         rows = studies.list_studies(session=session, limit=limit, offset=offset)
+        body, disclosed_reports = studies_json(session, rows, principal)
         patient_ref, patients = clinical.disclosed_patients(session=session, studies=rows)
         audit.append(
             session=session,
@@ -116,15 +136,16 @@ def list_studies(
             entity_type="ImagingStudy",
             entity_ref="studies",
             patient_ref=patient_ref,
-            detail={"results": len(rows), **patients},
+            detail={"results": len(rows), **patients, "reports": disclosed_reports[:100]},
         )
-        return {"studies": studies_json(session, rows, principal)}
+        return {"studies": body}
 
 
 @router.get("/studies/{study_instance_uid}")
 def get_study(study_instance_uid: str, runtime: RuntimeDep, principal: StudyReadDep) -> dict[str, Any]:
     with runtime.sessions.begin() as session:
         study = studies.get_or_raise(session=session, study_instance_uid=study_instance_uid)
+        [body], disclosed_reports = studies_json(session, [study], principal)
         audit.append(
             session=session,
             principal=principal,
@@ -133,8 +154,8 @@ def get_study(study_instance_uid: str, runtime: RuntimeDep, principal: StudyRead
             entity_type="ImagingStudy",
             entity_ref=f"study:{study_instance_uid}",
             patient_ref=clinical.patient_reference(session=session, patient_id=study.patient_id),
+            detail={"reports": disclosed_reports},
         )
-        [body] = studies_json(session, [study], principal)
         return body
 
 
