@@ -214,10 +214,21 @@ def test_a_clinician_reads_a_report_and_an_admin_watches_operations(
         expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
         page.keyboard.press("Tab")  # the page is usable from the keyboard: focus moves to the skip link
 
+        assert "ACC" not in page.title(), "no patient data in the title, which browsers keep in their history"
         page.get_by_role("button", name="Sign out").click()
         expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
         assert page.evaluate("sessionStorage.length") == 0
         expect(page.locator("#worklist")).to_be_hidden()
+        markup = page.content()  # what the pages showed left the page too, not only the screen
+        assert "MRN-1001" not in markup and "MRN-2002" not in markup and "Pneumonia" not in markup
+        assert page.evaluate("document.getElementById('study-image').getAttribute('src')") is None
+        console.check()
+
+        # a cut link (bad percent-encoding in the fragment): the worklist, not a blank page
+        _sign_in(page, clinician)
+        page.goto(base + "/ui/#/studies/%E0%A4%A")
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.get_by_role("button", name="Sign out").click()
         console.check()
 
         # the operations page, for an admin

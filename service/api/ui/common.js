@@ -80,6 +80,15 @@ export function signOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   revokeBlobUrls();
   for (const section of document.querySelectorAll("main > section.page")) show(section, false);
+  // what the pages showed (patients, findings, images) leaves the page too, not only the screen
+  for (const node of document.querySelectorAll("[data-clear]")) {
+    if (node instanceof HTMLImageElement) {
+      node.removeAttribute("src");
+      node.hidden = true;
+    } else {
+      node.replaceChildren();
+    }
+  }
   showSignIn(message);
 }
 

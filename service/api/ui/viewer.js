@@ -31,15 +31,28 @@ function pages() {
   return document.querySelectorAll("main > section.page");
 }
 
+const TITLE = document.title;
+
+// A percent-decoded URL part, or null when it is not valid percent-encoding (a mistyped or cut link).
+function decoded(text) {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return null;
+  }
+}
+
 function route() {
   generation += 1;
   revokeBlobUrls();
   say("");
   for (const section of pages()) show(section, false);
+  document.title = TITLE;  // no patient data in the title: browsers keep titles in their history
   const hash = location.hash || "#/";
   const study = /^#\/studies\/([^/?]+)$/.exec(hash);
-  if (study && UID.test(decodeURIComponent(study[1]))) {
-    showStudy(decodeURIComponent(study[1])).catch(report);
+  const uid = study ? decoded(study[1]) : null;
+  if (uid && UID.test(uid)) {
+    showStudy(uid).catch(report);
     return;
   }
   const offset = /[?&]offset=(\d+)/.exec(hash);
@@ -124,7 +137,6 @@ async function showStudy(uid) {
   const study = await apiJson(`/v1/studies/${encodeURIComponent(uid)}`);
   if (mine !== generation) return;
   $("study-title").textContent = "Study " + (study.accession_number || study.study_instance_uid);
-  document.title = "clinfer — study " + (study.accession_number || "");
 
   const facts = $("study-facts");
   const nameSlot = el("span", {}, study.patient ? "…" : "not linked to a FHIR Patient");
