@@ -17,8 +17,10 @@ This module is the only place that imports Pillow.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,7 @@ MAX_WINDOW = 1e9
 MIN_EXACT_WIDTH = 1e-6
 _DIGITS = re.compile(r"[0-9]{1,6}")  # ASCII digits only: str.isdigit admits "²", which int() refuses
 DEFAULT_JPEG_QUALITY = 90
+_RENDERING = threading.BoundedSemaphore(2)  # renders at once in this process
 
 # PS3.18 8.3.5.1.4 function names -> PS3.3 C.11.2.1.3 VOI LUT Function
 VOI_FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
@@ -147,6 +150,15 @@ def render(
     """
     if media_type not in MEDIA_TYPES:
         raise InvalidInput(f"cannot render as {media_type}; one of {', '.join(MEDIA_TYPES)}")
+    with _RENDERING:  # a few at a time: a large image's decoded values take several times its stored size
+        return _render(
+            data, max_pixels=max_pixels, media_type=media_type, window=window, viewport=viewport, quality=quality
+        )
+
+
+def _render(
+    data: bytes, *, max_pixels: int, media_type: str, window: Window | None, viewport: Viewport | None, quality: int
+) -> bytes:
     try:
         decoded = dicom.decode_image(data, max_pixels=max_pixels, index=0, colour=True, voi_lut=window is None)
     except dicom.NoPixelData as e:
@@ -156,6 +168,12 @@ def render(
         ) from e
     except dicom.DicomRejected as e:
         raise NotAcceptable(f"instance {e.sop_instance_uid} cannot be rendered: {e.message}") from e
+    if viewport is not None:  # reduced by whole blocks first: the arithmetic below then runs on the small image
+        rows, columns = decoded.pixels.shape[:2]
+        target = fitted_size(columns, rows, viewport)
+        block = min(columns // target[0], rows // target[1])
+        if block >= 2:
+            decoded = dataclasses.replace(decoded, pixels=_block_means(decoded.pixels, block))
     if decoded.photometric_interpretation == "RGB":
         display = decoded.pixels
     else:
@@ -172,6 +190,15 @@ def render(
     else:
         image.save(out, format="PNG")
     return out.getvalue()
+
+
+def _block_means(pixels: np.ndarray, block: int) -> np.ndarray:
+    """The image reduced ``block`` times in each direction by averaging ``block`` x ``block`` squares (the last
+    partial row and column of blocks left out), float32."""
+    rows, columns = pixels.shape[0] // block * block, pixels.shape[1] // block * block
+    shape = (rows // block, block, columns // block, block, *pixels.shape[2:])
+    means: np.ndarray = pixels[:rows, :columns].reshape(shape).mean(axis=(1, 3), dtype=np.float32)
+    return means
 
 
 def displayed_values(decoded: dicom.DecodedImage, window: Window | None) -> np.ndarray:
