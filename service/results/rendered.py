@@ -129,8 +129,9 @@ def render(
     window: Window | None = None,
     viewport: Viewport | None = None,
     quality: int = DEFAULT_JPEG_QUALITY,
+    frame: int = 0,
 ) -> bytes:
-    """Render the first frame of a Part 10 object.
+    """Render one frame (the first unless ``frame``, 0-based) of a Part 10 object.
 
     Args:
         data: the whole Part 10 object, as stored.
@@ -152,15 +153,28 @@ def render(
         raise InvalidInput(f"cannot render as {media_type}; one of {', '.join(MEDIA_TYPES)}")
     with _RENDERING:  # a few at a time: a large image's decoded values take several times its stored size
         return _render(
-            data, max_pixels=max_pixels, media_type=media_type, window=window, viewport=viewport, quality=quality
+            data,
+            max_pixels=max_pixels,
+            media_type=media_type,
+            window=window,
+            viewport=viewport,
+            quality=quality,
+            frame=frame,
         )
 
 
 def _render(
-    data: bytes, *, max_pixels: int, media_type: str, window: Window | None, viewport: Viewport | None, quality: int
+    data: bytes,
+    *,
+    max_pixels: int,
+    media_type: str,
+    window: Window | None,
+    viewport: Viewport | None,
+    quality: int,
+    frame: int,
 ) -> bytes:
     try:
-        decoded = dicom.decode_image(data, max_pixels=max_pixels, index=0, colour=True, voi_lut=window is None)
+        decoded = dicom.decode_image(data, max_pixels=max_pixels, index=frame, colour=True, voi_lut=window is None)
     except dicom.NoPixelData as e:
         raise NotAcceptable(
             f"instance {e.sop_instance_uid} (SOP class {e.sop_class_uid}) has no pixel data: there is no image to"

@@ -8,6 +8,7 @@ import io
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -192,3 +193,30 @@ def test_the_heatmap_renders_and_the_sr_is_refused(client: TestClient, tokens: T
     assert sr.status_code == 406, sr.text
     message = sr.json()["error"]["message"]
     assert "no pixel data" in message and report["dicom"]["sr"]["sop_instance_uid"] in message
+
+
+def test_one_frame_of_a_multi_frame_instance(client: TestClient, tokens: Tokens) -> None:
+    """Found in review: only the first frame could be rendered, while the models read the middle one, so the
+    viewer showed a multi-frame study's heatmap over another frame than the one the model read."""
+    dataset = pydicom.dcmread(io.BytesIO(image_instance(np.zeros((8, 8), dtype=np.uint16), window=(128, 256))))
+    frames = np.stack([np.full((8, 8), value, dtype=np.uint16) for value in (0, 128, 255)])
+    dataset.NumberOfFrames = 3
+    dataset.PixelData = frames.tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    path = "/dicomweb" + _stowed(client, tokens, buffer.getvalue())
+    clinician = tokens.header("clinician")
+    shown = [
+        int(np.asarray(Image.open(io.BytesIO(client.get(url, headers=clinician).content))).mean())
+        for url in (
+            f"{path}/rendered",
+            f"{path}/frames/1/rendered",
+            f"{path}/frames/2/rendered",
+            f"{path}/frames/3/rendered",
+        )
+    ]
+    assert shown[0] == shown[1] == 0 and 120 < shown[2] < 136 and shown[3] == 255, shown
+    assert client.get(f"{path}/frames/4/rendered", headers=clinician).status_code == 404
+    for bad in ("0", "1,2", "²"):
+        response = client.get(f"{path}/frames/{bad}/rendered", headers=clinician)
+        assert response.status_code == 400 and "frame" in response.json()["error"]["message"], bad

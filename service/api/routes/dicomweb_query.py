@@ -387,11 +387,19 @@ def rendered_media_type(accept: str | None) -> str:
     return best[2]
 
 
+WindowQuery = Annotated[str | None, Query(description="center,width,function (linear, linear-exact, sigmoid)")]
+ViewportQuery = Annotated[str | None, Query(description="vw,vh: fit inside, keeping the aspect ratio")]
+QualityQuery = Annotated[str | None, Query(description="JPEG quality, 1 to 100")]
+_RENDERED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {rendered.PNG: {}, rendered.JPEG: {}}, "description": "the frame as an image"}
+}
+
+
 @router.get(
     "/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}/rendered",
-    summary="WADO-RS: an instance rendered as PNG or JPEG",
+    summary="WADO-RS: an instance rendered as PNG or JPEG (its first frame)",
     response_class=Response,
-    responses={200: {"content": {rendered.PNG: {}, rendered.JPEG: {}}, "description": "the first frame"}},
+    responses=_RENDERED_RESPONSES,
 )
 def retrieve_rendered_instance(
     study_instance_uid: str,
@@ -400,12 +408,52 @@ def retrieve_rendered_instance(
     request: Request,
     runtime: RuntimeDep,
     principal: ReadDep,
-    window: Annotated[str | None, Query(description="center,width,function (linear, linear-exact, sigmoid)")] = None,
-    viewport: Annotated[str | None, Query(description="vw,vh: fit inside, keeping the aspect ratio")] = None,
-    quality: Annotated[str | None, Query(description="JPEG quality, 1 to 100")] = None,
+    window: WindowQuery = None,
+    viewport: ViewportQuery = None,
+    quality: QualityQuery = None,
 ) -> Response:
     """The first frame as a viewer shows it (PS3.18 8.3.5, 10.4): VOI from ``window`` or the object's own,
     MONOCHROME1 inverted, colour as it is. The read is audited as a WADO-RS retrieve, once it succeeds."""
+    uids = (study_instance_uid, series_instance_uid, sop_instance_uid)
+    return _rendered(runtime, principal, request, uids, 1, window, viewport, quality)
+
+
+@router.get(
+    "/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}/frames/{frame}/rendered",
+    summary="WADO-RS: one frame of an instance rendered as PNG or JPEG",
+    response_class=Response,
+    responses=_RENDERED_RESPONSES,
+)
+def retrieve_rendered_frame(
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    frame: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: ReadDep,
+    window: WindowQuery = None,
+    viewport: ViewportQuery = None,
+    quality: QualityQuery = None,
+) -> Response:
+    """One frame (1-based, one at a time), rendered as the instance is."""
+    if not re.fullmatch(r"[0-9]{1,6}", frame) or int(frame) < 1:
+        raise InvalidInput(f"frame {frame[:40]!r} must be one frame number, from 1 (one frame at a time)")
+    uids = (study_instance_uid, series_instance_uid, sop_instance_uid)
+    return _rendered(runtime, principal, request, uids, int(frame), window, viewport, quality)
+
+
+def _rendered(
+    runtime: Runtime,
+    principal: Principal,
+    request: Request,
+    uids: tuple[str, str, str],
+    frame: int,
+    window: str | None,
+    viewport: str | None,
+    quality: str | None,
+) -> Response:
+    study_instance_uid, series_instance_uid, sop_instance_uid = uids
     media_type = rendered_media_type(request.headers.get("accept"))
     voi = rendered.parse_window(window) if window is not None else None
     fit = rendered.parse_viewport(viewport) if viewport is not None else None
@@ -419,6 +467,9 @@ def retrieve_rendered_instance(
             or instance.series.series_instance_uid != series_instance_uid
         ):
             raise NotFound(f"no stored instance {study_instance_uid}/{series_instance_uid}/{sop_instance_uid}")
+        frames = instance.number_of_frames or 1
+        if frame > frames:
+            raise NotFound(f"instance {sop_instance_uid} has {frames} frame(s), not a frame {frame}")
         blob_key = instance.blob_key
         patient_ref = clinical.patient_reference(session=session, patient_id=study.patient_id)
     image = rendered.render(
@@ -428,7 +479,12 @@ def retrieve_rendered_instance(
         window=voi,
         viewport=fit,
         quality=jpeg_quality,
+        frame=frame - 1,
     )
+    headers = {"Cache-Control": "no-store"}  # a patient's image: kept in no cache, the browser's included
+    warning = unsupported_warning(request, _RENDERED_QUERY, "The query parameters were not supported")
+    if warning:
+        headers["Warning"] = warning
     with runtime.sessions.begin() as session:
         audit.append(
             session=session,
@@ -442,11 +498,8 @@ def retrieve_rendered_instance(
                 "series": series_instance_uid,
                 "sop_instance_uid": sop_instance_uid,
                 "instances": 1,
+                "frame": frame,
                 "rendered": media_type,
             },
         )
-    headers = {"Cache-Control": "no-store"}  # a patient's image: kept in no cache, the browser's included
-    warning = unsupported_warning(request, _RENDERED_QUERY, "The query parameters were not supported")
-    if warning:
-        headers["Warning"] = warning
     return Response(image, media_type=media_type, headers=headers)

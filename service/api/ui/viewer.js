@@ -351,7 +351,7 @@ async function qido(path) {
   return response.status === 204 ? [] : response.json();
 }
 
-// The image the report read, else the first image of the study.
+// The image the report read, else the first image of the study: its WADO-RS path and its number of frames.
 async function sourceInstance(uid, wanted) {
   for (const series of await qido(`/dicomweb/studies/${encodeURIComponent(uid)}/series`)) {
     if (["SR", "KO", "PR"].includes(tagValue(series, "00080060"))) continue;
@@ -360,7 +360,10 @@ async function sourceInstance(uid, wanted) {
     for (const instance of instances) {
       const sop = tagValue(instance, "00080018");
       if (wanted ? sop === wanted : tagValue(instance, "00280010")) {
-        return `/dicomweb/studies/${encodeURIComponent(uid)}/series/${encodeURIComponent(seriesUid)}/instances/${encodeURIComponent(sop)}`;
+        return {
+          path: `/dicomweb/studies/${encodeURIComponent(uid)}/series/${encodeURIComponent(seriesUid)}/instances/${encodeURIComponent(sop)}`,
+          frames: Number(tagValue(instance, "00280008")) || 1,
+        };
       }
     }
   }
@@ -386,10 +389,14 @@ async function loadImages(uid, body, mine) {
       return;
     }
     const image = $("study-image");
-    await showRendered(image, source, "The study's image (first frame), as rendered by the service");
+    // the models read the middle frame of a multi-frame image (NumberOfFrames // 2, from 0); others the first
+    const frame = latest && source.frames > 1 ? Math.floor(source.frames / 2) + 1 : 1;
+    const path = frame > 1 ? source.path + "/frames/" + frame : source.path;
+    await showRendered(image, path, "The study's image, as rendered by the service");
     if (mine !== generation) return;
     show(image, true);
-    status.textContent = latest ? "The image the model read." : "The study's first image.";
+    const which = source.frames > 1 ? " (frame " + frame + " of " + source.frames + ")" : "";
+    status.textContent = (latest ? "The image the model read" : "The study's first image") + which + ".";
     const heatmap = latest && latest.dicom && latest.dicom.heatmap;
     const toggle = $("heatmap-toggle");
     if (!heatmap) {
