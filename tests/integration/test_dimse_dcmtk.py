@@ -172,10 +172,23 @@ def test_a_pdu_longer_than_we_announced_closes_the_connection(small_listener: Ru
     assert echo.returncode == 0, echo.stderr
 
 
-def test_connections_beyond_twice_the_maximum_associations_are_closed_at_once(small_listener: Runtime) -> None:
+@pytest.fixture
+def two_associations_listener(tmp_path: Path) -> Iterator[Runtime]:
+    """Two associations at most; 8 s for an association request: time enough, however slow the machine, to see
+    the connections beyond the limit closed while those within it stay open."""
+    settings = make_settings(
+        tmp_path, dimse_port=free_port(), dimse_max_associations=2, dimse_acse_timeout=8, dimse_network_timeout=8
+    )
+    with dimse_listener(settings) as runtime:
+        yield runtime
+
+
+def test_connections_beyond_twice_the_maximum_associations_are_closed_at_once(
+    two_associations_listener: Runtime,
+) -> None:
     """Before, every connection got a thread until its ACSE timeout, however many were open: connections that
     send nothing could pile up threads without bound."""
-    port = small_listener.settings.dimse_port
+    port = two_associations_listener.settings.dimse_port
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # 2 x 2 associations
     try:
         time.sleep(0.5)
@@ -187,7 +200,7 @@ def test_connections_beyond_twice_the_maximum_associations_are_closed_at_once(sm
     finally:
         for s in idle:
             s.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while True:  # the idle connections' threads end at the ACSE timeout
         echo = _dcmtk("echoscu", port)
         if echo.returncode == 0 or time.monotonic() > deadline:
