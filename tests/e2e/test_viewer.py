@@ -4,6 +4,7 @@ media types, nothing else served) and what the pages read from /v1 (worklist fie
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
@@ -138,7 +139,8 @@ def test_the_worklist_reads_a_page_in_as_many_statements_whatever_its_size_and_a
     statements: list[str] = []
 
     def count(conn: object, cursor: object, statement: str, *args: object) -> None:
-        statements.append(statement)
+        if threading.current_thread().name.startswith("AnyIO worker"):  # the route's; not the sweeper's, say
+            statements.append(statement)
 
     per_page = []
     event.listen(runtime.engine, "before_cursor_execute", count)
@@ -149,7 +151,7 @@ def test_the_worklist_reads_a_page_in_as_many_statements_whatever_its_size_and_a
             per_page.append(len(statements))
     finally:
         event.remove(runtime.engine, "before_cursor_execute", count)
-    assert per_page[0] == per_page[1], per_page
+    assert per_page[0] == per_page[1] > 5, per_page
     with runtime.sessions() as session:
         searches = session.scalars(
             select(AuditEvent).where(AuditEvent.event_type == "study.search").order_by(AuditEvent.id.desc())
