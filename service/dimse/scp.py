@@ -215,6 +215,10 @@ class ListenerServer(ThreadedAssociationServer):
     are served; a connection beyond is closed at once.
     """
 
+    # the listen queue: socketserver's default of 5 holds a sixth modality connecting at the same moment back for
+    # seconds (the kernel drops its handshake's last packet and the peer resends it later)
+    request_queue_size = 64
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = 2 * self.ae.maximum_associations

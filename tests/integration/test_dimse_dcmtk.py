@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,16 @@ def test_a_pdu_longer_than_we_announced_closes_the_connection(small_listener: Ru
     assert echo.returncode == 0, echo.stderr
 
 
+def _acceptor_threads(port: int) -> int:
+    """The association threads the listener on ``port`` runs (pynetdicom names them AcceptorThread@...)."""
+    return sum(
+        1
+        for thread in threading.enumerate()
+        if "AcceptorThread" in thread.name
+        and getattr(getattr(thread, "_server", None), "server_address", (0, 0))[1] == port
+    )
+
+
 @pytest.fixture
 def two_associations_listener(tmp_path: Path) -> Iterator[Runtime]:
     """Two associations at most; 8 s for an association request: time enough, however slow the machine, to see
@@ -191,7 +202,10 @@ def test_connections_beyond_twice_the_maximum_associations_are_closed_at_once(
     port = two_associations_listener.settings.dimse_port
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # 2 x 2 associations
     try:
-        time.sleep(0.5)
+        # all four taken from the listen queue first (a full queue would hold the next ones back for seconds)
+        deadline = time.monotonic() + 10
+        while _acceptor_threads(port) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
         extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         assert [_closed_by_peer(s, within=5) for s in extra] == [True, True]
         assert [_closed_by_peer(s, within=0.2) for s in idle] == [False] * 4
