@@ -8,7 +8,7 @@ could block (a token's signature check, a JWKS fetch, the audit of a denial) goe
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,7 +18,8 @@ from service.api import auth
 from service.errors import Forbidden, Unauthenticated
 from service.flows.runtime import Runtime, get_runtime
 from service.schemas import Principal
-from service.store import audit
+from service.store import audit, clinical
+from service.store.tables import Study
 
 
 async def runtime_dep() -> Runtime:
@@ -46,6 +47,30 @@ def audit_denial(runtime: Runtime, request: Request, principal: Principal, error
             detail={"reason": error.code, "message": error.message, "path": request.url.path},
         )
     metrics.AUTH_DENIALS.labels(error.code).inc()
+
+
+def audit_search(
+    session: Any,
+    principal: Principal,
+    *,
+    event_type: str,
+    entity_type: str,
+    entity_ref: str,
+    found: list[Study],
+    detail: dict[str, Any],
+) -> None:
+    """One event for a search or list, naming whose studies it answered with (``clinical.disclosed_patients``)."""
+    patient_ref, patients = clinical.disclosed_patients(session=session, studies=found)
+    audit.append(
+        session=session,
+        principal=principal,
+        event_type=event_type,
+        action="E",
+        entity_type=entity_type,
+        entity_ref=entity_ref,
+        patient_ref=patient_ref,
+        detail={**detail, **patients},
+    )
 
 
 async def authenticated(request: Request, runtime: RuntimeDep) -> Principal:

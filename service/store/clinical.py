@@ -63,6 +63,8 @@ def disclosed_patients(*, session: Session, studies: Iterable[Study]) -> tuple[s
     """Whose data a list of studies discloses, for its audit event: (the patient's reference when there is exactly
     one, else None; ``{"patients": [Patient/<id>...], "dicom_patient_ids": [...]}``, the latter for studies not
     joined to a patient, each list sorted and at most 50 long)."""
+    studies = list(studies)
+    remember_patients(session=session, patient_ids=[study.patient_id for study in studies])  # one SELECT
     patients: set[str] = set()
     dicom_ids: set[str] = set()
     for study in studies:

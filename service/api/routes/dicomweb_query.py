@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.api.deps import RuntimeDep, require
+from service.api.deps import RuntimeDep, audit_search, require
 from service.errors import InvalidInput, NotAcceptable, NotFound
 from service.flows.runtime import Runtime
 from service.ingest.stow import parse_content_type
@@ -144,17 +144,14 @@ def _audit_search(
     results: int,
     found: list[Study],
 ) -> None:
-    """One event per search, naming whose studies it answered with (``clinical.disclosed_patients``)."""
-    patient_ref, patients = clinical.disclosed_patients(session=session, studies=found)
-    audit.append(
-        session=session,
-        principal=principal,
+    audit_search(
+        session,
+        principal,
         event_type="dicom.search",
-        action="E",
         entity_type="ImagingStudy",
         entity_ref=f"qido:{level}",
-        patient_ref=patient_ref,
-        detail={"query": {k: v for k, v in query.items() if v is not None}, "results": results, **patients},
+        found=found,
+        detail={"query": {k: v for k, v in query.items() if v is not None}, "results": results},
     )
 
 

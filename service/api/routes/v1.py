@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.api import auth
-from service.api.deps import RuntimeDep, require
+from service.api.deps import RuntimeDep, audit_search, require
 from service.errors import NotFound
 from service.flows import analysis, results
 from service.results import reports as report_results
@@ -127,16 +127,14 @@ def list_studies(
     with runtime.sessions.begin() as session:
         rows = studies.list_studies(session=session, limit=limit, offset=offset)
         body, disclosed_reports = studies_json(session, rows, principal)
-        patient_ref, patients = clinical.disclosed_patients(session=session, studies=rows)
-        audit.append(
-            session=session,
-            principal=principal,
+        audit_search(
+            session,
+            principal,
             event_type="study.search",
-            action="E",
             entity_type="ImagingStudy",
             entity_ref="studies",
-            patient_ref=patient_ref,
-            detail={"results": len(rows), **patients, "reports": disclosed_reports[:100]},
+            found=rows,
+            detail={"results": len(rows), "reports": disclosed_reports[:100]},
         )
         return {"studies": body}
 
@@ -295,16 +293,14 @@ def list_jobs(
     with runtime.sessions.begin() as session:
         found = jobs.list_jobs(session=session, state=state, limit=limit)
         of_studies = [study for job in found if (study := session.get(Study, job.study_id)) is not None]
-        patient_ref, patients = clinical.disclosed_patients(session=session, studies=of_studies)
-        audit.append(
-            session=session,
-            principal=principal,
+        audit_search(
+            session,
+            principal,
             event_type="job.search",
-            action="E",
             entity_type="Task",
             entity_ref="jobs" + (f"?state={state}" if state else ""),
-            patient_ref=patient_ref,
-            detail={"results": len(found), **patients},
+            found=of_studies,
+            detail={"results": len(found)},
         )
         return {"jobs": [job_json(j) for j in found], "counts": jobs.count_by_state(session=session)}
 
