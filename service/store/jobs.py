@@ -244,11 +244,15 @@ def count_by_state(*, session: Session) -> dict[str, int]:
     return {state: int(count) for state, count in rows}
 
 
-def list_jobs(*, session: Session, state: str | None = None, limit: int = 100) -> list[Job]:
-    query = select(Job)
-    if state:
-        query = query.where(Job.state == state)
-    return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
+def list_with_studies(
+    *, session: Session, state: JobState | None = None, limit: int = 100, offset: int = 0
+) -> list[tuple[Job, Study]]:
+    """The newest jobs first (``state`` only, when given), each with its study, in one SELECT."""
+    query = select(Job, Study).join(Study, Study.id == Job.study_id)
+    if state is not None:
+        query = query.where(Job.state == state.value)
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+    return [(job, study) for job, study in session.execute(query)]
 
 
 __all__ = [
@@ -262,7 +266,7 @@ __all__ = [
     "get_or_raise",
     "get_with_study",
     "latest",
-    "list_jobs",
+    "list_with_studies",
     "lost",
     "other_states",
     "study_with_states",

@@ -168,7 +168,23 @@ def test_jobs_by_state_and_loaded_models(client: TestClient, tokens: Tokens) -> 
     wait_for_report(client, study_uid, tokens.header("clinician"))
     body = client.get("/v1/jobs?limit=1", headers=admin).json()
     assert body["counts"] == {"succeeded": 1} and len(body["jobs"]) == 1
+    assert body["jobs"][0]["study_instance_uid"] == study_uid  # the ops page links a failed job to its study
     models = {m["name"]: m for m in client.get("/v1/models", headers=admin).json()["models"]}
     [version] = models["cxr-fusion"]["versions"]
     assert version["loaded"] is True and version["execution_provider"] == "CPUExecutionProvider"
     assert all(not v["loaded"] and v["execution_provider"] is None for v in models["ct-head-ich"]["versions"])
+
+
+def test_job_list_pages_and_refuses_an_unknown_state(client: TestClient, tokens: Tokens) -> None:
+    admin = tokens.header("admin")
+    uids = [generate_uid() for _ in range(3)]
+    for study_uid in uids:
+        assert post_study(client, tokens, [dx_instance(study_uid=study_uid)]).status_code == 200
+        assert client.post(f"/v1/studies/{study_uid}/analyze", headers=tokens.header("clinician")).status_code == 202
+        wait_for_report(client, study_uid, tokens.header("clinician"))
+    pages = [client.get(f"/v1/jobs?limit=2&offset={offset}", headers=admin).json()["jobs"] for offset in (0, 2)]
+    assert [len(page) for page in pages] == [2, 1]
+    assert [job["study_instance_uid"] for page in pages for job in page] == uids[::-1]
+    assert client.get("/v1/jobs?state=succeeded&offset=3", headers=admin).json()["jobs"] == []
+    refused = client.get("/v1/jobs?state=done", headers=admin)
+    assert refused.status_code == 400 and "queued" in refused.json()["error"]["message"]

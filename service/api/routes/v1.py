@@ -11,11 +11,11 @@ from fastapi.responses import JSONResponse
 
 from service.api import auth
 from service.api.deps import RuntimeDep, audit_search, require
-from service.errors import NotFound
+from service.errors import InvalidInput, NotFound
 from service.flows import analysis, results
 from service.results import reports as report_results
 from service.routing.rules import QUEUE_PRIORITY, Priority
-from service.schemas import Principal
+from service.schemas import JobState, Principal
 from service.store import audit, clinical, db, fhir_store, jobs, reports, studies
 from service.store.tables import Job, Report, Study
 
@@ -288,21 +288,33 @@ def get_job(job_id: str, runtime: RuntimeDep, principal: JobReadDep) -> dict[str
 
 @router.get("/jobs")
 def list_jobs(
-    runtime: RuntimeDep, principal: JobReadDep, state: str | None = None, limit: int = Query(50, ge=1, le=500)
+    runtime: RuntimeDep,
+    principal: JobReadDep,
+    state: str | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=fhir_store.MAX_OFFSET),
 ) -> dict[str, Any]:
+    """The newest jobs first, ``limit`` from ``offset``, each with its study's UID, and how many jobs are in each
+    state."""
+    try:
+        of_state = JobState(state) if state else None
+    except ValueError:
+        raise InvalidInput(f"state must be one of {', '.join(JobState)}") from None
     with runtime.sessions.begin() as session:
-        found = jobs.list_jobs(session=session, state=state, limit=limit)
-        of_studies = [study for job in found if (study := session.get(Study, job.study_id)) is not None]
+        found = jobs.list_with_studies(session=session, state=of_state, limit=limit, offset=offset)
         audit_search(
             session,
             principal,
             event_type="job.search",
             entity_type="Task",
-            entity_ref="jobs" + (f"?state={state}" if state else ""),
-            found=of_studies,
+            entity_ref="jobs" + (f"?state={of_state}" if of_state else ""),
+            found=[study for _, study in found],
             detail={"results": len(found)},
         )
-        return {"jobs": [job_json(j) for j in found], "counts": jobs.count_by_state(session=session)}
+        return {
+            "jobs": [job_json(job, study.study_instance_uid) for job, study in found],
+            "counts": jobs.count_by_state(session=session),
+        }
 
 
 @router.get("/models")

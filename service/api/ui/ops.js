@@ -38,6 +38,9 @@ function renderFailed(jobs) {
   for (const job of jobs) {
     rows.append(el("tr", {},
       el("th", { scope: "row" }, el("code", {}, job.id)),
+      el("td", {}, job.study_instance_uid
+        ? el("a", { href: "/ui/#/studies/" + encodeURIComponent(job.study_instance_uid) }, job.study_instance_uid)
+        : "—"),
       el("td", {}, `${job.model} ${job.version}`),
       el("td", {}, job.stage || "—"),
       el("td", {}, job.error ? el("code", {}, job.error.code) : "—", job.error ? " " + job.error.message : ""),
@@ -45,7 +48,7 @@ function renderFailed(jobs) {
       el("td", {}, formatDateTime(job.updated_at)),
     ));
   }
-  if (!jobs.length) rows.append(el("tr", {}, el("td", { colspan: 6 }, "No failed jobs.")));
+  if (!jobs.length) rows.append(el("tr", {}, el("td", { colspan: 7 }, "No failed jobs.")));
 }
 
 async function load() {
