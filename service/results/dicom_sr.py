@@ -286,6 +286,9 @@ def build_heatmap_sc(
             series_date=when.date(),
             series_time=when.time(),
         )
+    # SCImage.from_ref_dataset copies a few patient and study attributes only; the SR carries all of those modules
+    # (the issuer of the patient ID among them), and both objects of a study must file under the same patient.
+    sc.copy_patient_and_study_information(evidence)
     sc.PatientOrientation = _patient_orientation(source)
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
@@ -611,6 +614,11 @@ def _evidence(source: Dataset) -> Dataset:
             setattr(evidence, keyword, None)
     if evidence.PatientSex not in (None, "", "M", "F", "O"):
         evidence.PatientSex = None  # a value outside the enumeration (often "U"): unknown, which Type 2 allows
+    if "SpecificCharacterSet" in evidence:
+        # The copied values are decoded text already, and what is built is written in UTF-8 (_stamp_creation).
+        # Carried as it came, an ISO 2022 set's empty first value (the default repertoire, as Japanese and Korean
+        # sites send it) is refused by highdicom.
+        evidence.SpecificCharacterSet = "ISO_IR 192"
     return evidence
 
 

@@ -317,6 +317,72 @@ def test_sr_and_sc_of_a_source_with_an_unknown_sex_code_leave_the_source_alone(t
     assert source == before
 
 
+@pytest.mark.parametrize(
+    ("character_set", "name"),
+    [
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # PS3.5 H.3.1, as Japanese sites send it
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),  # PS3.5 I.2, Korean
+    ],
+    ids=["japanese", "korean"],
+)
+def test_sr_and_sc_of_a_source_in_an_iso_2022_character_set(
+    tmp_path: Path, character_set: list[str], name: str
+) -> None:
+    """Found in review: the source's Specific Character Set was carried into the evidence as it came, and highdicom
+    refuses its empty first value (the default repertoire), so no SR and no heatmap were made for such studies."""
+    written = _dx()
+    written.SpecificCharacterSet = character_set
+    written.PatientName = name
+    buffer = io.BytesIO()
+    written.save_as(buffer, enforce_file_format=True)
+    source = _read(buffer.getvalue())  # as received: the names encoded with escape sequences
+    assert source.SpecificCharacterSet == character_set and str(source.PatientName) == name
+
+    for what, built in (("SR", _sr(source)), ("SC", _sc(source))):
+        data = to_part10(built)
+        _dciodvfy(data, tmp_path, f"{what} of a {character_set[1]} source")
+        back = _read(data)
+        assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == name, what
+
+
+def test_sc_carries_the_patient_and_study_attributes_the_sr_carries() -> None:
+    """Found in review: the heatmap image lost the issuer of the patient ID (and the other patient and study
+    attributes highdicom's Secondary Capture does not copy) that the SR of the same study carries, so a PACS that
+    files by PatientID and issuer could file the two under different patients."""
+    source = _dx()
+    source.IssuerOfPatientID = "urn:oid:1.2.3.4.5"
+    qualifier = Dataset()
+    qualifier.UniversalEntityID = "1.2.3.4.5"
+    qualifier.UniversalEntityIDType = "ISO"
+    source.IssuerOfPatientIDQualifiersSequence = [qualifier]
+    other = Dataset()
+    other.PatientID = "MRN-0042"
+    other.IssuerOfPatientID = "OTHER-SITE"
+    other.TypeOfPatientID = "TEXT"
+    source.OtherPatientIDsSequence = [other]
+    source.StudyDescription = "Chest PA"
+    source.PatientAge = "063Y"
+    source.PatientWeight = "71.5"
+
+    sr, sc = _sr(source), _sc(source)
+
+    for keyword in (
+        "IssuerOfPatientID",
+        "IssuerOfPatientIDQualifiersSequence",
+        "OtherPatientIDsSequence",
+        "StudyDescription",
+        "PatientAge",
+        "PatientWeight",
+    ):
+        assert sr[keyword].value == source[keyword].value, f"SR {keyword}"
+        assert sc[keyword].value == source[keyword].value, f"SC {keyword}"
+    assert (sc.PatientID, sc.StudyInstanceUID, sc.AccessionNumber) == (
+        source.PatientID,
+        source.StudyInstanceUID,
+        source.AccessionNumber,
+    )
+
+
 def test_what_highdicom_refuses_is_invalid_input() -> None:
     source = _dx()
     with pytest.warns(UserWarning, match="Invalid value for VR DA"):
