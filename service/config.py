@@ -72,8 +72,14 @@ class Settings(BaseSettings):
     dicom_results: bool = Field(
         default=True, description="make a DICOM SR and an occlusion heatmap Secondary Capture for each report version"
     )
-    delivery_max_attempts: int = Field(default=5, ge=1, description="tries per result push before it is failed")
+    # With the defaults a push is tried for about a day (10 s, 20 s, ... then every 15 min), so that a PACS's
+    # maintenance window or restart does not lose the results made meanwhile; `POST /v1/deliveries/retry` re-sends
+    # the failed ones once the peer is back.
+    delivery_max_attempts: int = Field(default=100, ge=1, description="tries per result push before it is failed")
     delivery_retry_seconds: float = Field(default=10.0, gt=0, description="first back-off between push tries")
+    delivery_retry_max_seconds: float = Field(
+        default=900.0, gt=0, description="longest back-off between push tries (the back-off doubles up to it)"
+    )
 
     auth_enabled: bool = True
     auth_issuer: str = "clinfer-local"

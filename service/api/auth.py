@@ -55,7 +55,7 @@ ROLE_SCOPES: dict[str, tuple[str, ...]] = {
         "system/AuditEvent.rs",
         "system/Device.cruds",
         "system/Provenance.rs",
-        "system/Task.rs",
+        "system/Task.rus",  # u: re-send failed result pushes (POST /v1/deliveries/retry)
         "system/ServiceRequest.c",
     ),
 }

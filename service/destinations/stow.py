@@ -149,8 +149,15 @@ class StowDestination:
         try:
             with httpx.Client(timeout=self.timeout, verify=self._verify(), follow_redirects=False) as client:
                 response = client.post(self.studies_url, content=body, headers=headers)
-        except httpx.TransportError as e:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError) as e:
             raise TransientError(f"{self._peer} could not be reached: {type(e).__name__}: {e}") from e
+        except httpx.TimeoutException as e:  # a read or write timeout: connected, the request (partly) sent
+            raise TransientError(
+                f"{self._peer} was sent the request but did not answer within {self.timeout:g} s "
+                f"({type(e).__name__}); it may have stored the objects, and they are sent again"
+            ) from e
+        except httpx.TransportError as e:  # the connection broke, or the answer was not HTTP
+            raise TransientError(f"{self._peer}: the exchange failed: {type(e).__name__}: {e}") from e
         status = response.status_code
         refused = failed_instances(response.content)
         if refused and all(is_transient_status(r.status) for r in refused):

@@ -25,14 +25,14 @@ from service.config import Settings
 from service.destinations import DeliveryRejected, Destination
 from service.destinations.dimse import DimseDestination, TlsClientConfig
 from service.destinations.stow import StowDestination
-from service.errors import NotFound, ServiceError, TransientError
+from service.errors import InvalidInput, NotFound, ServiceError, TransientError
 from service.flows import ingest, queue
 from service.flows.analysis import heatmap_key
 from service.flows.runtime import Runtime
 from service.ingest import dicom
 from service.results import dicom_sr
 from service.routing.rules import DimseDestinationSpec, StowDestinationSpec
-from service.schemas import SYSTEM_PRINCIPAL, Findings
+from service.schemas import SYSTEM_PRINCIPAL, Findings, Principal
 from service.store import audit, clinical, reports, studies
 from service.store.tables import Delivery, Job, Report, ReportVersion, Study, utcnow
 
@@ -332,16 +332,20 @@ def deliver(runtime: Runtime, delivery_id: str) -> None:
         log.warning("push of report %s v%d to %s (try %d): %s", report_id, version, name, attempts, error)
 
 
+def retry_delay(settings: Settings, attempts: int) -> dt.timedelta:
+    """How long a push waits after its ``attempts``-th try failed: doubling from CLINFER_DELIVERY_RETRY_SECONDS, at
+    most CLINFER_DELIVERY_RETRY_MAX_SECONDS."""
+    doublings = min(attempts - 1, 64)  # 2**64 times any positive first back-off is past every maximum
+    seconds = min(settings.delivery_retry_seconds * 2.0**doublings, settings.delivery_retry_max_seconds)
+    return dt.timedelta(seconds=seconds)
+
+
 def _record_push(
     session: Session, delivery: Delivery, *, state: str, error: str | None, attempts: int, settings: Settings
 ) -> None:
     """A try's outcome on the (locked) delivery row; a final one is audited."""
     delivery.state, delivery.last_error = state, error
-    delivery.next_attempt_at = (
-        utcnow() + dt.timedelta(seconds=settings.delivery_retry_seconds * 2 ** (attempts - 1))
-        if state == "pending"
-        else None
-    )
+    delivery.next_attempt_at = utcnow() + retry_delay(settings, attempts) if state == "pending" else None
     if state == "pending":
         return
     report = session.get(Report, delivery.report_id)  # its patient, for the audit (a report is never deleted)
@@ -400,6 +404,96 @@ def sweep_results(runtime: Runtime, *, limit: int = 100) -> tuple[int, int]:
     for delivery_id in due_ids:
         _send_delivery(delivery_id)
     return len(republish), len(due_ids)
+
+
+DELIVERY_STATES = ("pending", "delivered", "failed")
+
+
+def list_deliveries(
+    *, session: Session, state: str | None = None, destination: str | None = None, limit: int = 50, offset: int = 0
+) -> list[tuple[Delivery, Report, Study]]:
+    """The most recently changed pushes first, each with its report and study, in one SELECT.
+
+    Raises:
+        InvalidInput: ``state`` is not one of :data:`DELIVERY_STATES`.
+    """
+    if state is not None and state not in DELIVERY_STATES:
+        raise InvalidInput(f"state must be one of {', '.join(DELIVERY_STATES)}")
+    query = (
+        select(Delivery, Report, Study)
+        .join(Report, Report.id == Delivery.report_id)
+        .join(Study, Study.id == Report.study_id)
+    )
+    if state is not None:
+        query = query.where(Delivery.state == state)
+    if destination is not None:
+        query = query.where(Delivery.destination == destination)
+    query = query.order_by(Delivery.updated_at.desc(), Delivery.id).limit(limit).offset(offset)
+    return [(delivery, report, study) for delivery, report, study in session.execute(query)]
+
+
+def retry_failed_deliveries(
+    runtime: Runtime, *, principal: Principal, destination: str | None = None, limit: int = 1000
+) -> list[str]:
+    """Try the failed pushes of the reports' current versions again, from their first try (after a peer's outage
+    outlasted the tries, say), at most ``limit`` of them, oldest failure first; each is audited as re-sent for
+    ``principal``. A push to a destination no longer configured, or of a version since amended, stays failed.
+
+    Returns:
+        The ids of the deliveries re-sent (pending again, their tasks enqueued).
+
+    Raises:
+        InvalidInput: ``destination`` is not configured.
+    """
+    configured = sorted(runtime.routing.destinations)
+    if destination is not None and destination not in configured:
+        raise InvalidInput(
+            f"no destination {destination!r} is configured (configured: {', '.join(configured) or 'none'})"
+        )
+    names = [destination] if destination is not None else configured
+    lease = dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
+    with runtime.sessions.begin() as session:
+        failed = list(
+            session.scalars(  # a row another request is re-sending is left to it
+                select(Delivery)
+                .join(Report, Report.id == Delivery.report_id)
+                .where(
+                    Delivery.state == "failed",
+                    Delivery.report_version == Report.version,
+                    Delivery.destination.in_(names),
+                )
+                .order_by(Delivery.updated_at, Delivery.id)
+                .limit(limit)
+                .with_for_update(of=Delivery, skip_locked=True)
+            )
+        )
+        retried = {d.report_id for d in failed}
+        of_reports = {r.id: r for r in session.scalars(select(Report).where(Report.id.in_(retried)))}
+        clinical.remember_patients(session=session, patient_ids=[r.patient_id for r in of_reports.values()])
+        for delivery in failed:
+            delivery.state, delivery.attempts = "pending", 0
+            delivery.next_attempt_at = utcnow() + lease  # sent at once below; the sweeper's if that send is lost
+            report = of_reports[delivery.report_id]
+            audit.append(
+                session=session,
+                principal=principal,
+                event_type="report.push-retry",
+                action="E",
+                entity_type="DiagnosticReport",
+                entity_ref=f"report:{report.id}",
+                patient_ref=clinical.patient_reference(session=session, patient_id=report.patient_id),
+                detail={
+                    "destination": delivery.destination,
+                    "version": delivery.report_version,
+                    "last_error": delivery.last_error,
+                },
+            )
+        ids = [d.id for d in failed]
+    for delivery_id in ids:
+        _send_delivery(delivery_id)
+    if ids:
+        log.info("%d failed pushes re-sent (destination %s)", len(ids), destination or "any")
+    return ids
 
 
 def deliveries_of(*, session: Session, report: Report) -> list[Delivery]:

@@ -106,12 +106,10 @@ def test_each_report_has_a_valid_sr_and_heatmap_retrievable_by_wado(
     assert study["status"] == "reported" and len(study["jobs"]) == 1
 
 
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    storescp_path = dcmtk_tool("storescp")
-    port, out = free_port(), tmp_path / "received"
-    out.mkdir()
-    process = subprocess.Popen([storescp_path, "-aet", "PACS", "-od", str(out), str(port)])
+def _start_storescp(port: int, out: Path) -> subprocess.Popen[bytes]:
+    """dcmtk's storescp as the PACS "PACS" on ``port``, storing into ``out``, once it accepts connections."""
+    out.mkdir(exist_ok=True)
+    process = subprocess.Popen([dcmtk_tool("storescp"), "-aet", "PACS", "-od", str(out), str(port)])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -119,6 +117,13 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
             break
         except OSError:
             time.sleep(0.1)
+    return process
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port, out = free_port(), tmp_path / "received"
+    process = _start_storescp(port, out)
     yield port, out
     process.terminate()
     process.wait(timeout=10)
@@ -198,3 +203,56 @@ rules:
         events = client.get("/v1/audit", params={"event_type": "report.push"}, headers=tokens.header("admin"))
         assert events.status_code == 200, events.text
         assert any(e["outcome"] != "0" for e in events.json()["events"]), events.json()
+
+
+def _deliveries(client: TestClient, admin: dict[str, str], state: str, seconds: float = 60) -> list[dict[str, Any]]:
+    """The deliveries in ``state``, once there is one."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = client.get("/v1/deliveries", params={"state": state}, headers=admin)
+        assert response.status_code == 200, response.text
+        if response.json()["deliveries"] or time.monotonic() > deadline:
+            return list(response.json()["deliveries"])
+        time.sleep(0.2)
+
+
+def test_failed_pushes_are_listed_and_sent_again_once_the_pacs_is_back(tmp_path: Path) -> None:
+    """Found in review: a push that used up its tries while the PACS was down stayed failed, with no way to send
+    it again once the PACS was back; the results made during an outage never reached it."""
+    port = free_port()  # nothing listens there yet: the PACS is down
+    rules = f"""
+destinations:
+  pacs: {{kind: dimse, host: 127.0.0.1, port: {port}, ae_title: PACS, timeout_seconds: 2}}
+rules:
+  - {{name: chest, match: {{Modality: [DX]}}, models: [cxr-fusion], destinations: [pacs]}}
+"""
+    client, tokens, _ = _client_with_rules(tmp_path, rules, delivery_max_attempts=2, delivery_retry_seconds=0.2)
+    admin = tokens.header("admin")
+    with client:
+        study_uid, _ = _analyzed_study(client, tokens)
+        [failed] = _deliveries(client, admin, "failed")
+        assert failed["study_instance_uid"] == study_uid and failed["destination"] == "pacs"
+        assert failed["attempts"] == 2 and failed["current"] is True and "could not be reached" in failed["last_error"]
+        assert client.get("/v1/deliveries", params={"state": "lost"}, headers=admin).status_code == 400
+
+        refused = client.post("/v1/deliveries/retry", headers=tokens.header("clinician"))
+        assert refused.status_code == 403, refused.text  # re-sending is an operator's action (Task.u)
+        unknown = client.post("/v1/deliveries/retry", params={"destination": "elsewhere"}, headers=admin)
+        assert unknown.status_code == 400 and "pacs" in unknown.json()["error"]["message"]
+
+        received = tmp_path / "received"
+        pacs = _start_storescp(port, received)
+        try:
+            retried = client.post("/v1/deliveries/retry", params={"destination": "pacs"}, headers=admin)
+            assert retried.status_code == 202, retried.text
+            assert retried.json() == {"retried": 1, "deliveries": [failed["id"]]}
+            [delivered] = _deliveries(client, admin, "delivered")
+            assert delivered["id"] == failed["id"] and delivered["attempts"] == 1
+            assert len(list(received.iterdir())) == 2  # the SR and the heatmap
+        finally:
+            pacs.terminate()
+            pacs.wait(timeout=10)
+        again = client.post("/v1/deliveries/retry", headers=admin)
+        assert again.json()["retried"] == 0  # nothing failed is left
+        events = client.get("/v1/audit", params={"event_type": "report.push-retry"}, headers=admin).json()["events"]
+        assert [(e["actor"], e["detail"]["destination"]) for e in events] == [("admin-dev", "pacs")]

@@ -320,6 +320,30 @@ def test_stow_to_a_closed_port_is_transient() -> None:
         destination.send([dx_instance(size=64)])
 
 
+def test_stow_to_a_peer_that_takes_the_request_and_does_not_answer_is_transient() -> None:
+    """A read timeout is not "could not be reached": the peer got the objects and may have stored them."""
+    took: list[int] = []
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            took.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
+            time.sleep(3)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        with pytest.raises(TransientError, match="was sent the request but did not answer within 1 s") as failed:
+            StowDestination(name="slow", url=url, timeout=1).send([dx_instance(size=64)])
+        assert "could not be reached" not in str(failed.value) and took and took[0] > 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # answers our own service never gives, from a stand-in HTTP peer: only the status line and body matter here
 
 

@@ -114,7 +114,13 @@ def test_the_dashboard_is_json_and_every_panel_has_a_query() -> None:
 def test_the_alerts_fire_on_what_they_are_written_for(tmp_path: Path) -> None:
     """promtool's rule unit tests, over series as our collectors name and label them."""
     rules = [rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
-    assert {"ClinferAuditFailing", "ClinferDicomSendersTurnedAway", "ClinferQueueDepthHigh"} <= set(rules)
+    assert {
+        "ClinferAuditFailing",
+        "ClinferDicomSendersTurnedAway",
+        "ClinferQueueDepthHigh",
+        "ClinferResultDestinationUnreachable",
+        "ClinferResultDeliveriesFailed",
+    } <= set(rules)
     (tmp_path / "alerts.yml").write_text(ALERTS.read_text())
     annotations = {
         rule["alert"]: rule.get("annotations", {})
@@ -128,6 +134,8 @@ def test_the_alerts_fire_on_what_they_are_written_for(tmp_path: Path) -> None:
     audit = {"severity": "critical", "event_type": "dimse.association"}
     refused = {"severity": "warning", "reason": "too-many-connections"}
     queue = {"severity": "warning", "queue": "infer"}
+    down_pacs = {"severity": "warning", "destination": "pacs"}
+    failed_pacs = {"severity": "critical", "destination": "pacs"}
     unit_tests = {
         "rule_files": ["alerts.yml"],
         "evaluation_interval": "1m",
@@ -139,6 +147,16 @@ def test_the_alerts_fire_on_what_they_are_written_for(tmp_path: Path) -> None:
                     {"series": 'clinfer_dimse_refused_total{reason="too-many-connections"}', "values": "0 0 0 0 5x15"},
                     {"series": 'clinfer_queue_depth{queue="infer",instance="a"}', "values": "500x30"},
                     {"series": 'clinfer_queue_depth{queue="infer",instance="b"}', "values": "480x30"},
+                    # "pacs" is down from minute 5 (every push retried) and refuses for good from minute 40;
+                    # "archive" takes its pushes, with a retry now and then: neither alert is about it
+                    {"series": 'clinfer_deliveries_total{destination="pacs",outcome="delivered"}', "values": "3x60"},
+                    {"series": 'clinfer_deliveries_total{destination="pacs",outcome="retry"}', "values": "0x5 1+1x55"},
+                    {"series": 'clinfer_deliveries_total{destination="pacs",outcome="failed"}', "values": "0x40 1x20"},
+                    {
+                        "series": 'clinfer_deliveries_total{destination="archive",outcome="delivered"}',
+                        "values": "0+2x60",
+                    },
+                    {"series": 'clinfer_deliveries_total{destination="archive",outcome="retry"}', "values": "0+1x60"},
                 ],
                 "alert_rule_test": [
                     {"eval_time": "2m", "alertname": "ClinferAuditFailing", "exp_alerts": []},
@@ -153,6 +171,18 @@ def test_the_alerts_fire_on_what_they_are_written_for(tmp_path: Path) -> None:
                         "exp_alerts": [fired("ClinferDicomSendersTurnedAway", refused)],
                     },
                     {"eval_time": "5m", "alertname": "ClinferQueueDepthHigh", "exp_alerts": []},
+                    {"eval_time": "15m", "alertname": "ClinferResultDestinationUnreachable", "exp_alerts": []},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "ClinferResultDestinationUnreachable",
+                        "exp_alerts": [fired("ClinferResultDestinationUnreachable", down_pacs)],
+                    },
+                    {"eval_time": "39m", "alertname": "ClinferResultDeliveriesFailed", "exp_alerts": []},
+                    {
+                        "eval_time": "41m",
+                        "alertname": "ClinferResultDeliveriesFailed",
+                        "exp_alerts": [fired("ClinferResultDeliveriesFailed", failed_pacs)],
+                    },
                     {
                         "eval_time": "12m",
                         "alertname": "ClinferQueueDepthHigh",

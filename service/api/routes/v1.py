@@ -17,7 +17,7 @@ from service.results import reports as report_results
 from service.routing.rules import QUEUE_PRIORITY, Priority
 from service.schemas import JobState, Principal
 from service.store import audit, clinical, db, fhir_store, jobs, reports, studies
-from service.store.tables import Job, Report, Study
+from service.store.tables import Delivery, Job, Report, Study
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -25,6 +25,7 @@ StudyReadDep = Annotated[Principal, Depends(require("ImagingStudy", "r"))]
 AnalyzeDep = Annotated[Principal, Depends(require("ServiceRequest", "c"))]
 ReportReadDep = Annotated[Principal, Depends(require("DiagnosticReport", "r"))]
 JobReadDep = Annotated[Principal, Depends(require("Task", "r"))]
+DeliveryRetryDep = Annotated[Principal, Depends(require("Task", "u"))]
 ModelReadDep = Annotated[Principal, Depends(require("Device", "r"))]
 AuditReadDep = Annotated[Principal, Depends(require("AuditEvent", "s"))]
 
@@ -315,6 +316,64 @@ def list_jobs(
             "jobs": [job_json(job, study.study_instance_uid) for job, study in found],
             "counts": jobs.count_by_state(session=session),
         }
+
+
+def delivery_json(delivery: Delivery, report: Report, study: Study) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "study_instance_uid": study.study_instance_uid,
+        "report": report.id,
+        "report_version": delivery.report_version,
+        "current": delivery.report_version == report.version,
+        "model": report.model_name,
+        "destination": delivery.destination,
+        "state": delivery.state,
+        "attempts": delivery.attempts,
+        "last_error": delivery.last_error,
+        "next_attempt_at": delivery.next_attempt_at.isoformat()
+        if delivery.next_attempt_at and delivery.state == "pending"
+        else None,
+        "updated_at": delivery.updated_at.isoformat(),
+    }
+
+
+@router.get("/deliveries")
+def list_deliveries(
+    runtime: RuntimeDep,
+    principal: JobReadDep,
+    state: str | None = None,
+    destination: str | None = Query(None, max_length=64),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=fhir_store.MAX_OFFSET),
+) -> dict[str, Any]:
+    """The pushes of DICOM results to destinations, the most recently changed first."""
+    with runtime.sessions.begin() as session:
+        found = results.list_deliveries(
+            session=session, state=state, destination=destination, limit=limit, offset=offset
+        )
+        audit_search(
+            session,
+            principal,
+            event_type="delivery.search",
+            entity_type="Task",
+            entity_ref="deliveries",
+            found=[study for _, _, study in found],
+            detail={"results": len(found), "state": state, "destination": destination},
+        )
+        return {"deliveries": [delivery_json(*row) for row in found]}
+
+
+@router.post("/deliveries/retry", status_code=202)
+def retry_deliveries(
+    runtime: RuntimeDep,
+    principal: DeliveryRetryDep,
+    destination: str | None = Query(None, max_length=64),
+    limit: int = Query(1000, ge=1, le=10000),
+) -> dict[str, Any]:
+    """Send the failed pushes of the reports' current versions again, from their first try (to ``destination``
+    only, when given): once a PACS is back after an outage that outlasted the tries."""
+    retried = results.retry_failed_deliveries(runtime, principal=principal, destination=destination, limit=limit)
+    return {"retried": len(retried), "deliveries": retried}
 
 
 @router.get("/models")

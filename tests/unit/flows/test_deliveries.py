@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from service.errors import TransientError
+from service.errors import InvalidInput, TransientError
 from service.flows import queue, results
 from service.flows.runtime import Runtime, build_runtime, set_runtime
-from service.store.tables import AuditEvent, Delivery
+from service.schemas import SYSTEM_PRINCIPAL
+from service.store.tables import AuditEvent, Delivery, Report
 from tests.conftest import free_port, make_settings
 from tests.factories import reported_job_id
 
@@ -124,3 +125,40 @@ def test_a_push_whose_tries_ended_with_their_worker_fails_once_they_are_used_up(
     assert _push_events(pushing) == ["8"]
     with pushing.sessions() as session:
         assert session.scalar(select(func.count(Delivery.id)).where(Delivery.state == "pending")) == 0
+
+
+def test_the_back_off_doubles_up_to_its_maximum(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, delivery_retry_seconds=10, delivery_retry_max_seconds=900)
+    waits = [results.retry_delay(settings, attempts).total_seconds() for attempts in (1, 2, 3, 7, 8, 9, 100, 10_000)]
+    assert waits == [10, 20, 40, 640, 900, 900, 900, 900]
+
+
+def test_a_failed_push_of_a_version_since_amended_is_not_sent_again_nor_to_an_unknown_destination(
+    pushing: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivery_id = _delivery(pushing, sent)
+
+    def refused(_: list[bytes]) -> None:
+        raise TransientError("association rejected")
+
+    monkeypatch.setattr(results, "destination_for", lambda name, spec: _Destination(refused))
+    for _ in range(3):
+        results.deliver(pushing, delivery_id)
+    assert _row(pushing, delivery_id)[0] == "failed"
+    with pushing.sessions.begin() as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None
+        report = session.get(Report, delivery.report_id)
+        assert report is not None
+        report.version += 1  # amended meanwhile: its new version has a push of its own
+    assert results.retry_failed_deliveries(pushing, principal=SYSTEM_PRINCIPAL) == []
+    with pushing.sessions.begin() as session:
+        report = session.get(Report, delivery.report_id)
+        assert report is not None
+        report.version -= 1
+    with pytest.raises(InvalidInput, match="unit-archive"):
+        results.retry_failed_deliveries(pushing, principal=SYSTEM_PRINCIPAL, destination="gone")
+    sent.clear()
+    assert results.retry_failed_deliveries(pushing, principal=SYSTEM_PRINCIPAL) == [delivery_id]
+    assert _row(pushing, delivery_id)[:2] == ("pending", 0)
+    assert sent == [(queue.DELIVER_TASK, delivery_id)]
