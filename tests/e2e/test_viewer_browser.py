@@ -15,8 +15,9 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from service.config import Settings
 from service.flows.runtime import Runtime
-from tests.conftest import REQUIRE_SERVICES, Tokens, serve_over_http
+from tests.conftest import REQUIRE_SERVICES, Tokens, free_port, make_settings, serve_over_http
 from tests.factories import dx_instance, multipart_related, patient_bundle
 
 pytestmark = pytest.mark.slow
@@ -106,6 +107,32 @@ def browser() -> Iterator[Any]:
             yield launched
         finally:
             launched.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Chest radiographs to cxr-fusion, their results pushed to a PACS that is down (one try): a failed push for
+    the operations page to show and send again."""
+    rules = tmp_path / "routing.yaml"
+    rules.write_text(
+        f"""
+destinations:
+  pacs: {{kind: dimse, host: 127.0.0.1, port: {free_port()}, ae_title: PACS, timeout_seconds: 2}}
+rules:
+  - {{name: chest, match: {{Modality: [DX]}}, models: [cxr-fusion], destinations: [pacs]}}
+"""
+    )
+    return make_settings(tmp_path, routing_rules=rules, delivery_max_attempts=1)
+
+
+def _failed_pushes(base: str, tokens: Tokens, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = httpx.get(base + "/v1/deliveries", params={"state": "failed"}, headers=tokens.header("admin"))
+        if len(found.json()["deliveries"]) >= count:
+            return list(found.json()["deliveries"])
+        time.sleep(0.2)
+    raise AssertionError(f"{count} pushes to the PACS that is down did not fail within 60 s")
 
 
 def _sign_in(page: Any, token: str) -> None:
@@ -241,5 +268,13 @@ def test_a_clinician_reads_a_report_and_an_admin_watches_operations(
         states = page.get_by_role("table", name="Jobs by state")
         expect(states.get_by_role("row").filter(has_text="succeeded")).to_contain_text("2")
         expect(page.get_by_role("table", name="Recent failed jobs")).to_contain_text("No failed jobs.")
+        pushes = _failed_pushes(base, tokens, 2)  # the two studies analyzed, each with its report's results
+        page.get_by_role("button", name="Refresh").click()
+        table = page.get_by_role("table", name="Result pushes to destinations")
+        row = table.get_by_role("row").filter(has_text=pushes[0]["study_instance_uid"])
+        expect(row).to_contain_text("failed")
+        expect(row).to_contain_text("could not be reached")
+        page.get_by_role("button", name="Send the failed pushes again").click()
+        expect(page.locator("#retry-result")).to_have_text("2 pushes sent again.")
         console.check()
         context.close()
