@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     )
     completeness_scan_seconds: float = Field(default=5.0, gt=0)
     reconcile_after_seconds: float = Field(default=300.0, gt=0)
+    # A job is lost once it has not moved for reconcile_after_seconds; each re-send gives its stage Celery's own
+    # retries again. With the defaults a stage that keeps failing for a moment (a full disk, the database away)
+    # is tried for about half an hour before the job fails with "retries-exhausted": time for an operator, and no
+    # job active for ever. A job is not sent again (nor counted) while the broker cannot be read.
+    job_max_resends: int = Field(
+        default=5,
+        ge=1,
+        description="times the reconciler sends a lost job (one that stopped moving in an active state) again before"
+        " it fails the job",
+    )
 
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_instances_per_request: int = Field(default=5000, gt=0)

@@ -58,7 +58,11 @@ QUEUE_WAIT = Histogram(
     ["queue"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
-QUEUE_DEPTH = Gauge("clinfer_queue_depth", "Messages waiting in each queue (sampled; Redis only)", ["queue"])
+QUEUE_DEPTH = Gauge(
+    "clinfer_queue_depth",
+    "Messages waiting in each queue (sampled; Redis only; no sample while the broker cannot be read)",
+    ["queue"],
+)
 NO_ROUTE = Counter("clinfer_studies_no_route_total", "Studies that no routing rule sends to a model")
 REPORT_AMENDMENTS = Counter("clinfer_report_amendments_total", "Reports amended by a later analysis", ["model"])
 DICOM_RESULTS = Counter(

@@ -295,6 +295,35 @@ def record_unexpected_failure(runtime: Runtime, job_id: str, stage: JobStage, er
     )
 
 
+def record_transient_error(runtime: Runtime, job_id: str, stage: JobStage, error: TransientError) -> None:
+    """Note on an active job why its stage is to be tried again (``GET /v1/jobs/{id}`` shows it, code "transient",
+    while the job waits), and so move its ``updated_at`` on: a job in Celery's back-off is not lost. The note is
+    cleared when the job next starts pre-processing or stores its report; the reconciler quotes it when it gives
+    the job up (see :func:`sweep`). Only a stage that failed pays this write.
+
+    A failure to write the note (the database may be what failed) is logged and left: the retry matters more.
+    """
+    try:
+        with runtime.sessions.begin() as session:
+            job = jobs.get(session=session, job_id=job_id, for_update=True)
+            if job is None or job.state in FINAL_STATES:
+                return
+            job.error_code, job.error_message = error.code, error.message
+    except Exception as e:  # the task is retried whether or not its reason was written
+        log.warning("job %s: the %s error in %s could not be recorded: %s", job_id, error.code, stage.value, e)
+
+
+RETRIES_EXHAUSTED = "retries-exhausted"
+
+
+def _give_up(runtime: Runtime, job_id: str, stage: JobStage, resent: int, last_error: str | None) -> None:
+    """Fail a job that the reconciler sent again ``resent`` times (``CLINFER_JOB_MAX_RESENDS``) without its stage
+    finishing: terminal, with its stage and its last recorded error, rather than active for ever."""
+    cause = f"last error: {last_error}" if last_error else "no error was recorded (its task was lost each time)"
+    message = f"the {stage.value} stage did not finish after {resent} re-sends; {cause}"
+    _fail(runtime, job_id, stage, ServiceError(message, code=RETRIES_EXHAUSTED))
+
+
 def _study_datetime(study: Study) -> dt.datetime:
     if study.study_date is None:
         return study.created_at
@@ -321,6 +350,8 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
         if job.state == JobState.inferring.value and runtime.blobs.exists(_inputs_key(job_id)):
             return  # a duplicate delivery: the infer stage has what it needs (the reconciler re-sends infer if lost)
         job.attempts += 1
+        if job.error_code is not None:  # a transient error noted by an earlier try: this try is under way
+            job.error_code = job.error_message = None
         _set_state(session, job, JobState.preprocessing, JobStage.preprocess)
         preprocess_started = time.time()
         _observe_wait(job, queue.PREPROCESS_QUEUE, "enqueued_preprocess", preprocess_started)
@@ -376,15 +407,15 @@ def preprocess_job(runtime: Runtime, job_id: str) -> None:
 
 
 def _back_to_preprocess(runtime: Runtime, job_id: str) -> None:
-    """The prepared inputs are gone (never made, or removed by a duplicate that finished): pre-process again,
-    unless the job is finished, rather than wait for them for ever."""
+    """The prepared inputs are gone (never made, or removed by a duplicate that finished) or unusable (damaged, or
+    not of the model's shapes): pre-process again, unless the job is finished, rather than wait for them for ever."""
     with runtime.sessions.begin() as session:
         job = jobs.get_or_raise(session=session, job_id=job_id, for_update=True)
         if job.state in FINAL_STATES:
             return
         _set_state(session, job, JobState.queued, JobStage.preprocess)
         priority = job.priority
-    log.warning("job %s: no prepared inputs for the infer stage; pre-processing again", job_id)
+    log.warning("job %s: no usable prepared inputs for the infer stage; pre-processing again", job_id)
     _enqueue(runtime, job_id, JobStage.preprocess, priority)
 
 
@@ -573,7 +604,10 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
         # announced while its inputs load, so that a batch being formed waits for this study and no other does
         with batcher.arriving() if batcher is not None else contextlib.nullcontext() as arrival:
             try:
-                prepared = pipeline.decode_prepared(runtime.blobs.read_bytes(_inputs_key(job_id)))
+                # checked against the manifest: inputs of another shape would fail every study of their batch
+                prepared = pipeline.decode_prepared(
+                    runtime.blobs.read_bytes(_inputs_key(job_id)), manifest=model.manifest
+                )
             except (FileNotFoundError, pipeline.PreparedFormatError) as e:
                 log.warning("job %s: prepared inputs unusable (%s)", job_id, e)
                 _back_to_preprocess(runtime, job_id)
@@ -625,6 +659,8 @@ def infer_job(runtime: Runtime, job_id: str) -> None:
             report_fhir.publish(session, report=report, study=study, new_version=True)
         # the job's state and its timings in one UPDATE (its row is locked since the SELECT), before the audit
         _set_state(session, job, JobState.succeeded, JobStage.store)
+        if job.error_code is not None:  # a transient error noted on the way: no longer why the job waits
+            job.error_code = job.error_message = None
         _stamp(
             job,
             infer_started=infer_started,
@@ -679,7 +715,9 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
 
     A job is lost when it has not moved for ``CLINFER_RECONCILE_AFTER_SECONDS`` while its stage's queue is empty
     (with a queue backlog it may still be waiting there: sent again, it would only lengthen the backlog). Each
-    sweeper claims the lost jobs it sends again, so two sweepers never send one job twice.
+    sweeper claims the lost jobs it sends again, so two sweepers never send one job twice. No job is sent again
+    while the broker cannot be read. A job already sent again ``CLINFER_JOB_MAX_RESENDS`` times is failed instead
+    (code "retries-exhausted", its stage, and the last transient error noted on it): retries are bounded.
 
     Returns:
         (stable studies whose analysis was requested, whether or not it could start; jobs re-enqueued).
@@ -723,21 +761,33 @@ def sweep(runtime: Runtime) -> tuple[int, int]:
             break
     _NOT_DUE.clear()  # only the studies still waiting are remembered
     _NOT_DUE.update(not_due)
-    backlog = {name for name, depth in _queue_depths(runtime).items() if depth}
+    depths = _queue_depths(runtime)
+    # a backlog: the job may still be waiting there. Unreadable: the broker is away, a re-send would be lost (and
+    # would count towards the job's bound for nothing)
+    skipped = {name for name, depth in depths.items() if depth is None or depth > 0}
+    max_resends = runtime.settings.job_max_resends
     lost: list[tuple[str, JobStage, int]] = []
+    exhausted: list[tuple[str, JobStage, int, str | None]] = []
     with runtime.sessions.begin() as session:
         older_than = now - dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
         for job in jobs.lost(session=session, older_than=older_than):
             stage = JobStage.infer if job.stage == JobStage.infer.value else JobStage.preprocess
-            if _STAGE_TASKS[stage][1] in backlog:
+            if _STAGE_TASKS[stage][1] in skipped:
                 continue
-            resent = int((job.timings or {}).get("resent", 0)) + 1
-            timings = {**(job.timings or {}), "resent": resent}
+            resent = int((job.timings or {}).get("resent", 0))
+            if resent >= max_resends:  # claimed like a re-send, so that one sweeper alone gives it up
+                if jobs.claim_lost(session=session, job=job, older_than=older_than, now=now, timings=job.timings or {}):
+                    last_error = job.error_message if job.error_code == TransientError.code else None
+                    exhausted.append((job.id, JobStage(job.stage), resent, last_error))
+                continue
+            timings = {**(job.timings or {}), "resent": resent + 1}
             if jobs.claim_lost(session=session, job=job, older_than=older_than, now=now, timings=timings):
                 lost.append((job.id, stage, job.priority))  # one re-send per reconcile period
     for job_id, stage, priority in lost:
         _enqueue(runtime, job_id, stage, priority)
         metrics.RECONCILED_JOBS.inc()
+    for job_id, job_stage, resent, last_error in exhausted:  # after the claims' commit: _fail locks the job again
+        _give_up(runtime, job_id, job_stage, resent, last_error)
     return requested, len(lost)
 
 
@@ -747,6 +797,7 @@ def _queue_depths(runtime: Runtime) -> dict[str, int | None]:
 
 
 def sample_job_gauges(runtime: Runtime) -> None:
+    """Sample clinfer_jobs_in_state and clinfer_queue_depth; a queue whose depth cannot be read has no sample."""
     from sqlalchemy import func, select
 
     with runtime.sessions() as session:
@@ -754,5 +805,8 @@ def sample_job_gauges(runtime: Runtime) -> None:
     for state in JobState:
         metrics.JOBS_IN_STATE.labels(state.value).set(counts.get(state.value, 0))
     for name, depth in _queue_depths(runtime).items():
-        if depth is not None:
+        if depth is None:
+            # the broker cannot be read: no sample at all rather than the last one, which alerts would take as now
+            metrics.QUEUE_DEPTH.remove(name)
+        else:
             metrics.QUEUE_DEPTH.labels(name).set(depth)

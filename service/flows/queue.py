@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from service.config import Settings, get_settings
 
@@ -89,20 +90,35 @@ def broker_ping(timeout: float = 2.0) -> None:
         connection.ensure_connection(max_retries=1, timeout=timeout)
 
 
+_NOT_FOUND = "404"  # the reply code of the ChannelError a passive declare of a missing queue raises
+
+
 def queue_depths() -> dict[str, int | None]:
-    """Messages waiting per queue (Redis only; None where the transport cannot tell)."""
+    """Messages waiting per queue, every priority counted (Redis keeps one list per priority step).
+
+    On Redis a queue that drains is deleted (kombu removes its empty lists), and one never sent to does not exist:
+    both have depth 0. Read as unknown, they would leave clinfer_queue_depth at its last value, and the alert on
+    work waiting with no job finishing would fire in every quiet period.
+
+    Returns:
+        Each stage queue's depth; None for every queue whose depth could not be read (the broker unreachable).
+    """
     app = get_celery()
-    depths: dict[str, int | None] = {}
+    depths: dict[str, int | None] = dict.fromkeys((PREPROCESS_QUEUE, INFER_QUEUE, RESULTS_QUEUE))
     try:
         with app.connection_for_read() as connection:
             channel: Any = connection.default_channel
-            for queue in (PREPROCESS_QUEUE, INFER_QUEUE, RESULTS_QUEUE):
+            for queue in depths:
                 try:
+                    # kombu's Redis channel sums the lengths of the queue's lists, one per priority step
                     depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
-                except Exception:  # a queue no worker declared yet has no depth
-                    depths[queue] = None
-    except Exception as e:
+                except ChannelError as e:
+                    if str(e.reply_code) != _NOT_FOUND:
+                        raise
+                    depths[queue] = 0  # no list holds a message of this queue
+    except Exception as e:  # the broker cannot be read: the caller is told (None), not given a stale or a 0
         log.warning("cannot read queue depths: %s", e)
+        depths = dict.fromkeys(depths)
     return depths
 
 

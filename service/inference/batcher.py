@@ -4,6 +4,7 @@ Each infer task running in a worker's thread pool hands its prepared study to th
 waits. The batcher's thread waits for a first request, then gathers more until ``max_batch`` are queued or
 ``max_delay_ms`` has passed since the oldest queued one arrived, and makes one ``pipeline.predict`` call for the
 most urgent ``max_batch`` of them (lower priority number first, as in our Celery priorities; FIFO among equals).
+A batch whose call fails is run again one request at a time, so that one bad input fails only its own study.
 A lone request therefore waits at most ``max_delay_ms``; under load, requests queued during a model call go into
 the next call at once. With ``wait_only_for_announced`` (as the worker runs it), queued requests wait only while
 other requests are announced as on their way (their tasks are loading inputs): a lone study goes at once.
@@ -175,8 +176,10 @@ class DynamicBatcher:
             arrival: this request's announcement (``arriving``), if it made one.
 
         Returns:
-            A future of this request's ``BatchResult``; it fails with the batch's ServiceError when the model call
-            raises, and with TransientError when the request expired or the batcher closed.
+            A future of this request's ``BatchResult``. When a batch's model call raises, each of its requests is
+            run alone (a TransientError excepted, which fails them all), so the future fails with a ServiceError
+            only when this request fails on its own; and with TransientError when the request expired or the
+            batcher closed.
 
         Raises:
             ValueError: a bad priority or timeout.
@@ -231,7 +234,8 @@ class DynamicBatcher:
 
         Raises:
             TransientError: the timeout passed before the request was put in a batch, or the batcher closed.
-            ServiceError: the model call failed (the original ServiceError, else one with code "inference").
+            ServiceError: this request's model call failed, alone (see ``submit_async``): the original
+                ServiceError, else one with code "inference".
             ValueError: a bad priority or timeout.
         """
         future = self.submit_async(prepared, priority=priority, timeout=timeout, arrival=arrival)
@@ -311,25 +315,57 @@ class DynamicBatcher:
         runner = self._runner
         assert runner is not None  # only close() clears it, after this thread has stopped
         started = time.monotonic()
+        for request in batch:
+            metrics.BATCH_WAIT.labels(self.name).observe(started - request.submitted)
         try:
+            results = self._call(runner, batch)
+        except ServiceError as error:
+            # A transient error (a device lost) says nothing of the inputs: each request is tried again later.
+            if len(batch) == 1 or isinstance(error, TransientError):
+                log.error("%s %s: a batch of %d failed: %s", self.name, self.version, len(batch), error)
+                for request in batch:
+                    request.future.set_exception(error)
+                return
+            # One bad input (a wrong shape, a value the runtime refuses) fails the whole call: run each request
+            # alone, in the batch's order (STAT first), so that only the requests that fail on their own fail.
+            log.warning(
+                "%s %s: a batch of %d failed (%s); running its requests one by one",
+                self.name,
+                self.version,
+                len(batch),
+                error,
+            )
             for request in batch:
-                metrics.BATCH_WAIT.labels(self.name).observe(started - request.submitted)
-            metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
+                self._run_alone(runner, request)
+            return
+        for request, result in zip(batch, results, strict=True):
+            request.future.set_result(result)
+
+    def _run_alone(self, runner: Runner, request: _Request) -> None:
+        """A request of a failed batch, in a model call of its own; its future gets the result or that call's error."""
+        try:
+            [result] = self._call(runner, [request])
+        except ServiceError as error:
+            log.error("%s %s: a request of a failed batch failed alone too: %s", self.name, self.version, error)
+            request.future.set_exception(error)
+            return
+        request.future.set_result(result)
+
+    def _call(self, runner: Runner, batch: list[_Request]) -> list[BatchResult]:
+        """One model call for ``batch``: each request's share of it, in the batch's order.
+
+        Raises:
+            ServiceError: the call failed (the runtime's own, untyped, errors become one with code "inference",
+                chained), or returned a number of rows other than the batch's size (ModelError).
+        """
+        started = time.monotonic()
+        metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
+        try:
             # pipeline.predict only calls runner.run, which every Runner has.
             logits, seconds = pipeline.predict(self.manifest, runner, [r.prepared for r in batch])
             if logits.shape[0] != len(batch):
                 raise ModelError(f"{self.name} returned {logits.shape[0]} rows of logits for a batch of {len(batch)}")
-        except Exception as e:  # the runtime's own errors are untyped; every waiting caller must hear of them
-            error = e if isinstance(e, ServiceError) else ServiceError(f"model call failed: {e}", code="inference")
-            if error is not e:
-                error.__cause__ = e
-            log.error("%s %s: a batch of %d failed: %s", self.name, self.version, len(batch), error)
-            for request in batch:
-                request.future.set_exception(error)
-            return
-        metrics.INFERENCE_DURATION.labels(self.name, self.version, runner.provider).observe(seconds)
-        for row, request in enumerate(batch):
-            request.future.set_result(
+            results = [
                 BatchResult(
                     logits=logits[row].copy(),
                     batch_size=len(batch),
@@ -337,7 +373,14 @@ class DynamicBatcher:
                     inference_seconds=seconds,
                     provider=runner.provider,
                 )
-            )
+                for row, request in enumerate(batch)
+            ]
+        except ServiceError:
+            raise
+        except Exception as e:  # the runtime's own errors are untyped; every waiting caller must hear of them
+            raise ServiceError(f"model call failed: {e}", code="inference") from e
+        metrics.INFERENCE_DURATION.labels(self.name, self.version, runner.provider).observe(seconds)
+        return results
 
 
 class Arrival:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import ServiceError
+from service.errors import ModelError, ServiceError
 from service.inference.manifest import Manifest, ModelVersion
 from service.inference.preprocess import clinical_vector, prepare_image
 from service.inference.runner import Runner
@@ -41,7 +41,12 @@ def pre_process(
     study_at: dt.datetime,
     source_sop_instance_uid: str,
 ) -> PreparedInputs:
-    """Turn a decoded image and a patient's clinical context into the tensors the manifest describes."""
+    """Turn a decoded image and a patient's clinical context into the tensors the manifest describes.
+
+    Raises:
+        ModelError: the manifest's preprocessing makes inputs other than its declared ones (``resize`` against
+            ``image_input.shape``): pre-processing again would make them again, so the job fails here.
+    """
     image = prepare_image(
         pixels,
         photometric_interpretation=photometric_interpretation,
@@ -49,9 +54,43 @@ def pre_process(
         spec=manifest.image_input.preprocessing,
     )
     if manifest.clinical_input is None:
-        return PreparedInputs(image, None, None, [], source_sop_instance_uid)
-    values, mask, used = clinical_vector(context, features=manifest.clinical_input.features, study_at=study_at)
-    return PreparedInputs(image, values, mask, used, source_sop_instance_uid)
+        prepared = PreparedInputs(image, None, None, [], source_sop_instance_uid)
+    else:
+        values, mask, used = clinical_vector(context, features=manifest.clinical_input.features, study_at=study_at)
+        prepared = PreparedInputs(image, values, mask, used, source_sop_instance_uid)
+    problems = input_problems(manifest, prepared)
+    if problems is not None:
+        raise ModelError(f"pre-processing for {manifest.name} made inputs its manifest does not declare: {problems}")
+    return prepared
+
+
+def input_problems(manifest: Manifest, prepared: PreparedInputs) -> str | None:
+    """How one study's arrays differ from the inputs the manifest declares (shape without the batch axis; float32,
+    as ``image_input.dtype`` says and ``clinical_vector`` makes), or None when they match. One array of another
+    shape fails the ``np.stack`` of every batch it joins.
+
+    Args:
+        manifest: the model's manifest.
+        prepared: one study's inputs.
+
+    Returns:
+        The differences, in one line; None when there are none.
+    """
+    clinical = manifest.clinical_input
+    features = (len(clinical.features),) if clinical is not None else None
+    expected = {"image": tuple(manifest.image_input.shape), "clinical": features, "clinical_mask": features}
+    arrays = prepared.arrays()
+    problems = []
+    for name, shape in expected.items():
+        array = arrays.get(name)
+        if shape is None:
+            if array is not None:
+                problems.append(f"{name} given, but {manifest.name} takes no clinical input")
+        elif array is None:
+            problems.append(f"no {name}")
+        elif array.shape != shape or array.dtype != np.float32:
+            problems.append(f"{name} is {array.dtype}{list(array.shape)}, expected float32{list(shape)}")
+    return "; ".join(problems) or None
 
 
 def predict(manifest: Manifest, runner: Runner, batch: list[PreparedInputs]) -> tuple[np.ndarray, float]:
@@ -202,11 +241,18 @@ def encode_prepared(prepared: PreparedInputs) -> bytes:
     return out.getvalue()
 
 
-def decode_prepared(data: bytes) -> PreparedInputs:
+def decode_prepared(data: bytes, *, manifest: Manifest | None = None) -> PreparedInputs:
     """The inverse of ``encode_prepared``.
 
+    Args:
+        data: the blob.
+        manifest: the model the inputs are for: their shapes and dtypes are checked against it, so that a blob made
+            for another shape (a changed manifest, a foreign writer) never reaches a batch, where it would fail
+            every study of that batch. None: not checked (benchmarks of the format).
+
     Raises:
-        PreparedFormatError: the bytes are not in this format (the caller pre-processes the study again).
+        PreparedFormatError: the bytes are not in this format, or (with ``manifest``) their arrays are not the
+            inputs it declares (the caller pre-processes the study again).
     """
     import io
     import json
@@ -220,14 +266,18 @@ def decode_prepared(data: bytes) -> PreparedInputs:
         header = json.loads(stream.read(size))
         arrays = {name: np.lib.format.read_array(stream, allow_pickle=False) for name in header["arrays"]}
         clinical_used = [ClinicalValue.model_validate(v) for v in header["values"]]
+        source = str(header["source"])
     except (ValueError, KeyError, TypeError, EOFError) as e:
         raise PreparedFormatError(f"damaged prepared-inputs blob: {e}") from e
     if "image" not in arrays:
         raise PreparedFormatError("damaged prepared-inputs blob: no image")
-    return PreparedInputs(
+    prepared = PreparedInputs(
         image=arrays["image"],
         clinical=arrays.get("clinical"),
         clinical_mask=arrays.get("clinical_mask"),
         clinical_used=clinical_used,
-        source_sop_instance_uid=header["source"],
+        source_sop_instance_uid=source,
     )
+    if manifest is not None and (problems := input_problems(manifest, prepared)) is not None:
+        raise PreparedFormatError(f"prepared inputs that {manifest.name} does not take: {problems}")
+    return prepared

@@ -30,15 +30,27 @@ def _run(stage: JobStage, job_id: str) -> None:
     work = analysis.preprocess_job if stage == JobStage.preprocess else analysis.infer_job
     try:
         work(runtime, job_id)
-    except TransientError:
+    except TransientError as e:
+        analysis.record_transient_error(runtime, job_id, stage, e)
         raise  # retried with backoff by Celery
     except Exception as e:
         if db.is_transient(e):  # the database or the disk, for a moment: the job stays active and is tried again
             log.warning("job %s: %s in %s; tried again: %s", job_id, type(e).__name__, stage.value, e)
-            raise TransientError(f"{type(e).__name__} in {stage.value}") from e
+            transient = TransientError(_transient_reason(e, stage))
+            analysis.record_transient_error(runtime, job_id, stage, transient)
+            raise transient from e
         # the worker's edge: any other error fails the job, with its stage, visibly
         log.exception("job %s: unexpected error in %s", job_id, stage.value)
         analysis.record_unexpected_failure(runtime, job_id, stage, e)
+
+
+def _transient_reason(error: Exception, stage: JobStage) -> str:
+    """The reason a job's row shows while its stage waits to be tried again: the error's class and, for a disk
+    error, what its errno means. Not its whole message: a path or a database error's parameters may name a study."""
+    reason = f"{type(error).__name__} in {stage.value}"
+    if isinstance(error, OSError) and error.strerror:
+        reason += f": {error.strerror}"
+    return reason
 
 
 @app.task(name=queue.PREPROCESS_TASK, **TASK_OPTIONS)

@@ -1,13 +1,16 @@
-"""A stage that meets a database or disk error is tried again; a failed analysis runs again when asked for."""
+"""A stage that meets a database or disk error is tried again, within a bound; a failed analysis runs again when
+asked for."""
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from service.errors import ServiceError, TransientError
@@ -16,7 +19,7 @@ from service.flows.runtime import Runtime
 from service.ingest import dicom
 from service.schemas import SYSTEM_PRINCIPAL, JobStage
 from service.store import jobs
-from service.store.tables import Job, Report, Study
+from service.store.tables import Job, Report, Study, utcnow
 from service.worker import tasks
 from tests.factories import dx_instance, queued_job
 
@@ -26,8 +29,6 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     calls: list[tuple[str, str]] = []
     monkeypatch.setattr(queue, "send", lambda task, job_id, **kw: calls.append((task, job_id)))
     return calls
-
-
 
 
 def _job(runtime: Runtime, job_id: str) -> tuple[str, str | None]:
@@ -58,7 +59,7 @@ def test_a_database_or_disk_error_in_a_stage_is_tried_again(
     monkeypatch.setattr(dicom, "decode_image", unavailable)
     with pytest.raises(TransientError):  # Celery tries the task again, with back-off
         tasks._run(JobStage.preprocess, job_id)
-    assert _job(runtime, job_id) == ("preprocessing", None)
+    assert _job(runtime, job_id) == ("preprocessing", "transient")  # why it waits, for GET /v1/jobs/{id}
     monkeypatch.setattr(dicom, "decode_image", real_decode)
     tasks._run(JobStage.preprocess, job_id)
     tasks._run(JobStage.infer, job_id)
@@ -136,3 +137,94 @@ def test_one_study_whose_analysis_raises_does_not_stop_the_sweep(
     with runtime.sessions() as session:
         analyzed = session.scalar(select(Study.analysis_requested_at).where(Study.study_instance_uid == second))
     assert analyzed is not None
+
+
+RETRIES_EXHAUSTED = "retries-exhausted"  # a stable error code: clients and alerts match on it
+
+
+def _untouched_for_an_hour(runtime: Runtime, job_id: str) -> None:
+    """As the row of a job whose last try Celery gave up on an hour ago (its message acknowledged) looks."""
+    with runtime.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow() - dt.timedelta(hours=1)))
+
+
+def _row(runtime: Runtime, job_id: str) -> tuple[str, str, str | None, str | None]:
+    with runtime.sessions() as session:
+        job = jobs.get_or_raise(session=session, job_id=job_id)
+        return job.state, job.stage, job.error_code, job.error_message
+
+
+def _failures(stage: str, code: str) -> float:
+    labels = {"model": "cxr-fusion", "stage": stage, "code": code}
+    return REGISTRY.get_sample_value("clinfer_job_failures_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("stage", [JobStage.preprocess, JobStage.infer])
+def test_a_stage_that_keeps_failing_for_a_moment_fails_the_job_after_the_bound_of_re_sends(
+    any_runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch, stage: JobStage
+) -> None:
+    """Before, once Celery's retries ran out the job stayed active, the reconciler sent it again every period for
+    ever (seen: a full blob volume, 35 attempts, 5 re-sends, no error recorded, still "preprocessing"). Now each
+    try notes its transient error on the job, and the reconciler gives the job up after CLINFER_JOB_MAX_RESENDS
+    re-sends: failed, with its stage, a stable code and the last error, and counted in clinfer_job_failures_total."""
+    runtime = any_runtime  # on PostgreSQL too: the sweeper claims the job, then fails it in a transaction of its own
+    runtime.settings.job_max_resends = 2
+    _, job_id = queued_job(runtime)
+    task = queue.PREPROCESS_TASK if stage == JobStage.preprocess else queue.INFER_TASK
+    if stage == JobStage.infer:
+        analysis.preprocess_job(runtime, job_id)
+    state = "preprocessing" if stage == JobStage.preprocess else "inferring"
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # the blob volume is full: the preprocess stage cannot write the prepared inputs, the infer stage the heatmap
+    monkeypatch.setattr(runtime.blobs, "put_bytes", disk_full)
+    failures_before = _failures(stage.value, RETRIES_EXHAUSTED)
+    for resend in range(1, 3):
+        with pytest.raises(TransientError):  # Celery's last try of this delivery
+            tasks._run(stage, job_id)
+        assert _row(runtime, job_id) == (
+            state,
+            stage.value,
+            "transient",
+            f"OSError in {stage.value}: No space left on device",
+        )
+        _untouched_for_an_hour(runtime, job_id)
+        del sent[:]
+        assert analysis.sweep(runtime)[1] == 1
+        assert sent == [(task, job_id)]  # not given up before the bound
+        with runtime.sessions() as session:
+            assert (jobs.get_or_raise(session=session, job_id=job_id).timings or {})["resent"] == resend
+
+    with pytest.raises(TransientError):
+        tasks._run(stage, job_id)
+    _untouched_for_an_hour(runtime, job_id)
+    del sent[:]
+    assert analysis.sweep(runtime)[1] == 0
+    assert sent == []
+    job_state, job_stage, code, message = _row(runtime, job_id)
+    assert (job_state, job_stage, code) == ("failed", stage.value, RETRIES_EXHAUSTED)
+    assert message == (
+        f"the {stage.value} stage did not finish after 2 re-sends;"
+        f" last error: OSError in {stage.value}: No space left on device"
+    )
+    assert _failures(stage.value, RETRIES_EXHAUSTED) == failures_before + 1
+
+
+def test_a_lost_job_is_neither_sent_again_nor_counted_while_the_broker_cannot_be_read(
+    runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker outage longer than the bound's re-sends must not fail every job that waited through it."""
+    runtime.settings.job_max_resends = 1
+    _, job_id = queued_job(runtime)
+    unreadable = dict.fromkeys((queue.PREPROCESS_QUEUE, queue.INFER_QUEUE, queue.RESULTS_QUEUE))
+    monkeypatch.setattr(analysis, "_queue_depths", lambda runtime: unreadable)
+    del sent[:]
+    for _ in range(3):
+        _untouched_for_an_hour(runtime, job_id)
+        assert analysis.sweep(runtime)[1] == 0
+    assert sent == [] and _row(runtime, job_id)[0] == "queued"
+    monkeypatch.setattr(analysis, "_queue_depths", lambda runtime: dict.fromkeys(unreadable, 0))
+    assert analysis.sweep(runtime)[1] == 1
+    assert sent == [(queue.PREPROCESS_TASK, job_id)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -84,6 +86,36 @@ def test_damaged_inputs_go_back_to_preprocess(runtime: Runtime, sent: list[tuple
     analysis.preprocess_job(runtime, job_id)
     analysis.infer_job(runtime, job_id)
     assert _state(runtime, job_id)[0] == "succeeded"
+
+
+def test_inputs_of_another_shape_go_back_to_preprocess_and_never_reach_a_batch(
+    runtime: Runtime, sent: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A well-formed blob with a 128x128 image (a changed manifest, a foreign writer): before, it joined a batch
+    and failed every study in it ("all input arrays must have the same shape"). Now the infer stage refuses it and
+    the job is pre-processed again, to the model's shape."""
+    job_id = _job(runtime)
+    analysis.warm_models(runtime)  # the batcher's warm-up batches made before the model calls are counted
+    analysis.preprocess_job(runtime, job_id)
+    key = f"jobs/{job_id}/prepared"
+    prepared = pipeline.decode_prepared(runtime.blobs.read_bytes(key))
+    wrong = dataclasses.replace(prepared, image=np.zeros((1, 128, 128), dtype=np.float32))
+    runtime.blobs.put_bytes(key, pipeline.encode_prepared(wrong), durable=False)
+    batched: list[int] = []
+    real_predict = pipeline.predict
+
+    def counted(manifest: Any, runner: Any, batch: list[pipeline.PreparedInputs]) -> Any:
+        batched.append(len(batch))
+        return real_predict(manifest, runner, batch)
+
+    monkeypatch.setattr(pipeline, "predict", counted)
+    sent.clear()
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[:2] == ("queued", "preprocess")
+    assert sent == [(queue.PREPROCESS_TASK, job_id)] and batched == []
+    analysis.preprocess_job(runtime, job_id)
+    analysis.infer_job(runtime, job_id)
+    assert _state(runtime, job_id)[0] == "succeeded" and batched[0] == 1
 
 
 def test_a_studys_job_states_follow_the_job(runtime: Runtime, sent: list[tuple[str, str]]) -> None:
