@@ -52,6 +52,7 @@ def pre_process(
         photometric_interpretation=photometric_interpretation,
         window=window,
         spec=manifest.image_input.preprocessing,
+        channels=manifest.image_input.shape[0],
     )
     if manifest.clinical_input is None:
         prepared = PreparedInputs(image, None, None, [], source_sop_instance_uid)

@@ -138,17 +138,24 @@ def prepare_image(
     photometric_interpretation: str,
     window: tuple[float, float] | None,
     spec: ImagePreprocessing,
+    channels: int = 1,
 ) -> np.ndarray:
     """Window, invert, resize and normalize one image.
 
+    Args:
+        channels: 1, or 3 for a model trained on RGB images (the manifest's ``image_input.shape[0]``): the grayscale
+            image is repeated in each channel.
+
     Returns:
-        float32 array of shape [1, height, width] (channels first, no batch axis).
+        float32 array of shape [channels, height, width] (channels first, no batch axis).
     """
     windowed = window_image(pixels, photometric_interpretation=photometric_interpretation, window=window, spec=spec)
     height, width = spec.resize
     resized = resize_bilinear(windowed, height, width)
-    normalized = (resized - spec.normalization.mean) / spec.normalization.std
-    return normalized[None, :, :].astype(np.float32)
+    normalized = ((resized - spec.normalization.mean) / spec.normalization.std).astype(np.float32)
+    if channels == 1:
+        return normalized[None, :, :]
+    return np.repeat(normalized[None, :, :], channels, axis=0)
 
 
 def age_in_years(birth_date: dt.date, on: dt.date) -> float:

@@ -48,6 +48,19 @@ def _serving_contract(manifest: Manifest) -> dict[str, Any]:
     return manifest.model_dump(include={"image_input", "clinical_input", "outputs"})
 
 
+def _differences(before: Any, after: Any, path: str = "") -> list[str]:
+    """The dotted paths at which two manifest dumps differ (``outputs.findings.0.threshold``)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        found: list[str] = []
+        for key in [*before, *(k for k in after if k not in before)]:
+            found += _differences(before.get(key), after.get(key), f"{path}.{key}" if path else str(key))
+        return found
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        pairs = enumerate(zip(before, after, strict=True))
+        return [found for i, (b, a) in pairs for found in _differences(b, a, f"{path}.{i}")]
+    return [] if before == after else [path]
+
+
 def _write_text_atomically(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -110,10 +123,13 @@ def import_model(
         manifest = Manifest.model_validate({**raw, "versions": [*previous, entry]})
     except ValidationError as e:
         raise ModelError(f"manifest {manifest_file} is invalid: {e}") from e
-    if existing is not None and _serving_contract(existing) != _serving_contract(manifest):
+    if existing is not None and (changed := _differences(_serving_contract(existing), _serving_contract(manifest))):
+        shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
         raise ModelError(
-            f"the manifest's inputs or outputs differ from those of {name}'s earlier versions; "
-            "import a model with different inputs or outputs under a new name"
+            f"the manifest differs from {name}'s earlier versions in {shown}. Every version of a model shares its "
+            "inputs and outputs, their preprocessing, normalization, thresholds and calibration (one manifest "
+            "describes them all, and earlier versions' reports were made with them): import a model that "
+            "changes them under a new name"
         )
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".import-{uuid.uuid4().hex[:8]}-"))
