@@ -63,6 +63,12 @@ QUEUE_DEPTH = Gauge(
     "Messages waiting in each queue (sampled; Redis only; no sample while the broker cannot be read)",
     ["queue"],
 )
+MODEL_LOADED = Gauge(
+    "clinfer_model_loaded",
+    "1 for each model version this process has loaded, with the execution provider it really runs on (a fallback "
+    "from TensorRT or CUDA shows here); gone when it is unloaded",
+    ["model", "version", "provider"],
+)
 NO_ROUTE = Counter("clinfer_studies_no_route_total", "Studies that no routing rule sends to a model")
 REPORT_AMENDMENTS = Counter("clinfer_report_amendments_total", "Reports amended by a later analysis", ["model"])
 DICOM_RESULTS = Counter(

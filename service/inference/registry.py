@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service import metrics
 from service.errors import ModelError, NotFound
 from service.inference import tensorrt_runner
 from service.inference.manifest import Manifest, ModelVersion, load_manifest
@@ -127,7 +128,9 @@ class ModelRegistry:
         with self._lock:
             key = (name, version)
             if key not in self._runners:
-                self._runners[key] = self._create_runner(name, version)
+                runner = self._create_runner(name, version)
+                self._runners[key] = runner
+                metrics.MODEL_LOADED.labels(name, version, runner.provider).set(1)
             return self._runners[key]
 
     def loaded(self) -> dict[tuple[str, str], str]:
@@ -145,6 +148,7 @@ class ModelRegistry:
             runner = self._runners.pop((name, version), None)
         if runner is None:
             return False
+        metrics.MODEL_LOADED.remove(name, version, runner.provider)
         close = getattr(runner, "close", None)
         if callable(close):
             close()

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 import pytest
 
+from service import metrics
 from service.errors import NotFound
 from service.inference.registry import ModelRegistry
 from tests.conftest import REPO
@@ -48,3 +50,23 @@ def test_a_manifest_that_does_not_validate_is_reported(tmp_path: Path) -> None:
     registry = ModelRegistry(root=root, providers=["CPUExecutionProvider"])
     registry.load()
     assert registry.models == {} and "invalid" in registry.errors["cxr-fusion"]
+
+
+def test_a_loaded_version_is_a_metric_with_its_provider_until_it_is_unloaded(tmp_path: Path) -> None:
+    """Operators see which process runs which model version on which execution provider (a fallback from TensorRT
+    or CUDA to the CPU shows), from each worker's /metrics."""
+    from prometheus_client import REGISTRY
+
+    def loaded() -> float | None:
+        labels = {"model": "cxr-fusion", "version": "1", "provider": "CPUExecutionProvider"}
+        return REGISTRY.get_sample_value("clinfer_model_loaded", labels)
+
+    with contextlib.suppress(KeyError):  # another test's registry in this process may have loaded it
+        metrics.MODEL_LOADED.remove("cxr-fusion", "1", "CPUExecutionProvider")
+    registry = ModelRegistry(root=_copy_repository(tmp_path), providers=["CPUExecutionProvider"])
+    registry.load()
+    assert loaded() is None
+    registry.runner("cxr-fusion", "1")
+    assert loaded() == 1.0
+    assert registry.unload("cxr-fusion", "1") is True
+    assert loaded() is None
