@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     auth_issuer: str = "clinfer-local"
     auth_audience: str = "clinfer"
     auth_jwks_url: str | None = Field(default=None, description="issuer's JWKS; unset uses the local dev key")
+    auth_jwks_timeout_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="longest wait for the issuer's JWKS; a failed fetch is tried again 30 s later at the soonest, "
+        "and the last key set fetched keeps verifying tokens meanwhile",
+    )
     auth_dev_key_path: Path | None = Field(default=None, description="default state_dir/dev-signing-key.pem")
     worker_metrics_port: int | None = Field(
         default=9101, description="`clinfer worker` serves /metrics here (unauthenticated: bind to a scrape network)"

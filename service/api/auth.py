@@ -7,10 +7,16 @@ ES256 signing key under the state directory, and ``clinfer token --role ROLE`` m
 from __future__ import annotations
 
 import datetime as dt
+import http.client
+import json
+import logging
+import math
 import os
 import re
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import OrderedDict
 from functools import lru_cache
@@ -22,8 +28,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from service.config import Settings
-from service.errors import Forbidden, Unauthenticated
+from service.errors import Forbidden, TransientError, Unauthenticated
 from service.schemas import Principal
+
+log = logging.getLogger(__name__)
 
 ALGORITHMS = ["ES256", "RS256"]
 
@@ -128,17 +136,159 @@ def mint_token(
     return jwt.encode(claims, key, algorithm="ES256")
 
 
+class KeySetUnavailable(TransientError):
+    """The issuer's key set could not be fetched, and none was fetched before: no token can be checked (503)."""
+
+    code = "jwks-unavailable"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds until the key set is tried again
+
+
+# The issuer's key set is fetched again once it is JWKS_REFRESH_SECONDS old (so that a key removed from it stops
+# admitting tokens), and for a token whose key it lacks (the issuer rotated its keys) — never sooner than
+# JWKS_RETRY_SECONDS after the last try, whether that failed or not: an issuer that is down or slow costs one
+# timeout every JWKS_RETRY_SECONDS, not one per request, and tokens with made-up key ids cannot make us fetch.
+JWKS_REFRESH_SECONDS = 300.0
+JWKS_RETRY_SECONDS = 30.0
+_JWKS_MAX_BYTES = 1024**2
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The key set is fetched from the configured URL only (as PyJWKClient does): a redirect is a failed fetch."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _download_key_set(url: str, timeout: float) -> dict[str, jwt.PyJWK]:
+    """The signing keys (by key id) of the JWKS at ``url``, read within about ``timeout`` seconds.
+
+    Raises:
+        OSError, http.client.HTTPException, ValueError, jwt.PyJWTError: unreachable, slow, an HTTP error, or a
+            body that is not a JWKS with a usable signing key.
+    """
+    if not url.lower().startswith(("https://", "http://")):
+        raise ValueError(f"the JWKS URL must be http(s), not {url[:40]!r}")
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        opened = urllib.request.build_opener(_NoRedirects()).open(request, timeout=timeout)
+    except urllib.error.HTTPError as e:  # a 4xx or 5xx (a redirect refused too): a failed fetch
+        e.close()
+        raise
+    with opened as response:
+        # the socket timeout bounds each wait; the deadline bounds a body that trickles in
+        while chunk := response.read1(65536):
+            size += len(chunk)
+            if size > _JWKS_MAX_BYTES:
+                raise ValueError(f"the JWKS is larger than {_JWKS_MAX_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the JWKS took longer than {timeout} s to read")
+            chunks.append(chunk)
+    document = json.loads(b"".join(chunks))
+    if not isinstance(document, dict):
+        raise ValueError("the JWKS is not a JSON object")
+    keys = jwt.PyJWKSet.from_dict(document).keys
+    signing = {key.key_id: key for key in keys if key.key_id and key.public_key_use in ("sig", None)}
+    if not signing:
+        raise ValueError("the JWKS has no signing key with a key id")
+    return signing
+
+
+class IssuerKeys:
+    """The issuer's signing keys, fetched from its JWKS with a short timeout and kept.
+
+    A refresh that fails keeps the keys fetched last (they go on verifying tokens through an outage of the
+    issuer); the next try waits JWKS_RETRY_SECONDS. One fetch runs at a time, and a request whose key is at hand
+    never waits for it.
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched = False
+        self._fetched_at = -math.inf  # time.monotonic() of the last fetch that succeeded
+        self._tried_at = -math.inf  # and of the last try
+        self._fetching = threading.Lock()
+
+    def key_for(self, kid: str | None) -> Any:
+        """The verification key of the token whose header names ``kid``.
+
+        Raises:
+            Unauthenticated: the key set has no such key (and it was fetched lately, or cannot be fetched now).
+            KeySetUnavailable: the key set was never fetched, and cannot be now.
+        """
+        key = self._keys.get(kid) if kid else None
+        if key is None or self._stale():
+            # with a key at hand, a fetch another request runs is not waited for
+            if self._fetching.acquire(blocking=key is None, timeout=self.timeout if key is None else -1):
+                try:
+                    if self._may_try(stale_only=key is not None):  # not tried meanwhile by the request waited for
+                        self._fetch()
+                finally:
+                    self._fetching.release()
+            key = self._keys.get(kid) if kid else None
+        if key is not None:
+            return key.key
+        if not self._fetched:
+            next_try = self._tried_at + JWKS_RETRY_SECONDS - time.monotonic()
+            retry = max(1, math.ceil(next_try)) if math.isfinite(next_try) else 1
+            raise KeySetUnavailable(
+                "the token issuer's keys (JWKS) cannot be fetched, so no token can be checked; try again later",
+                retry_after=retry,
+            )
+        raise Unauthenticated(
+            "no signing key for this token: the token's header has no key id (kid)"
+            if not kid
+            else f"no signing key for this token: the issuer's key set has no key {kid[:80]!r}"
+        )
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._fetched_at >= JWKS_REFRESH_SECONDS
+
+    def _may_try(self, *, stale_only: bool) -> bool:
+        if stale_only and not self._stale():
+            return False
+        return time.monotonic() - self._tried_at >= JWKS_RETRY_SECONDS
+
+    def _fetch(self) -> None:
+        self._tried_at = time.monotonic()
+        try:
+            keys = _download_key_set(self.url, self.timeout)
+        except (OSError, http.client.HTTPException, ValueError, jwt.PyJWTError) as e:
+            # kept: the keys fetched before (if any); told: the log, and each request that needed a new key
+            log.warning(
+                "the JWKS at %s could not be fetched (%s: %s); tried again in %.0f s at the soonest",
+                self.url,
+                type(e).__name__,
+                str(e)[:200],
+                JWKS_RETRY_SECONDS,
+            )
+            return
+        self._keys = keys
+        self._fetched = True
+        self._fetched_at = time.monotonic()
+
+
 @lru_cache(maxsize=4)
-def _jwks_client(url: str) -> jwt.PyJWKClient:
-    return jwt.PyJWKClient(url, cache_keys=True, lifespan=300)
+def issuer_keys(url: str, timeout: float) -> IssuerKeys:
+    """The process's one ``IssuerKeys`` of each configured JWKS."""
+    return IssuerKeys(url, timeout)
 
 
 def _verification_key(settings: Settings, token: str) -> Any:
     if settings.auth_jwks_url:
         try:
-            return _jwks_client(settings.auth_jwks_url).get_signing_key_from_jwt(token).key
-        except jwt.PyJWKClientError as e:
-            raise Unauthenticated(f"no signing key for this token: {e}") from e
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as e:
+            raise Unauthenticated(f"invalid token: {e}") from e
+        keys = issuer_keys(settings.auth_jwks_url, settings.auth_jwks_timeout_seconds)
+        return keys.key_for(kid if isinstance(kid, str) else None)
     return ensure_dev_key(settings.effective_dev_key_path).public_key()
 
 
@@ -188,6 +338,7 @@ def _verified_claims(settings: Settings, token: str) -> dict[str, Any]:
         )
     except jwt.PyJWTError as e:
         raise Unauthenticated(f"invalid token: {e}") from e
+    _scopes(claims)  # a token whose scopes cannot be read is refused, and not kept
     # PyJWT admits a token while now < exp (no leeway here); the cache never admits it longer
     until = min(float(claims["exp"]), _now() + VERIFIED_TOKEN_SECONDS)
     with _verified_lock:
@@ -216,9 +367,22 @@ def _bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+    """The token's scopes: ``scope`` (RFC 8693: a space-separated string) or ``scp`` (a string or a list of them).
+
+    Raises:
+        Unauthenticated: the claim is of another type (a number, an object, a list of anything but strings).
+    """
+    raw = claims.get("scope") or claims.get("scp") or ""
+    if isinstance(raw, str):
+        return frozenset(raw.split())
+    if isinstance(raw, list) and all(isinstance(scope, str) for scope in raw):
+        return frozenset(raw)
+    raise Unauthenticated(f"invalid token: its scope claim is a {type(raw).__name__}, not a space-separated string")
+
+
 def _principal(claims: dict[str, Any], source_address: str | None) -> Principal:
-    raw_scopes = claims.get("scope") or claims.get("scp") or ""
-    scopes = frozenset(raw_scopes.split() if isinstance(raw_scopes, str) else raw_scopes)
+    scopes = _scopes(claims)
     role = claims.get("clinfer_role")
     patient = claims.get("patient")
     return Principal(
@@ -256,6 +420,13 @@ def authenticate_verified(
     return None if claims is None else _principal(claims, source_address)
 
 
+# Why a patient/ scope does not open a resource that the FHIR API serves (there, patient/ scopes count elsewhere).
+_PATIENT_SCOPES_REFUSED = {
+    "AuditEvent": "the audit trail is a security officer's record of every patient, not a patient's record, and"
+    " patient/ scopes do not open it",
+}
+
+
 def allows(principal: Principal, resource: str, permission: str, *, patient_scopes: bool = True) -> bool:
     """Whether ``authorize`` would let the principal through."""
     try:
@@ -280,8 +451,12 @@ def authorize(principal: Principal, resource: str, permission: str, *, patient_s
         return
     if not patient_scopes and scope_allows(principal.scopes, resource, permission):
         raise Forbidden(
-            f"scope user/ or system/{resource}.{permission} is required: patient/ scopes are honoured on the FHIR"
-            " API only, which narrows what it returns to the token's patient"
+            f"scope user/ or system/{resource}.{permission} is required: "
+            + _PATIENT_SCOPES_REFUSED.get(
+                resource,
+                "patient/ scopes are honoured on the FHIR API only, which narrows what it returns to the token's"
+                " patient",
+            )
         )
     raise Forbidden(f"scope {resource}.{permission} is required")
 
@@ -303,3 +478,14 @@ def patient_compartment(principal: Principal, resource: str, permission: str) ->
     if not principal.patient:
         raise Forbidden("a patient/ scope needs the token's patient (launch context) claim")
     return principal.patient
+
+
+def may_read(principal: Principal, resource: str, patient_ref: str | None) -> bool:
+    """Whether the principal may read a ``resource`` about ``patient_ref`` (``Patient/<id>``) by the rules a FHIR
+    read follows: a user/ or system/ scope, or a patient/ scope and the resource in the token's patient compartment.
+    A write's answer carries the resource only then (an ingest system writes and reads nothing back)."""
+    try:
+        compartment = patient_compartment(principal, resource, "r")
+    except Forbidden:
+        return False
+    return compartment is None or patient_ref == f"Patient/{compartment}"

@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import metrics
 from service.api import auth
-from service.errors import Forbidden, Unauthenticated
+from service.errors import Forbidden, ServiceError, Unauthenticated
 from service.flows.runtime import Runtime, get_runtime
 from service.schemas import Principal
 from service.store import audit, clinical
@@ -34,7 +34,22 @@ def _route_template(request: Request) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
-def audit_denial(runtime: Runtime, request: Request, principal: Principal, error: Unauthenticated | Forbidden) -> None:
+def audit_denial(
+    runtime: Runtime,
+    request: Request,
+    principal: Principal,
+    error: ServiceError,
+    *,
+    resource: str | None = None,
+    patient_ref: str | None = None,
+) -> None:
+    """Record a refused request as an ``access.denied`` event, in a transaction of its own (the request's, if it
+    had one, is rolled back by the error).
+
+    Args:
+        resource: the resource refused (``Patient/123``), when the refusal is of one resource rather than of the
+            route; the event then names it and ``patient_ref``, its patient.
+    """
     with runtime.sessions.begin() as session:
         audit.append(
             session=session,
@@ -42,8 +57,9 @@ def audit_denial(runtime: Runtime, request: Request, principal: Principal, error
             event_type="access.denied",
             action="E",
             outcome=audit.MINOR_FAILURE,
-            entity_type="Route",
-            entity_ref=f"{request.method} {_route_template(request)}",
+            entity_type=resource.split("/")[0] if resource else "Route",
+            entity_ref=resource or f"{request.method} {_route_template(request)}",
+            patient_ref=patient_ref,
             detail={"reason": error.code, "message": error.message, "path": request.url.path},
         )
     metrics.AUTH_DENIALS.labels(error.code).inc()
@@ -82,7 +98,7 @@ async def authenticated(request: Request, runtime: RuntimeDep) -> Principal:
         if principal is None:
             principal = await run_in_threadpool(auth.authenticate, runtime.settings, header, source_address=source)
         return principal
-    except Unauthenticated as e:
+    except (Unauthenticated, auth.KeySetUnavailable) as e:  # no token checked: refused, and audited the same
         denied = Principal(subject="unauthenticated", source_address=source)
         await run_in_threadpool(audit_denial, runtime, request, denied, e)
         raise
@@ -103,10 +119,19 @@ def require(resource: str, permission: str) -> Callable[..., Awaitable[Principal
     return dependency
 
 
-def check(request: Request, runtime: Runtime, principal: Principal, resource: str, permission: str) -> None:
-    """The same check inside a route, for permissions that depend on the body (a Bundle's resource types)."""
+def check(
+    request: Request,
+    runtime: Runtime,
+    principal: Principal,
+    resource: str,
+    permission: str,
+    *,
+    patient_scopes: bool = True,
+) -> None:
+    """The same check inside a route, for permissions that depend on the body (a Bundle's resource types) or the
+    path (the FHIR API's types); ``patient_scopes`` as in ``auth.authorize``."""
     try:
-        auth.authorize(principal, resource, permission)
+        auth.authorize(principal, resource, permission, patient_scopes=patient_scopes)
     except Forbidden as e:
         audit_denial(runtime, request, principal, e)
         raise

@@ -22,11 +22,19 @@ RETRY_AFTER_SECONDS = 5  # told to a client whose request met a passing failure 
 
 
 def error_response(
-    request: Request, status: int, code: str, message: str, expression: list[str] | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    expression: list[str] | None = None,
+    *,
+    retry_after: int | None = None,
 ) -> JSONResponse:
+    """The error in the shape of the request's protocol; a 503 says when to come back (``retry_after`` seconds, by
+    default RETRY_AFTER_SECONDS)."""
     headers = {"WWW-Authenticate": 'Bearer realm="clinfer"'} if status == 401 else None
     if status == 503:
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        headers = {"Retry-After": str(retry_after or RETRY_AFTER_SECONDS)}
     if request.url.path.startswith("/fhir"):
         body = operation_outcome(
             severity="error" if status < 500 else "fatal",
@@ -43,7 +51,14 @@ def install(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.http_status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return error_response(request, exc.http_status, exc.code, exc.message, getattr(exc, "expression", None))
+        return error_response(
+            request,
+            exc.http_status,
+            exc.code,
+            exc.message,
+            exc.expression,
+            retry_after=getattr(exc, "retry_after", None),  # KeySetUnavailable: when the issuer's keys are tried again
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -39,12 +39,24 @@ __all__ = ["MethodNotAllowed", "WRITABLE_TYPES", "WriteOutcome", "bundle_permiss
 
 @dataclass(frozen=True)
 class WriteOutcome:
+    """One entry's write: its status, the version it left, and the resource as stored (which a matched conditional
+    create did not write: the edge shows it only to a principal that may read it)."""
+
     status: int
     resource_type: str
     resource_id: str
     version: int
     last_modified: str
     resource: dict[str, Any]
+
+    @property
+    def patient_ref(self) -> str | None:
+        """The Patient the resource is about (``Patient/<id>``): itself for a Patient, else its subject."""
+        if self.resource_type == "Patient":
+            return f"Patient/{self.resource_id}"
+        subject = self.resource.get("subject")
+        reference = subject.get("reference") if isinstance(subject, dict) else None
+        return reference if isinstance(reference, str) else None
 
 
 def bundle_permissions(body: dict[str, Any]) -> set[tuple[str, str]]:
@@ -208,13 +220,7 @@ def _audit(
 ) -> None:
     by_patient: dict[str | None, list[str]] = {}
     for outcome in outcomes.values():
-        ref = None
-        if outcome.resource_type == "Patient":
-            ref = f"Patient/{outcome.resource_id}"
-        else:
-            subject = outcome.resource.get("subject") or {}
-            ref = subject.get("reference") if isinstance(subject, dict) else None
-        by_patient.setdefault(ref, []).append(
+        by_patient.setdefault(outcome.patient_ref, []).append(
             f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.version}"
         )
     for patient_ref, resources in sorted(by_patient.items(), key=lambda item: item[0] or ""):
@@ -334,6 +340,8 @@ def _error_entry(error: ServiceError) -> dict[str, Any]:
 
 
 def _entry(outcome: WriteOutcome) -> dict[str, Any]:
+    """An entry of the response Bundle: status, location and version, never the resource (as for ``Prefer:
+    return=minimal``): a conditional create that matched would otherwise show a writer what is stored."""
     response: dict[str, Any] = {"status": _status_text(outcome.status), "etag": f'W/"{outcome.version}"'}
     if outcome.status != 204:
         response["location"] = f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.version}"

@@ -33,6 +33,12 @@ def outcome_of(response: Response, status: int) -> dict[str, Any]:
     return body
 
 
+def created_id(response: Response) -> str:
+    """The id of the resource a write answered for, from its Location (an ingest token gets no body back)."""
+    assert response.status_code in (200, 201), response.text
+    return str(response.headers["location"].split("/_history/")[0].rsplit("/", 1)[1])
+
+
 def patient(identifier: str) -> dict[str, Any]:
     return {
         "resourceType": "Patient",
@@ -79,7 +85,7 @@ def test_a_batch_stores_the_valid_entries_and_reports_the_invalid_one(client: Te
     ingest = tokens.header("ingest")
     created = client.post("/fhir/Patient", json=patient("B-1"), headers=ingest)
     assert created.status_code == 201, created.text
-    patient_ref = f"Patient/{created.json()['id']}"
+    patient_ref = f"Patient/{created_id(created)}"
     bundle = {
         "resourceType": "Bundle",
         "type": "batch",
@@ -112,12 +118,13 @@ def test_conditional_create_and_update_on_identifiers(client: TestClient, tokens
     first = client.post("/fhir/Patient", json=patient("C-1"), headers={**ingest, "If-None-Exist": query})
     second = client.post("/fhir/Patient", json=patient("C-1"), headers={**ingest, "If-None-Exist": query})
     assert (first.status_code, second.status_code) == (201, 200)
-    assert first.json()["id"] == second.json()["id"]
+    assert created_id(first) == created_id(second)
     updated = patient("C-1") | {"gender": "male"}
     put = client.put(f"/fhir/Patient?{query}", json=updated, headers=ingest)
     assert put.status_code == 200, put.text
-    assert put.json()["id"] == first.json()["id"] and put.json()["gender"] == "male"
-    assert put.headers["etag"] == 'W/"2"'
+    assert created_id(put) == created_id(first) and put.headers["etag"] == 'W/"2"'
+    stored = client.get(f"/fhir/Patient/{created_id(first)}", headers=tokens.header("clinician")).json()
+    assert stored["gender"] == "male"
     created = client.put("/fhir/Patient?identifier=urn:oid:1.2.3.4.5|C-2", json=patient("C-2"), headers=ingest)
     assert created.status_code == 201
     # the urn:uuid of a conditional create that matched points at the existing resource
@@ -138,7 +145,7 @@ def test_conditional_create_and_update_on_identifiers(client: TestClient, tokens
     assert response["entry"][0]["response"]["status"] == "200 OK"
     location = response["entry"][1]["response"]["location"]
     observation_body = client.get(f"/fhir/{location.split('/_history')[0]}", headers=tokens.header("clinician")).json()
-    assert observation_body["subject"]["reference"] == f"Patient/{first.json()['id']}"
+    assert observation_body["subject"]["reference"] == f"Patient/{created_id(first)}"
 
 
 def test_a_condition_is_about_which_resources_match_not_how_a_page_of_them_is_shown(
@@ -148,14 +155,14 @@ def test_a_condition_is_about_which_resources_match_not_how_a_page_of_them_is_sh
     created every time), with ``_count=1`` or ``_offset`` it hid a second match (one of two updated at random,
     where a client must get 412), and a condition with no criteria at all matched whatever came first."""
     ingest = tokens.header("ingest")
-    patient_ref = "Patient/" + client.post("/fhir/Patient", json=patient("P-1"), headers=ingest).json()["id"]
+    patient_ref = "Patient/" + created_id(client.post("/fhir/Patient", json=patient("P-1"), headers=ingest))
     measured = crp(patient_ref, 5.0) | {"identifier": [{"system": "urn:lab", "value": "crp-1"}]}
     query = "identifier=urn:lab|crp-1"
     first = client.post("/fhir/Observation", json=measured, headers={**ingest, "If-None-Exist": query})
     assert first.status_code == 201, first.text
     for paged in (f"{query}&_count=0", f"_summary=count&{query}", f"{query}&_offset=1"):
         again = client.post("/fhir/Observation", json=measured, headers={**ingest, "If-None-Exist": paged})
-        assert again.status_code == 200 and again.json()["id"] == first.json()["id"], (paged, again.text)
+        assert again.status_code == 200 and created_id(again) == created_id(first), (paged, again.text)
     # a second Observation with the same identifier (not conditional): the condition now matches two
     assert client.post("/fhir/Observation", json=measured, headers=ingest).status_code == 201
     for paged in (f"{query}&_count=1", f"{query}&_sort=-_lastUpdated&_count=1"):
@@ -172,9 +179,9 @@ def test_a_condition_is_about_which_resources_match_not_how_a_page_of_them_is_sh
 
 def test_rest_versions_if_match_delete_and_gone(client: TestClient, tokens: Tokens) -> None:
     ingest, clinician = tokens.header("ingest"), tokens.header("clinician")
-    patient_id = client.post("/fhir/Patient", json=patient("R-1"), headers=ingest).json()["id"]
+    patient_id = created_id(client.post("/fhir/Patient", json=patient("R-1"), headers=ingest))
     created = client.post("/fhir/Observation", json=crp(f"Patient/{patient_id}", 3.0), headers=ingest)
-    observation_id = created.json()["id"]
+    observation_id = created_id(created)
     assert created.headers["location"].endswith(f"/fhir/Observation/{observation_id}/_history/1")
     changed = crp(f"Patient/{patient_id}", 30.0) | {"id": observation_id, "status": "amended"}
     ok = client.put(f"/fhir/Observation/{observation_id}", json=changed, headers={**ingest, "If-Match": 'W/"1"'})
@@ -193,7 +200,7 @@ def test_rest_versions_if_match_delete_and_gone(client: TestClient, tokens: Toke
 
 def test_search_parameters_and_paging_links(client: TestClient, tokens: Tokens) -> None:
     ingest, clinician = tokens.header("ingest"), tokens.header("clinician")
-    patient_id = client.post("/fhir/Patient", json=patient("S-1"), headers=ingest).json()["id"]
+    patient_id = created_id(client.post("/fhir/Patient", json=patient("S-1"), headers=ingest))
     for day in range(1, 8):
         body = crp(f"Patient/{patient_id}", float(day), when=f"2026-11-{day:02d}T08:00:00Z")
         assert client.post("/fhir/Observation", json=body, headers=ingest).status_code == 201
@@ -259,8 +266,8 @@ def test_capability_statement_lists_what_is_served(client: TestClient, tokens: T
 
 def test_a_patient_level_token_sees_only_its_patient(client: TestClient, tokens: Tokens) -> None:
     ingest = tokens.header("ingest")
-    mine = client.post("/fhir/Patient", json=patient("P-MINE"), headers=ingest).json()["id"]
-    other = client.post("/fhir/Patient", json=patient("P-OTHER"), headers=ingest).json()["id"]
+    mine = created_id(client.post("/fhir/Patient", json=patient("P-MINE"), headers=ingest))
+    other = created_id(client.post("/fhir/Patient", json=patient("P-OTHER"), headers=ingest))
     for patient_id in (mine, other):
         client.post("/fhir/Observation", json=crp(f"Patient/{patient_id}", 2.0), headers=ingest)
     token = auth.mint_token(
@@ -281,7 +288,7 @@ def test_a_patient_level_token_is_refused_where_nothing_narrows_to_its_patient(
     so a token for one patient listed all of them (with their PatientIDs and positive findings) there. Those routes
     now take user/ or system/ scopes only; the FHIR API, which narrows to the token's patient, still takes it."""
     ingest = tokens.header("ingest")
-    mine = client.post("/fhir/Patient", json=patient("P-MINE"), headers=ingest).json()["id"]
+    mine = created_id(client.post("/fhir/Patient", json=patient("P-MINE"), headers=ingest))
     body, content_type = multipart_related([dx_instance(patient_id="OTHER-9")])
     stowed = client.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type, **ingest})
     assert stowed.status_code == 200
@@ -339,9 +346,9 @@ def test_an_order_triggers_the_analysis_and_the_report_is_based_on_it(tmp_path: 
         report = wait_for_report(client, study_uid, clinician)["reports"][0]
         resource = client.get(f"/fhir/DiagnosticReport/{report['id']}", headers=clinician).json()
         validate_resource(resource)
-        assert resource["basedOn"] == [{"reference": f"ServiceRequest/{created.json()['id']}"}]
+        assert resource["basedOn"] == [{"reference": f"ServiceRequest/{created_id(created)}"}]
         found = client.get(
-            "/fhir/DiagnosticReport", params={"based-on": f"ServiceRequest/{created.json()['id']}"}, headers=clinician
+            "/fhir/DiagnosticReport", params={"based-on": f"ServiceRequest/{created_id(created)}"}, headers=clinician
         )
         assert found.json()["total"] == 1
         provenance = client.get(
@@ -351,3 +358,92 @@ def test_an_order_triggers_the_analysis_and_the_report_is_based_on_it(tmp_path: 
         agents = [a["who"]["reference"] for a in provenance["entry"][0]["resource"]["agent"]]
         device = client.get(f"/fhir/{agents[0]}", headers=clinician)
         assert device.status_code == 200 and device.json()["resourceType"] == "Device"
+
+
+def test_a_patient_level_token_cannot_read_the_audit_trail(client: TestClient, tokens: Tokens) -> None:
+    """Found in review: AuditEvent search and read counted patient/ scopes, and nothing narrowed the trail to the
+    token's patient, so a token with ``patient/*.rs`` for one patient read every patient's audit events. The trail
+    is a security officer's record: it takes user/ or system/ scopes only, and says so."""
+    ingest, admin = tokens.header("ingest"), tokens.header("admin")
+    mine = created_id(client.post("/fhir/Patient", json=patient("AE-MINE"), headers=ingest))
+    other = created_id(client.post("/fhir/Patient", json=patient("AE-OTHER"), headers=ingest))
+    others = client.get("/fhir/AuditEvent", params={"patient": f"Patient/{other}"}, headers=admin).json()
+    event_id = others["entry"][0]["resource"]["id"]  # the trail holds the other patient's events
+    for scopes in (("patient/*.rs",), ("patient/AuditEvent.rs", "patient/Patient.rs")):
+        token = auth.mint_token(tokens.settings, role="clinician", scopes=scopes, patient=mine)
+        headers = {"Authorization": f"Bearer {token}"}
+        for path, params in [
+            ("/fhir/AuditEvent", {}),
+            ("/fhir/AuditEvent", {"patient": f"Patient/{other}"}),
+            ("/fhir/AuditEvent", {"patient": f"Patient/{mine}"}),
+            (f"/fhir/AuditEvent/{event_id}", {}),
+        ]:
+            body = outcome_of(client.get(path, params=params, headers=headers), 403)
+            diagnostics = body["issue"][0]["diagnostics"]
+            assert "user/ or system/AuditEvent" in diagnostics and "audit trail" in diagnostics, diagnostics
+        assert client.get(f"/fhir/Patient/{mine}", headers=headers).status_code == 200, "its own patient still"
+    assert client.get(f"/fhir/AuditEvent/{event_id}", headers=admin).status_code == 200
+
+
+def test_a_writer_that_may_not_read_gets_no_resource_back(client: TestClient, tokens: Tokens) -> None:
+    """Found in review: a conditional create that matched answered with the stored resource, so an ingest token
+    (which may not read) read any Patient (name, birth date, MRN) or another patient's Observation by guessing
+    criteria. A write's answer carries the resource only for a principal that may read it (within its patient
+    compartment); for others it is what ``Prefer: return=minimal`` gives: status, Location, ETag, Last-Modified."""
+    ingest = tokens.header("ingest")
+    doe = patient("MRN-DOE-7") | {"name": [{"family": "Doe", "given": ["Jane"]}], "birthDate": "1961-07-14"}
+    doe_id = created_id(client.post("/fhir/Patient", json=doe, headers=ingest))
+    secret = crp(f"Patient/{doe_id}", 123.4) | {"note": [{"text": "confidential-remark"}]}
+    observation_id = created_id(client.post("/fhir/Observation", json=secret, headers=ingest))
+    hidden = ("Doe", "Jane", "MRN-DOE-7", "1961-07-14", "123.4", "confidential-remark")
+
+    def shows_nothing(response: Response, status: int, location: str, version: int = 1) -> None:
+        assert response.status_code == status, response.text
+        assert response.content == b"" and not any(s in response.text for s in hidden), response.text
+        assert response.headers["location"].endswith(f"/fhir/{location}/_history/{version}")
+        assert response.headers["etag"] == f'W/"{version}"' and response.headers["last-modified"]
+
+    probe = {"resourceType": "Patient"}
+    matched = client.post("/fhir/Patient", json=probe, headers={**ingest, "If-None-Exist": "family=Doe"})
+    shows_nothing(matched, 200, f"Patient/{doe_id}")
+    condition = f"subject=Patient/{doe_id}&code=http://loinc.org|1988-5"
+    guessed = client.post(
+        "/fhir/Observation", json=crp(f"Patient/{doe_id}", 0.0), headers={**ingest, "If-None-Exist": condition}
+    )
+    shows_nothing(guessed, 200, f"Observation/{observation_id}")
+    new = client.post("/fhir/Patient", json=patient("MRN-NEW-8"), headers=ingest)
+    assert new.status_code == 201 and new.content == b"" and new.headers["location"]
+    updated = client.put("/fhir/Patient?identifier=urn:oid:1.2.3.4.5|MRN-DOE-7", json=doe, headers=ingest)
+    shows_nothing(updated, 200, f"Patient/{doe_id}", version=2)
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": probe, "request": {"method": "POST", "url": "Patient", "ifNoneExist": "family=Doe"}}],
+    }
+    answered = client.post("/fhir", json=bundle, headers=ingest)
+    assert answered.status_code == 200 and not any(s in answered.text for s in hidden), answered.text
+    [entry] = answered.json()["entry"]
+    assert entry == {"response": entry["response"]} and entry["response"]["status"] == "200 OK"
+    assert entry["response"]["location"] == f"Patient/{doe_id}/_history/2"
+
+    # a principal that may write and read the type gets the resource back, as before
+    reader = auth.mint_token(tokens.settings, role="ingest", scopes=("system/Patient.cruds",))
+    shown = client.post(
+        "/fhir/Patient", json=probe, headers={"Authorization": f"Bearer {reader}", "If-None-Exist": "family=Doe"}
+    )
+    assert shown.status_code == 200 and shown.json()["name"][0]["family"] == "Doe", shown.text
+    # a patient/ read scope: its own patient's resource, and no other's
+    other_id = created_id(client.post("/fhir/Patient", json=patient("MRN-OTHER-9"), headers=ingest))
+    own = auth.mint_token(
+        tokens.settings, role="ingest", scopes=("system/Patient.c", "patient/Patient.r"), patient=doe_id
+    )
+    own_headers = {"Authorization": f"Bearer {own}"}
+    mine = client.post("/fhir/Patient", json=probe, headers={**own_headers, "If-None-Exist": "family=Doe"})
+    assert mine.status_code == 200 and mine.json()["id"] == doe_id, mine.text
+    theirs = client.post(
+        "/fhir/Patient",
+        json=probe,
+        headers={**own_headers, "If-None-Exist": "identifier=urn:oid:1.2.3.4.5|MRN-OTHER-9"},
+    )
+    assert theirs.status_code == 200 and theirs.content == b"", theirs.text
+    assert theirs.headers["location"].endswith(f"/fhir/Patient/{other_id}/_history/1")

@@ -285,3 +285,42 @@ def test_requests_are_measured_by_route_template(client: TestClient, tokens: Tok
     template = re.escape('method="GET",route="/v1/studies/{study_instance_uid}/report"')
     assert re.search(rf'clinfer_http_requests_total\{{{template},status="404"\}} [1-9]', text)
     assert re.search(rf"clinfer_http_request_duration_seconds_count\{{{template}\}} [1-9]", text)
+
+
+def test_a_token_with_an_unreadable_scope_claim_is_401_and_audited(
+    client: TestClient, settings: Settings, runtime: Runtime
+) -> None:
+    """Found in review: a validly signed token whose ``scope`` is a number was answered 500."""
+    import datetime as dt
+
+    import jwt
+
+    from service.api.auth import ensure_dev_key
+
+    claims = {
+        "iss": settings.auth_issuer,
+        "aud": settings.auth_audience,
+        "sub": "odd-scopes",
+        "exp": dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
+        "scope": 123,
+    }
+    token = jwt.encode(claims, ensure_dev_key(settings.effective_dev_key_path), algorithm="ES256")
+    for path in ("/fhir/Patient", "/v1/studies"):
+        response = client.get(path, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    denials = _denials(runtime)
+    assert [(d.actor, d.detail["reason"]) for d in denials] == [("unauthenticated", "unauthenticated")] * 2
+
+
+def test_patient_scopes_do_not_open_metrics(client: TestClient, tokens: Tokens, runtime: Runtime) -> None:
+    """Found in review: /metrics counted SMART patient/ scopes, unlike every other route that does not narrow to
+    the token's patient (``require``). It takes user/ or system/ Device.r only."""
+    from service.api.auth import mint_token
+
+    token = mint_token(tokens.settings, role="clinician", scopes=("patient/Device.rs", "patient/*.rs"), patient="p-1")
+    refused = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 403 and "patient/ scopes" in refused.json()["error"]["message"], refused.text
+    assert [(d.entity_ref, d.detail["reason"]) for d in _denials(runtime)] == [("GET /metrics", "forbidden")]
+    wide = mint_token(tokens.settings, role="clinician", scopes=("user/Device.r",))
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {wide}"}).status_code == 200

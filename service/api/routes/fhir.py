@@ -10,6 +10,8 @@ resource type the caller's scopes do not cover, and a SMART patient-level token 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -17,8 +19,8 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.api.auth import patient_compartment
-from service.api.deps import AuthenticatedDep, RuntimeDep, check, checked
+from service.api.auth import may_read, patient_compartment
+from service.api.deps import AuthenticatedDep, RuntimeDep, audit_denial, check, checked
 from service.api.errors import FHIR_JSON
 from service.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.flows import fhir as fhir_flow
@@ -221,7 +223,8 @@ async def post_bundle(request: Request, runtime: RuntimeDep, principal: Authenti
 
 
 def _audit_search(request: Request, runtime: Runtime, principal: Principal) -> JSONResponse:
-    check(request, runtime, principal, "AuditEvent", "s")
+    # the trail records every patient's accesses and nothing narrows it to one: user/ or system/ scopes only
+    check(request, runtime, principal, "AuditEvent", "s", patient_scopes=False)
     params = list(request.query_params.multi_items())
     count, offset, event_type, patient, outcome = fhir_store.DEFAULT_COUNT, 0, None, None, None
     for name, value in params:
@@ -340,9 +343,34 @@ def _audit_read(session: Any, principal: Principal, resource_type: str, row: Any
     )
 
 
+class _OutsideCompartment(NotFound):
+    """A resource of another patient than the token's: answered as one never stored (404, so that what is hidden
+    is never confirmed), and audited as a denial (``_reading``)."""
+
+    code = "outside-compartment"
+
+    def __init__(self, resource: str, patient_ref: str | None) -> None:
+        super().__init__(f"{resource} is not known")
+        self.resource = resource
+        self.patient_ref = patient_ref
+
+
 def _visible(session: Any, row: Any, compartment: str | None) -> None:
     if compartment is not None and row.patient_id != _patient_pk(session, compartment):
-        raise NotFound(f"{row.resource_type}/{row.resource_id} is not known")  # never confirm what is hidden
+        patient_ref = clinical.patient_reference(session=session, patient_id=row.patient_id)
+        raise _OutsideCompartment(f"{row.resource_type}/{row.resource_id}", patient_ref)
+
+
+@contextmanager
+def _reading(request: Request, runtime: Runtime, principal: Principal) -> Iterator[Any]:
+    """A read's transaction. A resource outside the token's compartment rolls it back (nothing was read), and its
+    refusal is recorded in a transaction of its own: every access to patient data is audited, a denied one too."""
+    try:
+        with runtime.sessions.begin() as session:
+            yield session
+    except _OutsideCompartment as hidden:
+        audit_denial(runtime, request, principal, hidden, resource=hidden.resource, patient_ref=hidden.patient_ref)
+        raise
 
 
 @router.get("/{resource_type}/{resource_id}", summary="read")
@@ -351,7 +379,7 @@ def read(
 ) -> JSONResponse:
     _check_type(resource_type)
     if resource_type == "AuditEvent":
-        check(request, runtime, principal, "AuditEvent", "r")
+        check(request, runtime, principal, "AuditEvent", "r", patient_scopes=False)
         with runtime.sessions.begin() as session:
             event_id = _number(resource_id, db.MAX_KEY)
             event = session.get(AuditRow, event_id) if event_id is not None else None
@@ -369,7 +397,7 @@ def read(
             )
             return fhir_response(body)
     compartment = _compartment(request, runtime, principal, resource_type, "r")
-    with runtime.sessions.begin() as session:
+    with _reading(request, runtime, principal) as session:
         row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)
         if row is not None:
             _visible(session, row, compartment)
@@ -393,7 +421,7 @@ def vread(
     version = _number(version_id, MAX_VERSION)
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id} has no version {version_id[:40]}")
-    with runtime.sessions.begin() as session:
+    with _reading(request, runtime, principal) as session:
         row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)
         if row is None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
@@ -410,7 +438,7 @@ def instance_history(
     _check_type(resource_type)
     compartment = _compartment(request, runtime, principal, resource_type, "r")
     base = _base(request)
-    with runtime.sessions.begin() as session:
+    with _reading(request, runtime, principal) as session:
         row = fhir_store.current(session=session, resource_type=resource_type, resource_id=resource_id)
         if row is None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
@@ -455,13 +483,19 @@ def _if_match(header: str | None) -> int | None:
     return int(text)  # one that no version reaches fails as any other stale ETag (412)
 
 
-def _write_response(request: Request, outcome: fhir_flow.WriteOutcome, prefer: str | None) -> Response:
+def _write_response(
+    request: Request, principal: Principal, outcome: fhir_flow.WriteOutcome, prefer: str | None
+) -> Response:
+    """The answer to a write: status, Location, ETag, Last-Modified, and the resource as stored unless the client
+    prefers ``return=minimal`` or may not read it (a conditional create that matched writes nothing, and would
+    otherwise hand a writer, such as an ingest system, the stored Patient or another patient's Observation)."""
     headers = {
         "Location": f"{_base(request)}/{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.version}",
         "ETag": f'W/"{outcome.version}"',
         "Last-Modified": outcome.last_modified,
     }
-    if (prefer or "").strip() == "return=minimal":
+    minimal = (prefer or "").strip() == "return=minimal"
+    if minimal or not may_read(principal, outcome.resource_type, outcome.patient_ref):
         return Response(status_code=outcome.status, headers=headers)
     return fhir_response(outcome.resource, status=outcome.status, headers=headers)
 
@@ -486,7 +520,7 @@ async def _write(
     outcome = await run_in_threadpool(
         fhir_flow.write_one, runtime, principal=principal, method=method, url=url, resource=body, **conditions
     )
-    return _write_response(request, outcome, prefer)
+    return _write_response(request, principal, outcome, prefer)
 
 
 @router.post("/{resource_type}", summary="create (conditional with If-None-Exist)")

@@ -58,10 +58,7 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     warm = runtime.models_warm.is_set()
     checks["warm_up"] = "done" if warm else "in progress"  # the embedded worker's models, at start
     ready = (
-        checks["database"] == "ok"
-        and checks["broker"] in ("ok", "embedded")
-        and bool(runtime.registry.models)
-        and warm
+        checks["database"] == "ok" and checks["broker"] in ("ok", "embedded") and bool(runtime.registry.models) and warm
     )
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
@@ -72,5 +69,6 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
 async def metrics_endpoint(request: Request, runtime: RuntimeDep) -> Response:
     if not runtime.settings.metrics_public:
         principal = await deps.authenticated(request, runtime)
-        await deps.checked(request, runtime, principal, "Device", "r")
+        # as require() does: /metrics spans every patient's work, so patient/ scopes do not open it
+        await deps.checked(request, runtime, principal, "Device", "r", patient_scopes=False)
     return Response(await run_in_threadpool(generate_latest), media_type=CONTENT_TYPE_LATEST)

@@ -143,3 +143,31 @@ def test_only_a_token_verified_lately_is_admitted_without_verification(
     assert auth.authenticate_verified(settings, f"Bearer {token}", source_address=None) is None
     anonymous = auth.authenticate_verified(Settings(state_dir=tmp_path, auth_enabled=False), None, source_address=None)
     assert anonymous is not None and anonymous.role == "admin"
+
+
+def _signed(settings: Settings, **claims: object) -> str:
+    now = dt.datetime.now(dt.UTC)
+    return jwt.encode(
+        {
+            "iss": settings.auth_issuer,
+            "aud": settings.auth_audience,
+            "sub": "odd-scopes",
+            "exp": now + dt.timedelta(minutes=5),
+            **claims,
+        },
+        ensure_dev_key(settings.effective_dev_key_path),
+        algorithm="ES256",
+    )
+
+
+def test_a_signed_token_whose_scopes_cannot_be_read_is_unauthenticated(tmp_path: Path) -> None:
+    """Found in review: a validly signed token whose ``scope`` claim was not a string (a number) raised a
+    TypeError, a 500. It is refused as any other invalid token, every time (it is not kept as verified)."""
+    settings = Settings(state_dir=tmp_path)
+    for odd in (123, {"a": 1}, ["user/Patient.rs", 7], True):
+        token = _signed(settings, scope=odd)
+        for _ in range(2):
+            with pytest.raises(Unauthenticated, match="scope claim"):
+                authenticate(settings, f"Bearer {token}", source_address=None)
+    listed = authenticate(settings, f"Bearer {_signed(settings, scp=['user/Patient.rs'])}", source_address=None)
+    assert listed.scopes == frozenset({"user/Patient.rs"})  # scp as a list of strings (some issuers' form)
