@@ -141,7 +141,9 @@ SEARCH_PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
 }
 
 # Result parameters we honour; any other parameter starting with "_" is refused.
-CONTROL_PARAMETERS = frozenset({"_count", "_offset", "_sort", "_total", "_summary", "_format", "_pretty"})
+CONTROL_PARAMETERS = frozenset(
+    {"_count", "_offset", "_sort", "_total", "_summary", "_format", "_pretty", "_include", "_revinclude"}
+)
 MAX_COUNT = 1000
 MAX_OFFSET = 10**9
 DEFAULT_COUNT = 50
@@ -748,6 +750,51 @@ class SearchRequest:
     offset: int = 0
     sort: str | None = None
     summary_count: bool = False
+    includes: tuple[Include, ...] = ()  # _include: resources the matches refer to
+    revincludes: tuple[Include, ...] = ()  # _revinclude: resources that refer to the matches
+
+
+@dataclass(frozen=True)
+class Include:
+    """``_include=source:param[:target]`` or ``_revinclude=source:param[:target]``: a reference search parameter of
+    ``source`` followed forwards (to what the matches refer to) or backwards (to what refers to the matches)."""
+
+    source: str
+    param: str
+    target: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.param}" + (f":{self.target}" if self.target else "")
+
+
+MAX_INCLUDES = 5  # _include and _revinclude parameters, each
+MAX_INCLUDED = 1000  # resources added to one page by them
+
+
+def _parse_include(resource_type: str, name: str, value: str) -> Include:
+    """Check an ``_include`` or ``_revinclude`` value against our reference search parameters.
+
+    Raises:
+        InvalidInput: not ``Type:param[:Target]``, a wildcard, a parameter that is not a reference, or one that does
+            not start (``_include``) or end (``_revinclude``) at the searched type.
+    """
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not all(parts) or "*" in parts:
+        raise InvalidInput(f"{name}={value[:80]!r}: give SourceType:parameter[:TargetType] (no wildcard)")
+    include = Include(*parts)
+    reference = next(
+        (p for p in SEARCH_PARAMETERS.get(include.source, ()) if p.name == include.param and p.type == "reference"),
+        None,
+    )
+    if reference is None:
+        raise InvalidInput(f"{name}={value}: {include.param!r} is not a reference search parameter of {include.source}")
+    if name == "_include" and include.source != resource_type:
+        raise InvalidInput(f"_include={value}: a search of {resource_type} includes from {resource_type}:<parameter>")
+    if name == "_revinclude" and include.target not in (None, resource_type):
+        raise InvalidInput(f"_revinclude={value}: a search of {resource_type} includes what refers to {resource_type}")
+    if include.target is not None and reference.target not in (None, include.target):
+        raise InvalidInput(f"{name}={value}: {include.source}.{include.param} refers to {reference.target} only")
+    return include
 
 
 def parse_search(resource_type: str, params: Iterable[tuple[str, str]]) -> SearchRequest:
@@ -759,9 +806,16 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]]) -> Searc
     supported = {p.name: p for p in SEARCH_PARAMETERS.get(resource_type, ())}
     filters: list[tuple[str, str]] = []
     count, offset, sort, summary_count = DEFAULT_COUNT, 0, None, False
+    includes: dict[str, list[Include]] = {"_include": [], "_revinclude": []}
     for name, value in params:
         base, _, modifier = name.partition(":")
-        if base == "_count":
+        if base in includes:
+            if modifier:
+                raise InvalidInput(f"{name} is not supported (no :{modifier}; one level of inclusion only)")
+            if len(includes[base]) == MAX_INCLUDES:
+                raise InvalidInput(f"at most {MAX_INCLUDES} {base} parameters in one search")
+            includes[base].append(_parse_include(resource_type, base, value))
+        elif base == "_count":
             count = integer_parameter("_count", value, 0, MAX_COUNT)
         elif base == "_offset":
             offset = integer_parameter("_offset", value, 0, MAX_OFFSET)
@@ -788,7 +842,16 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]]) -> Searc
         else:
             known = ", ".join(sorted([*supported, "_id", "_lastUpdated", *CONTROL_PARAMETERS]))
             raise InvalidInput(f"{resource_type} cannot be searched by {name!r}; supported: {known}")
-    return SearchRequest(resource_type, filters, count, offset, sort, summary_count)
+    return SearchRequest(
+        resource_type,
+        filters,
+        count,
+        offset,
+        sort,
+        summary_count,
+        tuple(dict.fromkeys(includes["_include"])),
+        tuple(dict.fromkeys(includes["_revinclude"])),
+    )
 
 
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -935,6 +998,48 @@ def search(
     if request.summary_count or request.count == 0:
         return [], total
     return list(session.scalars(_page(select(FhirResource), request, conditions))), total
+
+
+def included(
+    *, session: Session, request: SearchRequest, matches: list[FhirResource], patient_id: int | None = None
+) -> list[FhirResource]:
+    """The resources a page's ``_include`` and ``_revinclude`` add: current, not deleted, not among the matches,
+    within ``patient_id``'s compartment when given (and Devices, which hold no patient's data), at most
+    :data:`MAX_INCLUDED`, in storage order. Two SELECTs per parameter at most.
+    """
+    if not matches or not (request.includes or request.revincludes):
+        return []
+    pks = [match.id for match in matches]
+    scope: list[ColumnElement[bool]] = [FhirResource.deleted == false()]
+    if patient_id is not None:
+        scope.append(or_(FhirResource.patient_id == patient_id, FhirResource.resource_type == "Device"))
+    found: dict[int, FhirResource] = {}
+    for include in request.includes:
+        references = session.scalars(
+            select(FhirSearchValue.value).where(
+                FhirSearchValue.resource_pk.in_(pks), FhirSearchValue.param == include.param
+            )
+        )
+        wanted: dict[str, set[str]] = {}
+        for reference in references:
+            resource_type, _, resource_id = (reference or "").partition("/")
+            if resource_id and include.target in (None, resource_type):
+                wanted.setdefault(resource_type, set()).add(resource_id)
+        for resource_type, ids in sorted(wanted.items()):
+            query = select(FhirResource).where(
+                FhirResource.resource_type == resource_type, FhirResource.resource_id.in_(sorted(ids)), *scope
+            )
+            found.update((row.id, row) for row in session.scalars(query.limit(MAX_INCLUDED)))
+    referred = [f"{request.resource_type}/{match.resource_id}" for match in matches]
+    for include in request.revincludes:
+        query = select(FhirResource).where(
+            FhirResource.resource_type == include.source,
+            _value_exists(include.param, FhirSearchValue.value.in_(referred)),
+            *scope,
+        )
+        found.update((row.id, row) for row in session.scalars(query.order_by(FhirResource.id).limit(MAX_INCLUDED)))
+    matched = set(pks)
+    return [found[pk] for pk in sorted(found) if pk not in matched][:MAX_INCLUDED]
 
 
 def condition(resource_type: str, query: str) -> SearchRequest:

@@ -153,6 +153,21 @@ def capability_statement(base: str) -> dict[str, Any]:
             "interaction": [{"code": code} for code in interactions],
             "searchParam": params,
         }
+        includes = [
+            f"{resource_type}:{p.name}"
+            for p in fhir_store.SEARCH_PARAMETERS.get(resource_type, ())
+            if p.type == "reference"
+        ]
+        revincludes = [
+            f"{source}:{p.name}"
+            for source, source_params in sorted(fhir_store.SEARCH_PARAMETERS.items())
+            for p in source_params
+            if p.type == "reference" and p.target in (None, resource_type) and resource_type in SEARCHABLE_TYPES
+        ]
+        if includes:
+            entry["searchInclude"] = includes
+        if revincludes:
+            entry["searchRevInclude"] = revincludes
         if resource_type in SEARCHABLE_TYPES:
             entry["versioning"] = "versioned-update"
             entry["readHistory"] = True
@@ -273,6 +288,7 @@ def _searchset(
     count: int,
     offset: int,
     more: bool,
+    included: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     base = _base(request)
     path = request.url.path.removeprefix("/fhir")
@@ -286,7 +302,7 @@ def _searchset(
         links["next"] = page_url(offset + count)
     if offset > 0:
         links["previous"] = page_url(max(0, offset - count))
-    return fhir_results.searchset(resources, base_url=base, total=total, links=links)
+    return fhir_results.searchset(resources, base_url=base, total=total, links=links, included=included or ())
 
 
 # --- REST on each type ------------------------------------------------------------------------------------
@@ -299,13 +315,23 @@ def search(resource_type: str, request: Request, runtime: RuntimeDep, principal:
         return _audit_search(request, runtime, principal)
     compartment = _compartment(request, runtime, principal, resource_type, "s")
     search_request = fhir_store.parse_search(resource_type, request.query_params.multi_items())
+    # what _include and _revinclude add is read as the matches are: the token must cover each type they add
+    added_types = sorted(
+        {i.target for i in search_request.includes if i.target} | {i.source for i in search_request.revincludes}
+    )
+    for added in added_types:
+        check(request, runtime, principal, added, "r")
     with runtime.sessions.begin() as session:
-        rows, total = fhir_store.search(
-            session=session, request=search_request, patient_id=_patient_pk(session, compartment)
-        )
+        patient_pk = _patient_pk(session, compartment)
+        rows, total = fhir_store.search(session=session, request=search_request, patient_id=patient_pk)
+        extra = fhir_store.included(session=session, request=search_request, matches=rows, patient_id=patient_pk)
+        # an _include without a target type may find any type: those are checked once they are known
+        for added in sorted({row.resource_type for row in extra} - set(added_types)):
+            check(request, runtime, principal, added, "r")
         resources = [fhir_store.body_of(row) for row in rows]
+        every_row = [*rows, *extra]
         patients = sorted(
-            {p for row in rows if (p := clinical.patient_reference(session=session, patient_id=row.patient_id))}
+            {p for row in every_row if (p := clinical.patient_reference(session=session, patient_id=row.patient_id))}
         )
         audit.append(
             session=session,
@@ -315,7 +341,12 @@ def search(resource_type: str, request: Request, runtime: RuntimeDep, principal:
             entity_type=resource_type,
             entity_ref=f"{resource_type}?" + urlencode(search_request.filters)[:200],
             patient_ref=patients[0] if len(patients) == 1 else None,
-            detail={"results": len(resources), "total": total, "patients": patients[:50]},
+            detail={
+                "results": len(resources),
+                "total": total,
+                "patients": patients[:50],
+                **({"included": [f"{r.resource_type}/{r.resource_id}" for r in extra][:100]} if extra else {}),
+            },
         )
     more = search_request.offset + len(resources) < total
     return fhir_response(
@@ -326,6 +357,7 @@ def search(resource_type: str, request: Request, runtime: RuntimeDep, principal:
             count=search_request.count,
             offset=search_request.offset,
             more=more and not search_request.summary_count,
+            included=[fhir_store.body_of(row) for row in extra],
         )
     )
 
