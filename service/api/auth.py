@@ -454,8 +454,10 @@ def authorize(principal: Principal, resource: str, permission: str, *, patient_s
             f"scope user/ or system/{resource}.{permission} is required: "
             + _PATIENT_SCOPES_REFUSED.get(
                 resource,
-                "patient/ scopes are honoured on the FHIR API only, which narrows what it returns to the token's"
-                " patient",
+                "patient/ scopes do not write: nothing holds a write to the token's patient"
+                if permission in "cud"
+                else "patient/ scopes are honoured on the FHIR API only, which narrows what it returns to the"
+                " token's patient",
             )
         )
     raise Forbidden(f"scope {resource}.{permission} is required")

@@ -447,3 +447,34 @@ def test_a_writer_that_may_not_read_gets_no_resource_back(client: TestClient, to
     )
     assert theirs.status_code == 200 and theirs.content == b"", theirs.text
     assert theirs.headers["location"].endswith(f"/fhir/Patient/{other_id}/_history/1")
+
+
+def test_a_patient_level_token_does_not_write(client: TestClient, tokens: Tokens) -> None:
+    """Found in review: writes counted patient/ scopes and nothing held them to the token's patient, so a patient's
+    app with patient/Observation.c could write an Observation into any patient's record. Writes take user/ or
+    system/ scopes only, by REST and in Bundles."""
+    ingest = tokens.header("ingest")
+    mine = created_id(client.post("/fhir/Patient", json=patient("P-MINE"), headers=ingest))
+    other = created_id(client.post("/fhir/Patient", json=patient("P-OTHER"), headers=ingest))
+    token = auth.mint_token(
+        tokens.settings,
+        role="clinician",
+        scopes=("patient/Observation.cruds", "patient/Patient.rs"),
+        patient=mine,
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    for target in (mine, other):
+        refused = client.post("/fhir/Observation", json=crp(f"Patient/{target}", 5.0), headers=headers)
+        assert refused.status_code == 403 and "patient/ scopes do not write" in refused.text, refused.text
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": crp(f"Patient/{other}", 5.0), "request": {"method": "POST", "url": "Observation"}}],
+    }
+    assert client.post("/fhir", json=bundle, headers=headers).status_code == 403
+    searched = client.get(
+        "/fhir/Observation", params={"subject": f"Patient/{other}"}, headers=tokens.header("clinician")
+    )
+    assert searched.json()["total"] == 0, "nothing was written"
+    # reading stays within the compartment
+    assert client.get("/fhir/Observation", headers=headers).status_code == 200

@@ -229,7 +229,8 @@ async def post_bundle(request: Request, runtime: RuntimeDep, principal: Authenti
     if body.get("entry") is not None and not isinstance(body["entry"], list):  # before its entries are read here
         raise InvalidInput("Bundle.entry: must be an array", expression=["Bundle.entry"])
     for resource_type, permission in sorted(fhir_flow.bundle_permissions(body)):
-        await checked(request, runtime, principal, resource_type, permission)
+        # writes take user/ or system/ scopes: nothing here holds a patient-level writer to its patient
+        await checked(request, runtime, principal, resource_type, permission, patient_scopes=False)
     response = await run_in_threadpool(fhir_flow.process_bundle, runtime, body, principal=principal)
     return fhir_response(response)
 
@@ -547,7 +548,8 @@ async def _write(
     """One REST write: the type is served and writable, the scope allows it, the body is R4 JSON."""
     _check_type(resource_type)
     _write_allowed(resource_type)
-    await checked(request, runtime, principal, resource_type, permission)
+    # user/ or system/ scopes only: a patient/ write scope would let a patient's app write into any patient's record
+    await checked(request, runtime, principal, resource_type, permission, patient_scopes=False)
     body = await _json_body(request, runtime)
     outcome = await run_in_threadpool(
         fhir_flow.write_one, runtime, principal=principal, method=method, url=url, resource=body, **conditions
