@@ -526,18 +526,20 @@ def dicom_json(*, session: Session, report: Report, study_instance_uid: str) -> 
         "state": report.dicom_state,
         "error": report.dicom_error,
         **objects,
-        "deliveries": [
-            {
-                "destination": d.destination,
-                "report_version": d.report_version,
-                "state": d.state,
-                "attempts": d.attempts,
-                "last_error": d.last_error,
-                "next_attempt_at": d.next_attempt_at.isoformat()
-                if d.next_attempt_at and d.state == "pending"
-                else None,
-                "updated_at": d.updated_at.isoformat(),
-            }
-            for d in deliveries_of(session=session, report=report)
-        ],
+        "deliveries": [delivery_json(d) for d in deliveries_of(session=session, report=report)],
+    }
+
+
+def delivery_json(delivery: Delivery) -> dict[str, Any]:
+    """One push as the API shows it: where to, which version, its state, tries, last error and next try."""
+    return {
+        "destination": delivery.destination,
+        "report_version": delivery.report_version,
+        "state": delivery.state,
+        "attempts": delivery.attempts,
+        "last_error": delivery.last_error,
+        "next_attempt_at": delivery.next_attempt_at.isoformat()
+        if delivery.next_attempt_at and delivery.state == "pending"
+        else None,
+        "updated_at": delivery.updated_at.isoformat(),
     }

@@ -323,17 +323,9 @@ def delivery_json(delivery: Delivery, report: Report, study: Study) -> dict[str,
         "id": delivery.id,
         "study_instance_uid": study.study_instance_uid,
         "report": report.id,
-        "report_version": delivery.report_version,
         "current": delivery.report_version == report.version,
         "model": report.model_name,
-        "destination": delivery.destination,
-        "state": delivery.state,
-        "attempts": delivery.attempts,
-        "last_error": delivery.last_error,
-        "next_attempt_at": delivery.next_attempt_at.isoformat()
-        if delivery.next_attempt_at and delivery.state == "pending"
-        else None,
-        "updated_at": delivery.updated_at.isoformat(),
+        **results.delivery_json(delivery),
     }
 
 
