@@ -1001,18 +1001,31 @@ def search(
 
 
 def included(
-    *, session: Session, request: SearchRequest, matches: list[FhirResource], patient_id: int | None = None
+    *,
+    session: Session,
+    request: SearchRequest,
+    matches: list[FhirResource],
+    patient_of: Callable[[str], int | None] = lambda resource_type: None,
 ) -> list[FhirResource]:
     """The resources a page's ``_include`` and ``_revinclude`` add: current, not deleted, not among the matches,
-    within ``patient_id``'s compartment when given (and Devices, which hold no patient's data), at most
-    :data:`MAX_INCLUDED`, in storage order. Two SELECTs per parameter at most.
+    each within the compartment ``patient_of(its type)`` names when it names one (Devices, which hold no patient's
+    data, excepted), at most :data:`MAX_INCLUDED`, in storage order. Two SELECTs per parameter at most.
+
+    Args:
+        patient_of: the patient (primary key) a resource type added is limited to, None for none; it may raise
+            (a type the caller may not read) once a type is found.
     """
     if not matches or not (request.includes or request.revincludes):
         return []
     pks = [match.id for match in matches]
-    scope: list[ColumnElement[bool]] = [FhirResource.deleted == false()]
-    if patient_id is not None:
-        scope.append(or_(FhirResource.patient_id == patient_id, FhirResource.resource_type == "Device"))
+
+    def scope(resource_type: str) -> list[ColumnElement[bool]]:
+        conditions: list[ColumnElement[bool]] = [FhirResource.deleted == false()]
+        patient_id = patient_of(resource_type)
+        if patient_id is not None and resource_type != "Device":
+            conditions.append(FhirResource.patient_id == patient_id)
+        return conditions
+
     found: dict[int, FhirResource] = {}
     for include in request.includes:
         references = session.scalars(
@@ -1027,7 +1040,9 @@ def included(
                 wanted.setdefault(resource_type, set()).add(resource_id)
         for resource_type, ids in sorted(wanted.items()):
             query = select(FhirResource).where(
-                FhirResource.resource_type == resource_type, FhirResource.resource_id.in_(sorted(ids)), *scope
+                FhirResource.resource_type == resource_type,
+                FhirResource.resource_id.in_(sorted(ids)),
+                *scope(resource_type),
             )
             found.update((row.id, row) for row in session.scalars(query.limit(MAX_INCLUDED)))
     referred = [f"{request.resource_type}/{match.resource_id}" for match in matches]
@@ -1035,7 +1050,7 @@ def included(
         query = select(FhirResource).where(
             FhirResource.resource_type == include.source,
             _value_exists(include.param, FhirSearchValue.value.in_(referred)),
-            *scope,
+            *scope(include.source),
         )
         found.update((row.id, row) for row in session.scalars(query.order_by(FhirResource.id).limit(MAX_INCLUDED)))
     matched = set(pks)

@@ -137,3 +137,27 @@ def test_a_patient_level_token_includes_its_own_patient_s_resources_only_and_typ
     # the Provenance scope is not in the token: asking to add Provenances is refused, not silently left out
     refused = client.get("/fhir/DiagnosticReport", params={"_revinclude": "Provenance:target"}, headers=headers)
     assert refused.status_code == 403 and "Provenance" in refused.text
+
+
+def test_each_added_type_is_held_to_the_compartment_of_the_scope_that_covers_it(
+    client: TestClient, tokens: Tokens
+) -> None:
+    """Found in review: a token whose report scope is user/ but whose Patient scope is patient/ (one patient's app
+    with a wider report list) got every report's Patient added, although it may read its own Patient only."""
+    mine = _reported(client, tokens, "MRN-1001")
+    theirs = _reported(client, tokens, "MRN-2002")
+    token = auth.mint_token(
+        tokens.settings,
+        role="clinician",
+        scopes=("user/DiagnosticReport.rs", "patient/Patient.rs"),
+        patient=mine["patient"].split("/")[1],
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get(f"/fhir/{theirs['patient']}", headers=headers).status_code == 404
+    found = client.get("/fhir/DiagnosticReport", params={"_include": "DiagnosticReport:subject"}, headers=headers)
+    assert found.status_code == 200, found.text
+    modes = _modes(found.json())
+    assert sorted(modes["match"]) == sorted([f"DiagnosticReport/{mine['id']}", f"DiagnosticReport/{theirs['id']}"])
+    assert modes["include"] == [mine["patient"]]
+    untyped = client.get("/fhir/DiagnosticReport", params={"_include": "DiagnosticReport:patient"}, headers=headers)
+    assert _modes(untyped.json())["include"] == [mine["patient"]]

@@ -478,3 +478,16 @@ def test_a_patient_level_token_does_not_write(client: TestClient, tokens: Tokens
     assert searched.json()["total"] == 0, "nothing was written"
     # reading stays within the compartment
     assert client.get("/fhir/Observation", headers=headers).status_code == 200
+
+
+def test_a_patient_level_token_does_not_delete(client: TestClient, tokens: Tokens) -> None:
+    """Found in review: REST DELETE still counted patient/ scopes after writes stopped doing so, so a patient's app
+    could delete another patient's Observations (the lab values the models read)."""
+    ingest = tokens.header("ingest")
+    mine = created_id(client.post("/fhir/Patient", json=patient("P-MINE"), headers=ingest))
+    other = created_id(client.post("/fhir/Patient", json=patient("P-OTHER"), headers=ingest))
+    theirs = created_id(client.post("/fhir/Observation", json=crp(f"Patient/{other}", 5.0), headers=ingest))
+    token = auth.mint_token(tokens.settings, role="clinician", scopes=("patient/Observation.cruds",), patient=mine)
+    refused = client.delete(f"/fhir/Observation/{theirs}", headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 403 and "patient/ scopes do not write" in refused.text, refused.text
+    assert client.get(f"/fhir/Observation/{theirs}", headers=tokens.header("clinician")).status_code == 200

@@ -316,19 +316,30 @@ def search(resource_type: str, request: Request, runtime: RuntimeDep, principal:
         return _audit_search(request, runtime, principal)
     compartment = _compartment(request, runtime, principal, resource_type, "s")
     search_request = fhir_store.parse_search(resource_type, request.query_params.multi_items())
-    # what _include and _revinclude add is read as the matches are: the token must cover each type they add
-    added_types = sorted(
+    # What _include and _revinclude add is read as the matches are: each type added needs the token's read scope
+    # (a 403 otherwise), and is held to the compartment of the scope that covers it, which may be narrower than
+    # the searched type's (user/DiagnosticReport.rs with patient/Patient.rs includes that one patient only).
+    added_compartments: dict[str, str | None] = {}
+
+    def compartment_of(added: str) -> str | None:
+        if added not in added_compartments:
+            added_compartments[added] = _compartment(request, runtime, principal, added, "r")
+        return added_compartments[added]
+
+    for added in sorted(
         {i.target for i in search_request.includes if i.target} | {i.source for i in search_request.revincludes}
-    )
-    for added in added_types:
-        check(request, runtime, principal, added, "r")
+    ):
+        compartment_of(added)  # refused before anything is read
     with runtime.sessions.begin() as session:
         patient_pk = _patient_pk(session, compartment)
         rows, total = fhir_store.search(session=session, request=search_request, patient_id=patient_pk)
-        extra = fhir_store.included(session=session, request=search_request, matches=rows, patient_id=patient_pk)
-        # an _include without a target type may find any type: those are checked once they are known
-        for added in sorted({row.resource_type for row in extra} - set(added_types)):
-            check(request, runtime, principal, added, "r")
+        extra = fhir_store.included(
+            session=session,
+            request=search_request,
+            matches=rows,
+            # an _include without a target type may find any type: its scope is checked once the type is known
+            patient_of=lambda added: _patient_pk(session, compartment_of(added)),
+        )
         resources = [fhir_store.body_of(row) for row in rows]
         every_row = [*rows, *extra]
         patients = sorted(
@@ -630,6 +641,7 @@ def delete(
 ) -> Response:
     _check_type(resource_type)
     _write_allowed(resource_type)
-    check(request, runtime, principal, resource_type, "d")
+    # user/ or system/ scopes only, as for every write: nothing holds a patient-level delete to its patient
+    check(request, runtime, principal, resource_type, "d", patient_scopes=False)
     fhir_flow.write_one(runtime, principal=principal, method="DELETE", url=f"{resource_type}/{resource_id}")
     return Response(status_code=204)
