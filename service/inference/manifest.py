@@ -152,10 +152,8 @@ class Batching(_Strict):
 
     @model_validator(mode="after")
     def _preferred_within_max(self) -> Batching:
-        if self.preferred_batch_size > self.max_batch_size:
-            raise ValueError(
-                f"preferred_batch_size {self.preferred_batch_size} exceeds max_batch_size {self.max_batch_size}"
-            )
+        """A preferred size over the maximum is the maximum (``max_batch_size: 4`` alone leaves the default 8)."""
+        self.preferred_batch_size = min(self.preferred_batch_size, self.max_batch_size)
         return self
 
 

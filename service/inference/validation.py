@@ -49,7 +49,7 @@ def _check_dims(
     elif graph_dims[0] == 1 and max_batch > 1:
         problems.append(
             f"{where}: the batch axis is fixed at 1 but batching.max_batch_size is {max_batch}; export the batch "
-            "axis as dynamic, or set batching.max_batch_size and preferred_batch_size to 1 (no batching)"
+            "axis as dynamic, or set batching.max_batch_size: 1 (no batching)"
         )
     for axis, (actual, wanted) in enumerate(zip(graph_dims[1:], expected, strict=True), start=1):
         if isinstance(actual, int) and actual != wanted:

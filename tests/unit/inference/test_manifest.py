@@ -108,13 +108,19 @@ def test_three_channels_are_accepted() -> None:
         ({"clinical_input__features__0__source": {"kind": "observation"}}, "needs its LOINC codes"),
         ({"clinical_input__features__0__source": {"kind": "patient_gender"}}, "gender_value"),
         ({"batching": {"max_batch_size": 0}}, "greater than or equal to 1"),
-        ({"batching": {"preferred_batch_size": 16, "max_batch_size": 4}}, "exceeds max_batch_size"),
     ],
-    ids=["bpm", "degree-sign", "no-loinc", "no-gender-value", "batch-0", "preferred-over-max"],
+    ids=["bpm", "degree-sign", "no-loinc", "no-gender-value", "batch-0"],
 )
 def test_a_feature_or_batching_that_cannot_work_is_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Manifest.model_validate(_manifest(**changes))
+
+
+def test_a_maximum_batch_below_the_default_preferred_size_is_taken_as_the_preferred_size_too() -> None:
+    """Found in review: ``max_batch_size: 4`` alone (the preferred size left at its default 8) was refused after
+    loading before, and a model already in the repository then silently stopped being served."""
+    for batching, preferred in (({"max_batch_size": 4}, 4), ({"max_batch_size": 1}, 1), ({"max_batch_size": 16}, 8)):
+        assert Manifest.model_validate(_manifest(batching=batching)).batching.preferred_batch_size == preferred
 
 
 def test_ucum_units_with_annotations_and_prefixes_are_accepted() -> None:
