@@ -80,7 +80,8 @@ DELIVERIES = Counter(
 RECONCILED_JOBS = Counter("clinfer_reconciled_jobs_total", "Lost jobs re-enqueued by the reconciler")
 BATCH_SIZE = Histogram(
     "clinfer_batch_size",
-    "Requests per model call made by the dynamic batcher",
+    "Requests per model call made by the dynamic batcher (calls that returned; a failed batch is run again one "
+    "by one)",
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )

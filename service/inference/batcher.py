@@ -15,6 +15,7 @@ process owns one device).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -60,9 +61,15 @@ class _Request:
     submitted: float
     deadline: float | None
     future: Future[BatchResult]
+    alone: bool = False
+    """Back from a batch whose model call failed: to run in a call of its own (its future already running)."""
 
     def order(self) -> tuple[int, int]:
         return (self.priority, self.sequence)
+
+    def start(self) -> bool:
+        """Take the request for a model call: False when its caller withdrew it (cancelled) meanwhile."""
+        return self.alone or self.future.set_running_or_notify_cancel()
 
 
 class DynamicBatcher:
@@ -262,7 +269,7 @@ class DynamicBatcher:
         with self._condition:
             pending, self._pending = self._pending, []
         for request in pending:
-            if request.future.set_running_or_notify_cancel():
+            if request.start():
                 request.future.set_exception(error)
 
     def _serve(self) -> None:
@@ -286,11 +293,16 @@ class DynamicBatcher:
                     continue
                 due = min(request.submitted for request in self._pending) + self.max_delay_seconds
                 nobody_coming = self.wait_only_for_announced and self._arriving == 0
-                if len(self._pending) >= self.max_batch or now >= due or nobody_coming:
+                back = any(request.alone for request in self._pending)  # already waited: due at once
+                if len(self._pending) >= self.max_batch or now >= due or nobody_coming or back:
                     self._pending.sort(key=_Request.order)
-                    taken, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                    # set_running_or_notify_cancel: from here on the caller can no longer withdraw the request.
-                    batch = [request for request in taken if request.future.set_running_or_notify_cancel()]
+                    if self._pending[0].alone:  # the most urgent is back from a failed batch: a call of its own
+                        return [self._pending.pop(0)]
+                    batchable = [request for request in self._pending if not request.alone]
+                    taken = batchable[: self.max_batch]
+                    self._pending = [request for request in self._pending if request not in taken]
+                    # start(): from here on the caller can no longer withdraw the request.
+                    batch = [request for request in taken if request.start()]
                     if batch:
                         return batch
                     continue
@@ -305,7 +317,7 @@ class DynamicBatcher:
             if request.future.cancelled():
                 continue
             if request.deadline is not None and now >= request.deadline:
-                if request.future.set_running_or_notify_cancel():
+                if request.start():
                     request.future.set_exception(TransientError(_wait_exceeded(request.deadline - request.submitted)))
                 continue
             kept.append(request)
@@ -316,7 +328,8 @@ class DynamicBatcher:
         assert runner is not None  # only close() clears it, after this thread has stopped
         started = time.monotonic()
         for request in batch:
-            metrics.BATCH_WAIT.labels(self.name).observe(started - request.submitted)
+            if not request.alone:  # a request back from a failed batch had its wait counted then
+                metrics.BATCH_WAIT.labels(self.name).observe(started - request.submitted)
         try:
             results = self._call(runner, batch)
         except ServiceError as error:
@@ -326,30 +339,22 @@ class DynamicBatcher:
                 for request in batch:
                     request.future.set_exception(error)
                 return
-            # One bad input (a wrong shape, a value the runtime refuses) fails the whole call: run each request
-            # alone, in the batch's order (STAT first), so that only the requests that fail on their own fail.
+            # One bad input (a wrong shape, a value the runtime refuses) fails the whole call: each request goes
+            # back to the queue to run in a call of its own, so that only the requests that fail on their own
+            # fail; queued in their order, a STAT request arriving meanwhile still goes first.
             log.warning(
-                "%s %s: a batch of %d failed (%s); running its requests one by one",
+                "%s %s: a batch of %d failed (%s); its requests run one by one",
                 self.name,
                 self.version,
                 len(batch),
                 error,
             )
-            for request in batch:
-                self._run_alone(runner, request)
+            with self._condition:
+                self._pending.extend(dataclasses.replace(request, alone=True) for request in batch)
+                self._condition.notify_all()
             return
         for request, result in zip(batch, results, strict=True):
             request.future.set_result(result)
-
-    def _run_alone(self, runner: Runner, request: _Request) -> None:
-        """A request of a failed batch, in a model call of its own; its future gets the result or that call's error."""
-        try:
-            [result] = self._call(runner, [request])
-        except ServiceError as error:
-            log.error("%s %s: a request of a failed batch failed alone too: %s", self.name, self.version, error)
-            request.future.set_exception(error)
-            return
-        request.future.set_result(result)
 
     def _call(self, runner: Runner, batch: list[_Request]) -> list[BatchResult]:
         """One model call for ``batch``: each request's share of it, in the batch's order.
@@ -359,7 +364,6 @@ class DynamicBatcher:
                 chained), or returned a number of rows other than the batch's size (ModelError).
         """
         started = time.monotonic()
-        metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
         try:
             # pipeline.predict only calls runner.run, which every Runner has.
             logits, seconds = pipeline.predict(self.manifest, runner, [r.prepared for r in batch])
@@ -379,6 +383,7 @@ class DynamicBatcher:
             raise
         except Exception as e:  # the runtime's own errors are untyped; every waiting caller must hear of them
             raise ServiceError(f"model call failed: {e}", code="inference") from e
+        metrics.BATCH_SIZE.labels(self.name).observe(len(batch))  # the calls that ran: not a failed batch
         metrics.INFERENCE_DURATION.labels(self.name, self.version, runner.provider).observe(seconds)
         return results
 

@@ -303,7 +303,9 @@ def test_a_failed_batch_runs_its_requests_alone_in_priority_order_and_only_the_f
     assert isinstance(error, ServiceError) and error.code == "inference"
     assert error.__cause__ is own_error and "bad input 2" in str(error)
     assert fake.calls == [[100], [3, 1, 2], [3], [1], [2]]
-    assert _sample("clinfer_batch_size_count", "test-split") == calls_before + 4  # the failed call and three alone
+    # the calls that returned: the one under way when sampled, and the two alone that did (not the failed batch,
+    # nor the bad input's own call)
+    assert _sample("clinfer_batch_size_count", "test-split") == calls_before + 3
     assert batcher.submit(_marked(manifest, 4), timeout=5).logits[0] == 4  # the next batch works
 
 
@@ -454,3 +456,38 @@ def test_pool_closes_a_batcher_whose_warm_up_fails_and_tries_again_next_time(
         assert not working.closed and pool.loaded() == [("cxr-fusion", "2")]
     finally:
         pool.close_all()
+
+
+def test_a_stat_request_arriving_while_a_failed_batch_runs_one_by_one_goes_before_the_rest(
+    shipped: tuple[Manifest, Runner], make_batcher: MakeBatcher
+) -> None:
+    """Found in review: the requests of a failed batch ran one by one in the batcher's thread without looking at the
+    queue, so a STAT study arriving meanwhile waited behind all of them (and timed out behind 16). They go back to
+    the queue instead, where a STAT request comes first."""
+    manifest, _ = shipped
+    in_failing_call, stat_queued = threading.Event(), threading.Event()
+
+    class FailsItsSecondCall(FakeRunner):
+        def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+            if len(self.calls) == 1:  # the batch of four: fails once the STAT request is queued
+                self.calls.append(feeds[self._image][:, 0, 0, 0].tolist())
+                in_failing_call.set()
+                assert stat_queued.wait(timeout=5)
+                raise RuntimeError("all input arrays must have the same shape")
+            return super().run(feeds, output_names)
+
+    fake = FailsItsSecondCall(manifest)
+    batcher = make_batcher(manifest, fake, max_batch=4, max_delay_ms=0, name="test-stat-rerun")
+    fake.hold_next_call()
+    busy = batcher.submit_async(_marked(manifest, 100))
+    assert fake.busy.wait(timeout=5)
+    routine = [batcher.submit_async(_marked(manifest, m), priority=ROUTINE) for m in (1, 2, 3, 4)]
+    fake.hold.set()
+    assert in_failing_call.wait(timeout=5)
+    stat = batcher.submit_async(_marked(manifest, 9), priority=STAT)
+    stat_queued.set()
+
+    assert busy.result(timeout=5).logits[0] == 100
+    assert stat.result(timeout=5).logits[0] == 9
+    assert [future.result(timeout=5).logits[0] for future in routine] == [1, 2, 3, 4]
+    assert fake.calls == [[100], [1, 2, 3, 4], [9], [1], [2], [3], [4]]
