@@ -248,6 +248,31 @@ class IssuerKeys:
             else f"no signing key for this token: the issuer's key set has no key {kid[:80]!r}"
         )
 
+    def _download_within_timeout(self) -> dict[str, jwt.PyJWK]:
+        """``_download_key_set`` in a thread of its own, waited for ``timeout`` seconds in all: socket timeouts bound
+        each wait only, and an issuer trickling its answer a byte at a time would hold the fetch (and the requests
+        that need a key) for as long as it liked. A download given up on ends with its socket's timeouts, unused.
+
+        Raises:
+            TimeoutError: no key set within the timeout; or what the download raised.
+        """
+        outcome: list[dict[str, jwt.PyJWK] | BaseException] = []
+
+        def download() -> None:
+            try:
+                outcome.append(_download_key_set(self.url, self.timeout))
+            except BaseException as e:  # handed to the waiting request, which decides
+                outcome.append(e)
+
+        worker = threading.Thread(target=download, name="jwks-fetch", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if not outcome:
+            raise TimeoutError(f"no JWKS within {self.timeout:g} s")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
     def _stale(self) -> bool:
         return time.monotonic() - self._fetched_at >= JWKS_REFRESH_SECONDS
 
@@ -259,7 +284,7 @@ class IssuerKeys:
     def _fetch(self) -> None:
         self._tried_at = time.monotonic()
         try:
-            keys = _download_key_set(self.url, self.timeout)
+            keys = self._download_within_timeout()
         except (OSError, http.client.HTTPException, ValueError, jwt.PyJWTError) as e:
             # kept: the keys fetched before (if any); told: the log, and each request that needed a new key
             log.warning(

@@ -230,3 +230,34 @@ def test_the_jwks_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("CLINFER_AUTH_JWKS_TIMEOUT_SECONDS", "0")
     with pytest.raises(ValueError):
         Settings(state_dir=tmp_path)
+
+
+def test_an_issuer_that_trickles_its_answer_costs_no_more_than_the_timeout() -> None:
+    """Found in review: socket timeouts bound each read only, so an issuer sending its status line a byte every
+    second held the fetch (and the request waiting for a key) for as long as it trickled: 24 s with a 3 s timeout."""
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n":
+                if stop.wait(0.2):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        keys = auth.IssuerKeys(f"http://127.0.0.1:{server.server_address[1]}/jwks", TIMEOUT)
+        started = time.monotonic()
+        with pytest.raises(auth.KeySetUnavailable):
+            keys.key_for("key-1")
+        assert time.monotonic() - started < TIMEOUT + 1.0  # the trickle would last 10 s
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
