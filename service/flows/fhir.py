@@ -135,7 +135,7 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
         for (index, _), (row, created) in zip(gathered, written, strict=True):
             outcomes[index] = _outcome(row, 201 if created else 200)
             if row.resource_type in ("ServiceRequest", "ImagingStudy"):
-                for study in orders.link_orders(session, row.body):
+                for study in orders.link_orders(session, row.body, patient_id=row.patient_id):
                     report_fhir.republish_for_study(session, study)  # basedOn the order
 
     def apply_one(resource: fhir.ParsedResource) -> None:
@@ -148,6 +148,8 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
             clinical.remove_facts(
                 session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
             )
+            if resource.resource_type == "ServiceRequest":  # a deleted order orders nothing
+                orders.unlink_order(session, resource.resource_id)
             outcomes[resource.entry_index] = _outcome(row, 204)
             return
         if resource.existing:  # a conditional create that matched: nothing is written

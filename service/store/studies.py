@@ -5,14 +5,19 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, exists, false, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import Conflict, NotFound
 from service.schemas import NormalizedInstance, StudyStatus
 from service.store import db
-from service.store.tables import Instance, Patient, Series, Study, utcnow
+from service.store.tables import FhirResource, FhirSearchValue, Instance, Patient, Series, Study, utcnow
+
+ORDER_STATUSES_IN_FORCE = ("active", "completed")
+"""The FHIR R4 ServiceRequest statuses of an AI-read order that has a study analyzed: ``active`` (in force) and
+``completed`` (fulfilled, not withdrawn: an ordering system may close the order once the images are taken, before our
+read). ``draft`` (not ready), ``on-hold`` (suspended), ``revoked``, ``entered-in-error`` and ``unknown`` do not."""
 
 
 def get(*, session: Session, study_instance_uid: str, for_update: bool = False) -> Study | None:
@@ -274,7 +279,10 @@ def stable_unanalyzed(
     limit: int = 100,
 ) -> list[Study]:
     """Studies whose last received instance arrived before ``stable_before`` and after their last analysis
-    request (or that were never analyzed); with ``ordered_only``, only those with a linked AI-read order.
+    request (or that were never analyzed); with ``ordered_only``, only those linked to an AI-read order that is in
+    force now (``ORDER_STATUSES_IN_FORCE``, not deleted). The order's current status is checked here too, not only
+    when it is written: a study linked while its order was withdrawn in a concurrent transaction, or an analyzed
+    study (which keeps its link) receiving more images after its order was revoked, is not analyzed on its account.
 
     Oldest first, by (last_instance_at, id); ``after`` is the last such pair of the previous page."""
     query = select(Study).where(
@@ -282,7 +290,18 @@ def stable_unanalyzed(
         or_(Study.analysis_requested_at.is_(None), Study.analysis_requested_at < Study.last_instance_at),
     )
     if ordered_only:
-        query = query.where(Study.order_resource_id.is_not(None))
+        status_in_force = exists().where(
+            FhirSearchValue.resource_pk == FhirResource.id,
+            FhirSearchValue.param == "status",
+            FhirSearchValue.value.in_(ORDER_STATUSES_IN_FORCE),
+        )
+        order_in_force = exists().where(
+            FhirResource.resource_type == "ServiceRequest",
+            FhirResource.resource_id == Study.order_resource_id,
+            FhirResource.deleted == false(),
+            status_in_force,
+        )
+        query = query.where(Study.order_resource_id.is_not(None), order_in_force)
     if after is not None:
         query = query.where(
             or_(
@@ -293,8 +312,29 @@ def stable_unanalyzed(
     return list(session.scalars(query.order_by(Study.last_instance_at, Study.id).limit(limit)))
 
 
-def by_accession(*, session: Session, accession_number: str) -> list[Study]:
-    return list(session.scalars(select(Study).where(Study.accession_number == accession_number)))
+def by_accession(*, session: Session, accession_number: str, patient_id: int | None) -> list[Study]:
+    """The studies with this accession number joined to this patient (``patients.id``, an order's subject).
+
+    An accession number is unique only within the system that issued it: another site's study (another patient)
+    may carry the same one. A study not joined to a patient is found only with ``patient_id`` None, which no order
+    written through the FHIR API has (its subject is required)."""
+    query = select(Study).where(
+        Study.accession_number == accession_number, Study.patient_id.is_not_distinct_from(patient_id)
+    )
+    return list(session.scalars(query.order_by(Study.id)))
+
+
+def unlink_order(*, session: Session, order_resource_id: str) -> int:
+    """Unlink an AI-read order (revoked, deleted, ...) from the studies it ordered that were not analyzed yet, so
+    that an order-only route does not analyze them. An analyzed study keeps the link: its report stays, ``basedOn``
+    the order it was made for. Returns how many studies were unlinked."""
+    result = session.execute(
+        update(Study)
+        .where(Study.order_resource_id == order_resource_id, Study.analysis_requested_at.is_(None))
+        .values(order_resource_id=None)
+        .execution_options(synchronize_session="fetch")
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def unlinked_for_patient_ids(*, session: Session, dicom_patient_ids: list[str]) -> list[Study]:
