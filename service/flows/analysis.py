@@ -112,6 +112,10 @@ def request_analysis(
                 retry = trigger == "request" and latest.state == JobState.failed.value
                 if not newer and not retry:
                     continue
+                if not retry and route.sop_instance_uid == latest.sop_instance_uid:
+                    # the rule's selection still reads the image read before (a late instance in a later series
+                    # with series: first): an amendment would make the same report again, marked amended
+                    continue
                 if latest.state not in FINAL_STATES:
                     waiting += 1  # amend once the running analysis has finished
                     waiting_seconds = 0.0
@@ -144,6 +148,10 @@ def request_analysis(
         elif created:
             study.status = StudyStatus.analyzing.value
         study.status_reason = reason
+        if not created and not waiting and study.status == StudyStatus.receiving.value:
+            # reopened by an instance that changes no analysis (one the rules do not take, or one the selection
+            # does not read): the status its analyses left, not "receiving" for good
+            _resettle(session, study)
         if not waiting:
             study.analysis_requested_at = now
         if trigger == "request" or created or study.status != previous_status:
@@ -225,6 +233,27 @@ def _set_state(session: Session, job: Job, state: JobState, stage: JobStage) -> 
 
 
 FINAL_STATES = (JobState.succeeded.value, JobState.failed.value)
+
+
+def _resettle(session: Session, study: Study) -> None:
+    """The status of a study whose analyses are all made, from the latest revision of each (as ``_settle_study``):
+    "analyzing" while one runs, "failed" when all failed, else "reported"; unchanged when it has none."""
+    latest: dict[tuple[str, str], tuple[int, str]] = {}
+    for name, version, revision, state in jobs.other_states(session=session, study=study, job_id=""):
+        if (name, version) not in latest or revision > latest[(name, version)][0]:
+            latest[(name, version)] = (revision, state)
+    states = [state for _, state in latest.values()]
+    if not states:
+        return
+    failed = states.count(JobState.failed.value)
+    if any(state not in FINAL_STATES for state in states):
+        study.status = StudyStatus.analyzing.value
+    elif failed == len(states):
+        study.status, study.status_reason = StudyStatus.failed.value, "every analysis failed; see the study's jobs"
+    else:
+        study.status = StudyStatus.reported.value
+        if failed:
+            study.status_reason = f"{failed} of {len(states)} analyses failed; see the study's jobs"
 
 
 def _settle_study(session: Session, study: Study, job: Job, *, failure: str | None = None) -> None:

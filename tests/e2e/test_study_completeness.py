@@ -26,6 +26,7 @@ rules:
     match: {{Modality: [DX, CR], BodyPartExamined: [CHEST]}}
     models: [cxr-fusion]
     stable_seconds: {STABLE_SECONDS}
+    series: last                    # a repeat exposure, in a later series, is the image read
 """
 
 
@@ -70,7 +71,8 @@ def test_a_trickling_study_is_analyzed_once_when_stable_and_a_late_instance_amen
         assert len([e for e in analyses if e["entity"] == f"study:{study_uid}"]) == 1, "analyzed exactly once"
 
         # a late instance (say a repeat exposure) after the report: the same report, amended
-        late = dx_instance(study_uid=study_uid, series_uid=generate_uid(), seed=99, instance_number=1)
+        late_uid = generate_uid()
+        late = dx_instance(study_uid=study_uid, series_uid=generate_uid(), sop_uid=late_uid, seed=99, instance_number=1)
         assert post_study(client, tokens, [late]).status_code == 200
         assert client.get(f"/v1/studies/{study_uid}", headers=clinician).json()["status"] == "receiving"
         amended = wait_for_dicom(client, study_uid, clinician, version=2)
@@ -96,7 +98,54 @@ def test_a_trickling_study_is_analyzed_once_when_stable_and_a_late_instance_amen
         ]
         assert predecessors == [report["dicom"]["sr"]["sop_instance_uid"]]
 
+        [revised] = [j for j in _jobs(client, study_uid, clinician) if j["revision"] == 2]
+        assert revised["reads"] == late_uid, "the amendment read the late image"
+
         # nothing new: a second request changes nothing
         again = client.post(f"/v1/studies/{study_uid}/analyze", headers=clinician)
         assert again.status_code == 202 and len(again.json()["jobs"]) == 1
         assert sorted(j["revision"] for j in _jobs(client, study_uid, clinician)) == [1, 2]
+
+
+def test_a_late_instance_that_the_selection_does_not_read_leaves_the_report_as_it_is(tmp_path: Path) -> None:
+    """Found in review: with the default selection (the first series) a late instance in a later series made an
+    amendment that read the first image again, the same report marked amended; and a late instance that changed no
+    analysis left the study "receiving" for good. Neither amends now, and the study is reported again."""
+    rules_file = tmp_path / "routing.yaml"
+    rules_file.write_text(
+        """
+rules:
+  - name: chest
+    match: {Modality: [DX, CR], BodyPartExamined: [CHEST]}
+    models: [cxr-fusion]
+    stable_seconds: 1
+"""
+    )
+    settings = make_settings(tmp_path, routing_rules=rules_file, completeness_scan_seconds=0.2)
+    runtime = build_runtime(settings)
+    set_runtime(runtime)
+    tokens = Tokens(settings)
+    clinician = tokens.header("clinician")
+    study_uid = generate_uid()
+    with TestClient(create_app(runtime)) as client:
+        assert client.post("/fhir", json=patient_bundle(), headers=tokens.header("ingest")).status_code == 200
+        first_uid = generate_uid()
+        assert (
+            post_study(client, tokens, [dx_instance(study_uid=study_uid, sop_uid=first_uid, seed=1)]).status_code == 200
+        )
+        report = wait_for_dicom(client, study_uid, clinician)
+        assert report["version"] == 1
+        for late in (
+            dx_instance(study_uid=study_uid, series_uid=generate_uid(), seed=2),  # a later series: not read
+            dx_instance(study_uid=study_uid, series_uid=generate_uid(), seed=3, body_part="ABDOMEN"),  # not taken
+        ):
+            assert post_study(client, tokens, [late]).status_code == 200
+            assert client.get(f"/v1/studies/{study_uid}", headers=clinician).json()["status"] == "receiving"
+            deadline = time.monotonic() + 30
+            while client.get(f"/v1/studies/{study_uid}", headers=clinician).json()["status"] != "reported":
+                assert time.monotonic() < deadline, "the study stayed receiving"
+                time.sleep(0.2)
+        jobs = _jobs(client, study_uid, clinician)
+        assert [(j["revision"], j["reads"]) for j in jobs] == [(1, first_uid)]
+        body = client.get(f"/v1/studies/{study_uid}/report", headers=clinician).json()
+        assert [(r["version"], r["status"]) for r in body["reports"]] == [(1, "preliminary")]

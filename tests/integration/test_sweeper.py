@@ -183,7 +183,9 @@ def test_an_amendment_waiting_on_a_running_analysis_is_not_held_back_by_another_
     """A study routed to two models: the first's amendment waits for its running job (due as soon as that ends),
     the second (sorted after it) for an hour of quiet. The remembered due time must be the first's, not the
     hour."""
-    runtime = build_runtime(make_settings(tmp_path, batching=False, study_stable_seconds=0))
+    rules = tmp_path / "routing.yaml"  # the last instance is read: the second one amends
+    rules.write_text("rules:\n  - {name: chest, match: {Modality: [DX]}, models: [cxr-fusion], instance: last}\n")
+    runtime = build_runtime(make_settings(tmp_path, batching=False, study_stable_seconds=0, routing_rules=rules))
     set_runtime(runtime)
     analysis._NOT_DUE.clear()
     study, series = generate_uid(), generate_uid()
