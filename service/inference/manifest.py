@@ -27,6 +27,11 @@ class RoutingDefaults(_Strict):
     modalities: list[str] = Field(default_factory=list, description="empty: any")
     body_parts: list[str] = Field(default_factory=list, description="BodyPartExamined values; empty: any")
     sop_class_uids: list[str] = Field(default_factory=list, description="empty: any")
+    view_positions: list[str] = Field(
+        default_factory=list,
+        description="ViewPosition values the model reads (e.g. PA, AP); an image without a ViewPosition is taken "
+        "(not every modality records it); empty: any",
+    )
     min_rows: int = 0
     min_columns: int = 0
 

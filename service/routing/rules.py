@@ -269,6 +269,12 @@ def model_requirements(manifest: Manifest, instance: InstanceAttributes) -> list
         conditions.append(_text_condition(f"{name} BodyPartExamined", routing.body_parts, instance.body_part_examined))
     if routing.sop_class_uids:
         conditions.append(_text_condition(f"{name} SOPClassUID", routing.sop_class_uids, instance.sop_class_uid))
+    if routing.view_positions:
+        keyword = f"{name} ViewPosition"
+        if instance.view_position is None:  # not every modality records it: taken, and said so
+            conditions.append(Condition(keyword, True, f"{keyword} (absent): taken, the view cannot be told"))
+        else:
+            conditions.append(_text_condition(keyword, routing.view_positions, instance.view_position))
     if routing.min_rows:
         conditions.append(_range_condition(f"{name} Rows", RangeMatch(min=routing.min_rows), instance.rows))
     if routing.min_columns:

@@ -139,7 +139,13 @@ def _manifest(
             "description": "Chest radiograph (PA) + clinical context -> five findings; gated intermediate-fusion CNN.",
             "intended_use": INTENDED_USE,
             "versions": [{"version": MODEL_VERSION, "artifact": f"{MODEL_VERSION}/model.onnx", "sha256": sha256}],
-            "routing": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"], "min_rows": 256, "min_columns": 256},
+            "routing": {
+                "modalities": ["CR", "DX"],
+                "body_parts": ["CHEST"],
+                "view_positions": ["PA", "AP"],  # a frontal view: the model card lists a lateral as a failure
+                "min_rows": 256,
+                "min_columns": 256,
+            },
             "image_input": {
                 "name": "image",
                 "shape": [1, image_size, image_size],

@@ -3,6 +3,7 @@ per-rule stable seconds, series and instance selection, and `clinfer rules test`
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,21 @@ def test_without_a_file_each_manifest_routes_its_own_images(manifests: dict[str,
     [route] = table.route_study(manifests, [dx("a")]).routes
     assert route.model_name == "cxr-fusion" and route.rule == "manifest:cxr-fusion"
     assert route.priority == Priority.routine and route.stable_seconds is None
+
+
+def test_the_chest_model_reads_a_frontal_view_not_a_lateral(manifests: dict[str, Manifest]) -> None:
+    """Found in review: a study whose lateral view arrived first had the lateral read by a model trained on frontal
+    views (its model card lists a lateral as a failure). The manifest's routing now names the views it reads; an
+    image without a ViewPosition is taken, since not every modality records one."""
+    table = build_table(None, manifests)
+    lateral = dataclasses.replace(dx("lateral", series="s1"), view_position="LL")
+    frontal = dataclasses.replace(dx("frontal", series="s2"), view_position="PA")
+    [route] = table.route_study(manifests, [lateral, frontal]).routes
+    assert route.sop_instance_uid == "frontal"
+    alone = table.route_study(manifests, [lateral])
+    assert alone.routes == [] and "cxr-fusion ViewPosition 'LL' not in ['AP', 'PA']" in alone.reason()
+    unknown = dataclasses.replace(dx("unknown"), view_position=None)
+    assert [r.sop_instance_uid for r in table.route_study(manifests, [unknown]).routes] == ["unknown"]
 
 
 @pytest.mark.parametrize(
