@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import UID
 
@@ -110,6 +111,8 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
+    if isinstance(value, MultiValue):  # several values where the standard has one: written as DICOM writes them
+        return "\\".join(str(v).strip() for v in value).strip("\\") or None
     return str(value).strip() or None
 
 

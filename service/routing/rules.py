@@ -226,7 +226,8 @@ def _text_condition(keyword: str, condition: TextCondition, value: str | None) -
         ok = value is not None and re.search(condition.regex, value) is not None
         return Condition(keyword, ok, f"{keyword} {shown} {'matches' if ok else 'does not match'} /{condition.regex}/")
     allowed = {v.strip().upper() for v in condition}
-    ok = value is not None and value.strip().upper() in allowed
+    # several values where the standard has one come as DICOM writes them ("CHEST\\THORAX"): any of them may match
+    ok = value is not None and any(part.strip().upper() in allowed for part in value.split("\\"))
     return Condition(keyword, ok, f"{keyword} {shown} {'in' if ok else 'not in'} {sorted(allowed)}")
 
 

@@ -23,6 +23,7 @@ from pydicom.uid import UID, generate_uid
 from service.inference.manifest import ImagePreprocessing
 from service.inference.preprocess import window_image
 from service.ingest import dicom
+from tests.factories import dx_instance
 
 SAMPLES = Path(pydicom.data.__file__).parent / "test_files"
 MAX_PIXELS = 16384 * 16384
@@ -508,3 +509,18 @@ def test_series_and_instance_numbers_beyond_their_range_are_left_out() -> None:
         dicom.parse_instance(_sample("CT_small.dcm", InstanceNumber="7"), max_pixels=MAX_PIXELS).meta.instance_number
         == 7
     )
+
+
+def test_several_values_where_the_standard_has_one_are_kept_as_dicom_writes_them_and_any_may_route() -> None:
+    """Found in review: BodyPartExamined ['CHEST', 'THORAX'] became the text "['CHEST', 'THORAX']", which no rule
+    could match and which was shown as it was. It is kept as DICOM writes it, and a rule listing any value takes it."""
+    from service.routing.rules import _text_condition
+
+    ds = pydicom.dcmread(io.BytesIO(dx_instance()))
+    ds.BodyPartExamined = ["chest", "THORAX"]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    parsed = dicom.parse_instance(buffer.getvalue(), max_pixels=4096 * 4096)
+    assert parsed.meta.body_part_examined == "CHEST\\THORAX"
+    assert _text_condition("BodyPartExamined", ["CHEST"], parsed.meta.body_part_examined).ok
+    assert not _text_condition("BodyPartExamined", ["ABDOMEN"], parsed.meta.body_part_examined).ok
