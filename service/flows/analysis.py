@@ -23,9 +23,9 @@ from service.flows.runtime import Runtime
 from service.inference import pipeline
 from service.inference.batcher import Arrival, DynamicBatcher, warm_up_runner
 from service.ingest import dicom
-from service.routing.rules import InstanceAttributes
+from service.routing.rules import QUEUE_PRIORITY, InstanceAttributes, Priority
 from service.schemas import SYSTEM_PRINCIPAL, JobStage, JobState, Principal, StudyStatus
-from service.store import audit, clinical, jobs, reports, studies
+from service.store import audit, clinical, fhir_store, jobs, reports, studies
 from service.store.tables import Instance, Job, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def request_analysis(
         attributes = instance_attributes(pairs)
         routing = runtime.routing.route_study(manifests, attributes)
         quiet_seconds = (now - study.last_instance_at).total_seconds()
+        ordered_stat = _ordered_stat(session, study)
         created: list[Job] = []
         all_jobs: list[Job] = []
         waiting = 0
@@ -127,7 +128,8 @@ def request_analysis(
                 model_name=route.model_name,
                 model_version=route.model_version,
                 revision=revision,
-                priority=route.queue_priority,
+                # a rule's STAT, or the order's: an AI read ordered stat, asap or urgent goes first in the queues
+                priority=QUEUE_PRIORITY[Priority.stat] if ordered_stat else route.queue_priority,
                 rule=route.rule,
                 sop_instance_uid=route.sop_instance_uid,
                 destinations=list(route.destinations),
@@ -233,6 +235,17 @@ def _set_state(session: Session, job: Job, state: JobState, stage: JobStage) -> 
 
 
 FINAL_STATES = (JobState.succeeded.value, JobState.failed.value)
+
+
+_URGENT_ORDER_PRIORITIES = ("urgent", "asap", "stat")  # FHIR R4 request-priority above routine
+
+
+def _ordered_stat(session: Session, study: Study) -> bool:
+    """Whether the AI-read order linked to the study (a FHIR ServiceRequest) asks for more than routine."""
+    if study.order_resource_id is None:
+        return False
+    order = fhir_store.current(session=session, resource_type="ServiceRequest", resource_id=study.order_resource_id)
+    return order is not None and not order.deleted and order.body.get("priority") in _URGENT_ORDER_PRIORITIES
 
 
 def _resettle(session: Session, study: Study) -> None:

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 from pydicom.uid import generate_uid
@@ -311,7 +312,12 @@ def test_a_patient_level_token_is_refused_where_nothing_narrows_to_its_patient(
     assert [s["dicom_patient_id"] for s in listed] == ["OTHER-9"] and listed[0]["reports"] is None
 
 
-def test_an_order_triggers_the_analysis_and_the_report_is_based_on_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("order_priority", "job_priority"), [(None, "routine"), ("stat", "stat")])
+def test_an_order_triggers_the_analysis_and_the_report_is_based_on_it(
+    tmp_path: Path, order_priority: str | None, job_priority: str
+) -> None:
+    """The order's priority counts: an AI read ordered stat (asap, urgent) is queued as STAT (found in review: it
+    was ignored, and the read waited in the routine queue)."""
     settings = make_settings(tmp_path, study_stable_seconds=0.5, analyze_unordered=False)
     runtime = build_runtime(settings)
     set_runtime(runtime)
@@ -341,9 +347,13 @@ def test_an_order_triggers_the_analysis_and_the_report_is_based_on_it(tmp_path: 
                 }
             ],
         }
+        if order_priority:
+            order["priority"] = order_priority
         created = client.post("/fhir/ServiceRequest", json=order, headers=ingest)
         assert created.status_code == 201, created.text
         report = wait_for_report(client, study_uid, clinician)["reports"][0]
+        [job] = client.get(f"/v1/studies/{study_uid}", headers=clinician).json()["jobs"]
+        assert job["priority"] == job_priority
         resource = client.get(f"/fhir/DiagnosticReport/{report['id']}", headers=clinician).json()
         validate_resource(resource)
         assert resource["basedOn"] == [{"reference": f"ServiceRequest/{created_id(created)}"}]
