@@ -107,9 +107,10 @@ LATERAL_STUDIES = 101  # more than a round read before
 
 
 def _lateral_views_wait(tmp_path: Path, *, stable_seconds: float) -> Runtime:
-    """A runtime whose rules analyze a PA view at once and a lateral view after ``stable_seconds`` of quiet."""
+    """A runtime whose rules analyze a PA view at once and an AP view (a portable film, say) after ``stable_seconds`` of
+    quiet. (Not a lateral view: cxr-fusion reads frontal views only.)"""
     rules = tmp_path / "routing.yaml"
-    lateral = {"name": "lateral", "match": {"ViewPosition": ["LL"]}, "stable_seconds": stable_seconds}
+    lateral = {"name": "ap", "match": {"ViewPosition": ["AP"]}, "stable_seconds": stable_seconds}
     pa = {"name": "pa", "match": {"ViewPosition": ["PA"]}, "stable_seconds": 0}
     rules.write_text(yaml.safe_dump({"rules": [{**rule, "models": ["cxr-fusion"]} for rule in (lateral, pa)]}))
     runtime = build_runtime(make_settings(tmp_path, routing_rules=rules, batching=False))
@@ -118,9 +119,9 @@ def _lateral_views_wait(tmp_path: Path, *, stable_seconds: float) -> Runtime:
 
 
 def _store_lateral_view(runtime: Runtime) -> str:
-    """A new study of one lateral chest view; its Study Instance UID."""
+    """A new study of one AP chest view; its Study Instance UID."""
     lateral = pydicom.dcmread(io.BytesIO(dx_instance(size=256)))
-    lateral.ViewPosition = "LL"
+    lateral.ViewPosition = "AP"
     ingest.store_instance(runtime, _saved(lateral), principal=SYSTEM_PRINCIPAL, part=1, protocol="test")
     return str(lateral.StudyInstanceUID)
 
@@ -150,7 +151,7 @@ def test_studies_waiting_for_their_rules_quiet_period_do_not_hide_a_due_study(
         rules_run = session.scalars(select(Job.rule).join(Study, Job.study_id == Study.id)).all()
         waiting = session.scalar(select(func.count(Study.id)).where(Study.analysis_requested_at.is_(None)))
     assert rules_run == ["pa"], rules_run
-    assert waiting == LATERAL_STUDIES, "the lateral views still wait for their quiet hour"
+    assert waiting == LATERAL_STUDIES, "the AP views still wait for their quiet hour"
 
 
 def test_a_study_waiting_for_its_rules_quiet_period_is_not_routed_again_until_it_is_due(
@@ -174,7 +175,7 @@ def test_a_study_waiting_for_its_rules_quiet_period_is_not_routed_again_until_it
     time.sleep(3.2)
     assert analysis.sweep(runtime) == (1, 0)
     with runtime.sessions() as session:
-        assert session.scalars(select(Job.rule)).all() == ["lateral"]
+        assert session.scalars(select(Job.rule)).all() == ["ap"]
 
 
 def test_an_amendment_waiting_on_a_running_analysis_is_not_held_back_by_another_routes_quiet_period(
