@@ -10,6 +10,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,24 +250,35 @@ def _ordered_stat(session: Session, study: Study) -> bool:
 
 
 def _resettle(session: Session, study: Study) -> None:
-    """The status of a study whose analyses are all made, from the latest revision of each (as ``_settle_study``):
-    "analyzing" while one runs, "failed" when all failed, else "reported"; unchanged when it has none."""
-    latest: dict[tuple[str, str], tuple[int, str]] = {}
-    for name, version, revision, state in jobs.other_states(session=session, study=study, job_id=""):
-        if (name, version) not in latest or revision > latest[(name, version)][0]:
-            latest[(name, version)] = (revision, state)
-    states = [state for _, state in latest.values()]
-    if not states:
-        return
-    failed = states.count(JobState.failed.value)
+    """The status of a study reopened by an instance that changed no analysis, from its analyses as
+    ``_settle_study`` sets it: "analyzing" while one runs; unchanged when it has none."""
+    states = _latest_states(jobs.other_states(session=session, study=study, job_id=""))
     if any(state not in FINAL_STATES for state in states):
         study.status = StudyStatus.analyzing.value
-    elif failed == len(states):
-        study.status, study.status_reason = StudyStatus.failed.value, "every analysis failed; see the study's jobs"
-    else:
-        study.status = StudyStatus.reported.value
-        if failed:
-            study.status_reason = f"{failed} of {len(states)} analyses failed; see the study's jobs"
+    elif states:
+        _settle_from(study, states, failure="every analysis failed; see the study's jobs")
+
+
+def _latest_states(rows: Iterable[tuple[str, str, int, str]]) -> list[str]:
+    """The state of each analysis (the latest revision of each model version's job) among (model name, model
+    version, revision, state) rows: a revision that an amendment superseded no longer counts."""
+    latest: dict[tuple[str, str], tuple[int, str]] = {}
+    for name, version, revision, state in rows:
+        if (name, version) not in latest or revision > latest[(name, version)][0]:
+            latest[(name, version)] = (revision, state)
+    return [state for _, state in latest.values()]
+
+
+def _settle_from(study: Study, states: list[str], *, failure: str | None) -> None:
+    """A study's status once all its analyses (``states``, all final) are done: "failed" with ``failure`` when every
+    one failed, else "reported" (the reason says how many failed, when some did)."""
+    failed = states.count(JobState.failed.value)
+    if failed == len(states):
+        study.status, study.status_reason = StudyStatus.failed.value, failure
+        return
+    study.status = StudyStatus.reported.value
+    if failed:
+        study.status_reason = f"{failed} of {len(states)} analyses failed; see the study's jobs"
 
 
 def _settle_study(session: Session, study: Study, job: Job, *, failure: str | None = None) -> None:
@@ -278,21 +290,11 @@ def _settle_study(session: Session, study: Study, job: Job, *, failure: str | No
     The caller holds the study's row locked, so that the states read here include any job of the study that
     finished in a transaction committed meanwhile.
     """
-    latest: dict[tuple[str, str], tuple[int, str]] = {}
     others = jobs.other_states(session=session, study=study, job_id=job.id)
-    for name, version, revision, state in [(job.model_name, job.model_version, job.revision, job.state), *others]:
-        if (name, version) not in latest or revision > latest[(name, version)][0]:
-            latest[(name, version)] = (revision, state)
-    states = [state for _, state in latest.values()]
+    states = _latest_states([(job.model_name, job.model_version, job.revision, job.state), *others])
     if any(state not in FINAL_STATES for state in states):
         return
-    failed = states.count(JobState.failed.value)
-    if failed == len(states):
-        study.status, study.status_reason = StudyStatus.failed.value, failure
-        return
-    study.status = StudyStatus.reported.value
-    if failed:
-        study.status_reason = f"{failed} of {len(states)} analyses failed; see the study's jobs"
+    _settle_from(study, states, failure=failure)
 
 
 def _fail(runtime: Runtime, job_id: str, stage: JobStage, error: ServiceError) -> None:
