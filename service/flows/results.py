@@ -350,21 +350,38 @@ def _record_push(
         return
     report = session.get(Report, delivery.report_id)  # its patient, for the audit (a report is never deleted)
     assert report is not None
+    _audit_push(
+        session,
+        SYSTEM_PRINCIPAL,
+        delivery,
+        report,
+        event_type="report.push",
+        outcome=audit.SUCCESS if state == "delivered" else audit.SERIOUS_FAILURE,
+        detail={"attempts": attempts, "error": error},
+    )
+
+
+def _audit_push(
+    session: Session,
+    principal: Principal,
+    delivery: Delivery,
+    report: Report,
+    *,
+    event_type: str,
+    outcome: str = audit.SUCCESS,
+    detail: dict[str, Any],
+) -> None:
+    """An event about one push of a report version's results (its outcome, or a request to send it again)."""
     audit.append(
         session=session,
-        principal=SYSTEM_PRINCIPAL,
-        event_type="report.push",
+        principal=principal,
+        event_type=event_type,
         action="E",
-        outcome=audit.SUCCESS if state == "delivered" else audit.SERIOUS_FAILURE,
+        outcome=outcome,
         entity_type="DiagnosticReport",
         entity_ref=f"report:{report.id}",
         patient_ref=clinical.patient_reference(session=session, patient_id=report.patient_id),
-        detail={
-            "destination": delivery.destination,
-            "version": delivery.report_version,
-            "attempts": attempts,
-            "error": error,
-        },
+        detail={"destination": delivery.destination, "version": delivery.report_version, **detail},
     )
 
 
@@ -453,9 +470,10 @@ def retry_failed_deliveries(
     names = [destination] if destination is not None else configured
     lease = dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
     with runtime.sessions.begin() as session:
-        failed = list(
-            session.scalars(  # a row another request is re-sending is left to it
-                select(Delivery)
+        failed = [
+            (delivery, report)
+            for delivery, report in session.execute(  # a row another request is re-sending is left to it
+                select(Delivery, Report)
                 .join(Report, Report.id == Delivery.report_id)
                 .where(
                     Delivery.state == "failed",
@@ -466,29 +484,20 @@ def retry_failed_deliveries(
                 .limit(limit)
                 .with_for_update(of=Delivery, skip_locked=True)
             )
-        )
-        retried = {d.report_id for d in failed}
-        of_reports = {r.id: r for r in session.scalars(select(Report).where(Report.id.in_(retried)))}
-        clinical.remember_patients(session=session, patient_ids=[r.patient_id for r in of_reports.values()])
-        for delivery in failed:
+        ]
+        clinical.remember_patients(session=session, patient_ids=[report.patient_id for _, report in failed])
+        for delivery, report in failed:
             delivery.state, delivery.attempts = "pending", 0
             delivery.next_attempt_at = utcnow() + lease  # sent at once below; the sweeper's if that send is lost
-            report = of_reports[delivery.report_id]
-            audit.append(
-                session=session,
-                principal=principal,
+            _audit_push(
+                session,
+                principal,
+                delivery,
+                report,
                 event_type="report.push-retry",
-                action="E",
-                entity_type="DiagnosticReport",
-                entity_ref=f"report:{report.id}",
-                patient_ref=clinical.patient_reference(session=session, patient_id=report.patient_id),
-                detail={
-                    "destination": delivery.destination,
-                    "version": delivery.report_version,
-                    "last_error": delivery.last_error,
-                },
+                detail={"last_error": delivery.last_error},
             )
-        ids = [d.id for d in failed]
+        ids = [delivery.id for delivery, _ in failed]
     for delivery_id in ids:
         _send_delivery(delivery_id)
     if ids:
