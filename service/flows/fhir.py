@@ -149,7 +149,7 @@ def _apply(session: Session, parsed: fhir.ParsedBundle, indexes: set[int]) -> di
                 session=session, resource_type=resource.resource_type, resource_id=resource.resource_id
             )
             if resource.resource_type == "ServiceRequest":  # a deleted order orders nothing
-                orders.unlink_order(session, resource.resource_id)
+                studies.unlink_order(session=session, order_resource_id=resource.resource_id)
             outcomes[resource.entry_index] = _outcome(row, 204)
             return
         if resource.existing:  # a conditional create that matched: nothing is written

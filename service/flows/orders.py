@@ -63,7 +63,7 @@ def link_orders(session: Session, resource: dict[str, Any], *, patient_id: int |
     """Link AI-read orders to studies after a FHIR write: a ServiceRequest in force by accession number (studies of
     its patient, ``patient_id``) and through the ImagingStudies basedOn it; an ImagingStudy (by its Study Instance
     UID) to the first order in force it is basedOn. A ServiceRequest written with another status is withdrawn: the
-    studies it ordered that were not analyzed yet are unlinked (``unlink_order``).
+    studies it ordered that were not analyzed yet are unlinked (``studies.unlink_order``).
 
     Returns:
         The studies newly linked.
@@ -71,7 +71,7 @@ def link_orders(session: Session, resource: dict[str, Any], *, patient_id: int |
     linked: list[Study] = []
     if resource.get("resourceType") == "ServiceRequest":
         if not in_force(resource):
-            unlink_order(session, resource["id"])
+            studies.unlink_order(session=session, order_resource_id=resource["id"])
             return linked
         for accession in accession_numbers(resource):
             for study in studies.by_accession(session=session, accession_number=accession, patient_id=patient_id):
@@ -94,12 +94,6 @@ def link_orders(session: Session, resource: dict[str, Any], *, patient_id: int |
                 found.order_resource_id = order
                 linked.append(found)
     return linked
-
-
-def unlink_order(session: Session, order_resource_id: str) -> None:
-    """An order withdrawn (revoked, entered-in-error, on hold, ... or deleted): the studies it ordered that were not
-    analyzed yet are no longer ordered; an analyzed study keeps the link, and its report its ``basedOn``."""
-    studies.unlink_order(session=session, order_resource_id=order_resource_id)
 
 
 def _based_on_orders(imaging: dict[str, Any]) -> list[str]:
